@@ -1,0 +1,467 @@
+//! The configuration file: typed, defaulted, validated once at load.
+//!
+//! Every struct denies unknown keys; [`Config::load`] reports errors with the key path
+//! (`upstreams[1].endpoint: ...`), and [`Config::validate`] checks what serde cannot.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// The embedded default: a laptop mirror of the big public registries.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/local-mirror.yaml");
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// How long in-flight responses may run after SIGTERM.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Upstream for `/v2/<repo>` paths that name no upstream.
+    #[serde(default)]
+    pub default_upstream: Option<String>,
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
+    #[serde(default)]
+    pub catalog: CatalogConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Upstream fetches running at once, across all clients.
+    pub max_concurrent_upstream_fetches: usize,
+    /// Time allowed for a client to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Time allowed for an upstream to answer with headers (bodies stream without a limit).
+    pub upstream_timeout: Duration,
+    /// Longest request head accepted, in bytes.
+    pub max_header_size: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_concurrent_upstream_fetches: 64,
+            header_read_timeout: Duration::from_secs(30),
+            upstream_timeout: Duration::from_secs(60),
+            max_header_size: ByteSize(64 * 1024),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Upper bound for the blob store; least recently used blobs are evicted beyond it.
+    pub max_size: Option<ByteSize>,
+    /// How long a tag → digest mapping is trusted before it is revalidated upstream.
+    pub tag_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: PathBuf::from("./oci-proxy-cache"),
+            max_size: None,
+            tag_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// How clients name the upstream: first path segment, or containerd's `ns=`.
+    pub name: String,
+    /// Base URL; default `https://<name>`. `http://` is allowed.
+    #[serde(default)]
+    pub endpoint: Option<Url>,
+    /// Extra CA certificates (PEM) to trust for this upstream.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Overrides `cache.tag_ttl` for this upstream.
+    #[serde(default)]
+    pub tag_ttl: Option<Duration>,
+    /// Hosts besides the upstream's own that may receive credentials as a token realm
+    /// (e.g. `auth.docker.io` for Docker Hub).
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
+}
+
+impl UpstreamConfig {
+    /// The endpoint, defaulted to `https://<name>`.
+    pub fn endpoint(&self) -> Result<Url, url::ParseError> {
+        match &self.endpoint {
+            Some(u) => Ok(u.clone()),
+            None => Url::parse(&format!("https://{}", self.name)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// A docker `config.json` (dockerconfigjson format) with the operator's own credentials.
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// Watch ModuleTemplates, Manifests and Secrets in a Kubernetes cluster.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSource>,
+    /// Read ModuleTemplates, Manifests and Secrets from YAML files in a directory.
+    #[serde(default)]
+    pub files: Option<PathBuf>,
+    /// Named-Secret mode: one dockerconfigjson Secret for every repository of its registry.
+    #[serde(default)]
+    pub default_secret: Option<DefaultSecret>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSource {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// Only Secrets matching this label selector are watched.
+    pub secret_label_selector: String,
+}
+
+impl Default for KubernetesSource {
+    fn default() -> Self {
+        KubernetesSource {
+            namespaces: Vec::new(),
+            secret_label_selector: "operator.kyma-project.io/managed-by=lifecycle-manager".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultSecret {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub subpath: Option<String>,
+}
+
+/// A configuration error, naming the key path where it can.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// The embedded default, with the user's docker config filled in when one exists.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        let mut cfg = Config::parse(EMBEDDED_DEFAULT)?;
+        if cfg.credentials.docker_config.is_none() {
+            cfg.credentials.docker_config = default_docker_config();
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { "config".into() } else { path };
+            invalid(path, e.into_inner().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: references between keys, URL schemes, non-zero limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let at = |k: &str| format!("upstreams[{i}].{k}");
+            if !crate::protocol::grammar::is_registry_host(&u.name) {
+                return Err(invalid(at("name"), format!("{:?} is not a registry host name", u.name)));
+            }
+            if !names.insert(u.name.to_ascii_lowercase()) {
+                return Err(invalid(at("name"), format!("duplicate upstream {:?}", u.name)));
+            }
+            let endpoint = u.endpoint().map_err(|e| invalid(at("endpoint"), e.to_string()))?;
+            if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
+                return Err(invalid(at("endpoint"), "must be an http:// or https:// URL with a host"));
+            }
+            if endpoint.query().is_some() || endpoint.fragment().is_some() {
+                return Err(invalid(at("endpoint"), "must not have a query or fragment"));
+            }
+        }
+        if let Some(d) = &self.default_upstream {
+            if !names.contains(&d.to_ascii_lowercase()) {
+                return Err(invalid("default_upstream", format!("{d:?} is not one of upstreams[].name")));
+            }
+        }
+        if self.limits.max_concurrent_upstream_fetches == 0 {
+            return Err(invalid("limits.max_concurrent_upstream_fetches", "must be at least 1"));
+        }
+        if self.limits.max_header_size.0 < 1024 {
+            return Err(invalid("limits.max_header_size", "must be at least 1KiB"));
+        }
+        if let Some(ds) = &self.catalog.default_secret {
+            if ds.name.is_empty() || ds.namespace.is_empty() {
+                return Err(invalid("catalog.default_secret", "namespace and name are required"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as YAML with secrets redacted (there are none inline: files are referenced).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, if the file exists.
+pub fn default_docker_config() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("DOCKER_CONFIG").map(|d| PathBuf::from(d).join("config.json")),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+    ];
+    candidates.into_iter().flatten().find(|p| p.is_file())
+}
+
+/// A duration written `500ms`, `60s`, `5m`, `2h` or `1d`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duration(pub std::time::Duration);
+
+impl Duration {
+    pub const fn from_secs(s: u64) -> Self {
+        Duration(std::time::Duration::from_secs(s))
+    }
+}
+
+impl fmt::Debug for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            write!(f, "{ms}ms")
+        } else if ms % 3_600_000 == 0 && ms > 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 && ms > 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+impl FromStr for Duration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 60s, 5m, 500ms"))?;
+        let ms = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m, h or d")),
+        };
+        n.checked_mul(ms)
+            .map(|ms| Duration(std::time::Duration::from_millis(ms)))
+            .ok_or_else(|| format!("duration {s:?} is too large"))
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A size written `512MiB`, `20GiB`, `1GB` or a plain byte count.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl fmt::Debug for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= mult && self.0 % mult == 0 {
+                return write!(f, "{}{unit}", self.0 / mult);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. 512MiB, 20GiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return Err(format!("invalid size {s:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(cfg.listen, default_listen());
+        assert_eq!(cfg.default_upstream.as_deref(), Some("docker.io"));
+        assert!(cfg.upstreams.iter().any(|u| u.name == "ghcr.io"));
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!("60s".parse::<Duration>().unwrap(), Duration::from_secs(60));
+        assert_eq!("5m".parse::<Duration>().unwrap(), Duration::from_secs(300));
+        assert_eq!("250ms".parse::<Duration>().unwrap().0.as_millis(), 250);
+        assert!("5 minutes".parse::<Duration>().is_err());
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("20GiB".parse::<ByteSize>().unwrap().to_string(), "20GiB");
+        assert!("20 potatoes".parse::<ByteSize>().is_err());
+        assert_eq!("5m".parse::<Duration>().unwrap().to_string(), "5m");
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let e = Config::parse("upstreams:\n  - name: a.io\n    endpoint: ftp://x\n").unwrap_err();
+        assert_eq!(e.to_string(), "upstreams[0].endpoint: must be an http:// or https:// URL with a host");
+        let e = Config::parse("cache:\n  dir: /x\n  colour: red\n").unwrap_err();
+        assert!(e.to_string().starts_with("cache"), "{e}");
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        let e = Config::parse("cache:\n  tag_ttl: soon\n").unwrap_err();
+        assert!(e.to_string().starts_with("cache.tag_ttl: ") && e.to_string().contains("invalid duration"), "{e}");
+        let e = Config::parse("default_upstream: nowhere.io\n").unwrap_err();
+        assert!(e.to_string().starts_with("default_upstream:"), "{e}");
+    }
+}

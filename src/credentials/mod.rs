@@ -1,0 +1,105 @@
+//! Upstream credentials: what they are, where they come from (docker config files and
+//! Kubernetes pull Secrets), and go-containerregistry's rules for picking one for a repository.
+
+pub mod dockerconfig;
+pub mod keychain;
+pub mod secret;
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+
+pub use secret::Secret;
+
+/// A credential for one upstream registry. Every secret part is a [`Secret`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Credential {
+    #[default]
+    Anonymous,
+    /// Username and password: HTTP Basic, or the Basic credentials of a token exchange.
+    Basic {
+        username: String,
+        password: Secret<String>,
+    },
+    /// An OAuth2 refresh token, exchanged with `grant_type=refresh_token`.
+    IdentityToken(Secret<String>),
+    /// A ready bearer token, sent as is.
+    RegistryToken(Secret<String>),
+}
+
+impl Credential {
+    /// A short name for logs and `resolve` output: `anonymous`, `basic`, `identity-token`,
+    /// `registry-token`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credential::Anonymous => "anonymous",
+            Credential::Basic { .. } => "basic",
+            Credential::IdentityToken(_) => "identity-token",
+            Credential::RegistryToken(_) => "registry-token",
+        }
+    }
+
+    /// A stable fingerprint of the credential, used in token cache keys so that a rotated
+    /// credential never reuses a token obtained with the old one. It reveals nothing usable.
+    pub fn id(&self) -> CredentialId {
+        let mut h = Sha256::new();
+        h.update(b"oci-proxy credential id v1\0");
+        h.update(self.kind().as_bytes());
+        h.update([0]);
+        match self {
+            Credential::Anonymous => {}
+            Credential::Basic { username, password } => {
+                h.update(username.as_bytes());
+                h.update([0]);
+                h.update(password.expose().as_bytes());
+            }
+            Credential::IdentityToken(t) | Credential::RegistryToken(t) => {
+                h.update(t.expose().as_bytes())
+            }
+        }
+        CredentialId(hex::encode(&h.finalize()[..12]))
+    }
+}
+
+/// Fingerprint of a [`Credential`]; see [`Credential::id`].
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CredentialId(String);
+
+impl CredentialId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for CredentialId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CredentialId({})", self.0)
+    }
+}
+
+impl fmt::Display for CredentialId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_changes_with_password_and_hides_it() {
+        let a = Credential::Basic {
+            username: "u".into(),
+            password: Secret::new("p1".into()),
+        };
+        let b = Credential::Basic {
+            username: "u".into(),
+            password: Secret::new("p2".into()),
+        };
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.id(), a.clone().id());
+        assert_ne!(Credential::Anonymous.id(), a.id());
+        assert!(!format!("{a:?}").contains("p1"));
+    }
+}

@@ -1,0 +1,12 @@
+//! oci-proxy: an authenticating OCI pull-through proxy with a digest-verified cache.
+//!
+//! Follow one request: [`server`] accepts it and [`protocol::route`]s it to an operation;
+//! [`routing`] picks the upstream and repository; [`credentials`] (with the module [`catalog`])
+//! picks the credential; [`cache`] answers or fills from [`upstream`], which authenticates.
+
+pub mod cache;
+pub mod catalog;
+pub mod config;
+pub mod credentials;
+pub mod protocol;
+pub mod upstream;

@@ -1,0 +1,4 @@
+//! Talking to upstream registries.
+
+pub mod challenge;
+pub mod token;
