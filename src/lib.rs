@@ -10,3 +10,7 @@ pub mod config;
 pub mod credentials;
 pub mod protocol;
 pub mod upstream;
+pub mod error;
+pub mod metrics;
+pub mod routing;
+pub mod server;

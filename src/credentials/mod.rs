@@ -1,6 +1,7 @@
 //! Upstream credentials: what they are, where they come from (docker config files and
 //! Kubernetes pull Secrets), and go-containerregistry's rules for picking one for a repository.
 
+pub mod chain;
 pub mod dockerconfig;
 pub mod keychain;
 pub mod secret;
