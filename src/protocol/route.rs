@@ -141,21 +141,21 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
             format!("method {method} is not supported: this proxy is read-only"),
         ));
     };
-    let params = Params::parse(query)?;
     if rest.is_empty() {
         return Ok(Route {
             op: Op::Ping,
             head,
             name: String::new(),
-            ns: params.ns,
+            ns: Params::parse(query)?.ns,
         });
     }
 
     let (name, endpoint, last_segment) = split_endpoint(rest)?;
     validate_name(name)?;
-    let op = match endpoint {
+    // The reference before the query, so a bad reference is reported whatever the query says.
+    let target = match endpoint {
         Endpoint::Manifests => match Reference::parse(last_segment)? {
-            Some(r) => Op::Manifest(r),
+            Some(r) => Target::Manifest(r),
             None => {
                 return Err(OciError::new(
                     ErrorCode::ManifestUnknown,
@@ -163,12 +163,19 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
                 ))
             }
         },
-        Endpoint::Blobs => Op::Blob(Digest::parse(last_segment)?),
-        Endpoint::Referrers => Op::Referrers {
-            digest: Digest::parse(last_segment)?,
+        Endpoint::Blobs => Target::Blob(Digest::parse(last_segment)?),
+        Endpoint::Referrers => Target::Referrers(Digest::parse(last_segment)?),
+        Endpoint::Tags => Target::Tags,
+    };
+    let params = Params::parse(query)?;
+    let op = match target {
+        Target::Manifest(r) => Op::Manifest(r),
+        Target::Blob(d) => Op::Blob(d),
+        Target::Referrers(digest) => Op::Referrers {
+            digest,
             artifact_type: params.artifact_type,
         },
-        Endpoint::Tags => Op::Tags {
+        Target::Tags => Op::Tags {
             n: params.n()?,
             last: params.last,
         },
@@ -179,6 +186,14 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Route, 
         name: name.to_owned(),
         ns: params.ns,
     })
+}
+
+/// The parsed last segment, before the query is applied.
+enum Target {
+    Manifest(Reference),
+    Blob(Digest),
+    Referrers(Digest),
+    Tags,
 }
 
 /// Splits `<name>/<keyword>/<last>` (the part after `/v2/`) from the right.
@@ -634,6 +649,20 @@ mod tests {
             assert_eq!(e.code, ErrorCode::Unsupported, "{p}");
             assert_eq!(e.status(), StatusCode::NOT_FOUND, "{p}");
         }
+        // Path errors come before query errors.
+        assert_eq!(
+            err(getq("/v2/a/blobs/bad", "ns=a/b")).0,
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(
+            err(getq("/v2/A/tags/list", "n=x")).0,
+            ErrorCode::NameInvalid
+        );
+        // An unknown endpoint is 404 even with an invalid query.
+        assert_eq!(
+            getq("/v2/_catalog", "ns=a/b&n=x").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
         // Outside /v2 the path is not the proxy's, whatever the method.
         assert_eq!(
             route(&Method::DELETE, "/metrics", None)
