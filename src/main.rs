@@ -11,7 +11,11 @@ use oci_proxy::config::Config;
 use oci_proxy::server::{self, App};
 
 #[derive(Parser)]
-#[command(name = "oci-proxy", version, about = "Authenticating OCI pull-through proxy with a digest-verified cache")]
+#[command(
+    name = "oci-proxy",
+    version,
+    about = "Authenticating OCI pull-through proxy with a digest-verified cache"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -27,7 +27,10 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("oci_proxy".into()), None)?;
         let requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "Client requests by route class and status."),
+            Opts::new(
+                "http_requests_total",
+                "Client requests by route class and status.",
+            ),
             &["route", "status"],
         )?;
         let request_seconds = HistogramVec::new(
@@ -39,11 +42,17 @@ impl Metrics {
             &["route"],
         )?;
         let response_bytes = IntCounterVec::new(
-            Opts::new("http_response_bytes_total", "Body bytes sent to clients, by route class."),
+            Opts::new(
+                "http_response_bytes_total",
+                "Body bytes sent to clients, by route class.",
+            ),
             &["route"],
         )?;
         let upstream_requests = IntCounterVec::new(
-            Opts::new("upstream_requests_total", "Requests to upstreams by upstream and outcome."),
+            Opts::new(
+                "upstream_requests_total",
+                "Requests to upstreams by upstream and outcome.",
+            ),
             &["upstream", "outcome"],
         )?;
         let upstream_seconds = HistogramVec::new(
@@ -55,7 +64,10 @@ impl Metrics {
             &["upstream", "outcome"],
         )?;
         let token_fetches = IntCounterVec::new(
-            Opts::new("token_fetches_total", "Token exchanges with upstream token servers."),
+            Opts::new(
+                "token_fetches_total",
+                "Token exchanges with upstream token servers.",
+            ),
             &["upstream", "result"],
         )?;
         let auth_failures = IntCounterVec::new(
@@ -65,7 +77,13 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
-        for c in [&requests, &response_bytes, &upstream_requests, &token_fetches, &auth_failures] {
+        for c in [
+            &requests,
+            &response_bytes,
+            &upstream_requests,
+            &token_fetches,
+            &auth_failures,
+        ] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(request_seconds.clone()))?;
@@ -89,7 +107,9 @@ impl Metrics {
         self.request_seconds
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-        self.response_bytes.with_label_values(&[route]).inc_by(bytes);
+        self.response_bytes
+            .with_label_values(&[route])
+            .inc_by(bytes);
     }
 
     pub fn upstream_request(&self, upstream: &str, outcome: &str, elapsed: Duration) {

@@ -74,7 +74,10 @@ fn target(upstream: Arc<Upstream>, repository: &str) -> Result<Target, OciError>
 }
 
 fn is_docker_hub(name: &str) -> bool {
-    matches!(name, "docker.io" | "index.docker.io" | "registry-1.docker.io")
+    matches!(
+        name,
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    )
 }
 
 fn unknown_upstream(host: &str) -> OciError {

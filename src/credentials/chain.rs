@@ -14,7 +14,10 @@ pub enum ModuleDecision {
     /// The catalog has no credential for this repository.
     NotAModule,
     /// Use this credential; `source` explains where it came from (no secret content).
-    Use { credential: Credential, source: String },
+    Use {
+        credential: Credential,
+        source: String,
+    },
     /// The repository belongs to a module that cannot get credentials (e.g. its selector
     /// matches no Secret): the request is refused with this message.
     Denied(String),

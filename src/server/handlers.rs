@@ -66,7 +66,11 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> (Response<Body>, Reque
                     error_response(&e.to_oci(), head)
                 }
             };
-            if let Some(ns) = route.ns.as_deref().and_then(|ns| HeaderValue::from_str(ns).ok()) {
+            if let Some(ns) = route
+                .ns
+                .as_deref()
+                .and_then(|ns| HeaderValue::from_str(ns).ok())
+            {
                 resp.headers_mut().insert(OCI_NAMESPACE, ns);
             }
             resp
@@ -159,7 +163,11 @@ async fn dispatch(
     rec: &mut RequestRecord,
 ) -> Result<Response<Body>, Error> {
     if route.op == Op::Ping {
-        return Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), route.head));
+        return Ok(json_response(
+            StatusCode::OK,
+            Bytes::from_static(b"{}"),
+            route.head,
+        ));
     }
     let target = routing::resolve(
         &app.upstreams,
@@ -197,7 +205,11 @@ async fn dispatch(
 }
 
 fn unreachable_ping() -> Result<Response<Body>, Error> {
-    Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"), false))
+    Ok(json_response(
+        StatusCode::OK,
+        Bytes::from_static(b"{}"),
+        false,
+    ))
 }
 
 /// A manifest as fetched from upstream, verified.
@@ -478,7 +490,11 @@ async fn referrers(
 }
 
 /// Reads a small upstream body, refusing more than `limit` bytes.
-async fn read_limited(resp: UpstreamResponse, limit: usize, upstream: &str) -> Result<Bytes, Error> {
+async fn read_limited(
+    resp: UpstreamResponse,
+    limit: usize,
+    upstream: &str,
+) -> Result<Bytes, Error> {
     if let Some(len) = resp.response.content_length() {
         if len > limit as u64 {
             return Err(Error::ManifestTooLarge {
@@ -514,7 +530,11 @@ fn content_type(h: &HeaderMap) -> Option<String> {
 
 fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> {
     let len = json.len();
-    let body = if head { body::empty() } else { body::full(json) };
+    let body = if head {
+        body::empty()
+    } else {
+        body::full(json)
+    };
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "application/json")
@@ -527,7 +547,8 @@ fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> 
 pub fn error_response(e: &OciError, head: bool) -> Response<Body> {
     let mut resp = json_response(e.status(), Bytes::from(e.body()), head);
     if let Some(ra) = &e.retry_after {
-        resp.headers_mut().insert(http::header::RETRY_AFTER, ra.clone());
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, ra.clone());
     }
     resp
 }
@@ -548,7 +569,10 @@ mod tests {
             next_link_query("</v2/a/tags/list?last=b&n=2>; rel=\"next\"").as_deref(),
             Some("last=b&n=2")
         );
-        assert_eq!(next_link_query("</v2/a/tags/list?last=b>; rel=\"prev\""), None);
+        assert_eq!(
+            next_link_query("</v2/a/tags/list?last=b>; rel=\"prev\""),
+            None
+        );
         assert_eq!(next_link_query("garbage"), None);
     }
 }

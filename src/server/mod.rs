@@ -48,7 +48,13 @@ struct AccessLog {
 }
 
 impl Recorder for AccessLog {
-    fn record(&self, rec: &RequestRecord, bytes: u64, elapsed: std::time::Duration, complete: bool) {
+    fn record(
+        &self,
+        rec: &RequestRecord,
+        bytes: u64,
+        elapsed: std::time::Duration,
+        complete: bool,
+    ) {
         self.metrics.request(rec.route, rec.status, elapsed, bytes);
         tracing::info!(
             target: "oci_proxy::access",
@@ -126,8 +132,14 @@ pub async fn serve(
     }
     drop(listener);
     let grace = app.config.shutdown_grace.0;
-    tracing::info!(grace_s = grace.as_secs(), "shutting down: waiting for in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "shutting down: waiting for in-flight requests"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
     Ok(())
@@ -184,10 +196,11 @@ impl App {
         use std::fmt::Write as _;
         let mut out = String::new();
         let name = name.trim_start_matches('/');
-        let target = match crate::routing::resolve(&self.upstreams, self.hosts.as_deref(), name, None) {
-            Ok(t) => t,
-            Err(e) => return format!("repository: {name}\nerror: {}\n", e.message),
-        };
+        let target =
+            match crate::routing::resolve(&self.upstreams, self.hosts.as_deref(), name, None) {
+                Ok(t) => t,
+                Err(e) => return format!("repository: {name}\nerror: {}\n", e.message),
+            };
         let _ = writeln!(out, "repository: {name}");
         let _ = writeln!(out, "upstream: {}", target.upstream.name);
         let _ = writeln!(out, "endpoint: {}", target.upstream.endpoint);

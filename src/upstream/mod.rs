@@ -37,7 +37,10 @@ pub enum UpstreamError {
         retry_after: Option<HeaderValue>,
     },
     #[error("upstream {upstream} answered {status}")]
-    Status { upstream: String, status: StatusCode },
+    Status {
+        upstream: String,
+        status: StatusCode,
+    },
     #[error("upstream {upstream} is unreachable: {message}")]
     Unreachable { upstream: String, message: String },
     #[error("upstream {upstream} token exchange failed: {source}")]
@@ -200,10 +203,7 @@ impl Upstream {
     }
 
     fn current_scheme(&self) -> Scheme {
-        self.scheme
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.scheme.read().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Records the challenge; returns whether the scheme changed.
@@ -271,8 +271,14 @@ impl Upstream {
                 let token = self
                     .tokens
                     .get_or_fetch(key.clone(), move || async move {
-                        let r = token::fetch_token(&http, &realm, service.as_deref(), &scopes, &credential)
-                            .await;
+                        let r = token::fetch_token(
+                            &http,
+                            &realm,
+                            service.as_deref(),
+                            &scopes,
+                            &credential,
+                        )
+                        .await;
                         metrics.token_fetch(&upstream, r.is_ok());
                         r
                     })
@@ -353,8 +359,14 @@ fn same_scheme(a: &Scheme, b: &Scheme) -> bool {
     match (a, b) {
         (Scheme::Unknown, Scheme::Unknown) | (Scheme::Basic, Scheme::Basic) => true,
         (
-            Scheme::Bearer { realm: r1, service: s1 },
-            Scheme::Bearer { realm: r2, service: s2 },
+            Scheme::Bearer {
+                realm: r1,
+                service: s1,
+            },
+            Scheme::Bearer {
+                realm: r2,
+                service: s2,
+            },
         ) => r1 == r2 && s1 == s2,
         _ => false,
     }
@@ -474,7 +486,10 @@ impl Upstreams {
         Ok(Upstreams {
             configured,
             dynamic: RwLock::new(HashMap::new()),
-            default_upstream: cfg.default_upstream.as_ref().map(|s| s.to_ascii_lowercase()),
+            default_upstream: cfg
+                .default_upstream
+                .as_ref()
+                .map(|s| s.to_ascii_lowercase()),
             default_http,
             tokens,
             fetch_slots,
@@ -580,5 +595,6 @@ fn http_client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Clie
             b = b.add_root_certificate(c);
         }
     }
-    b.build().map_err(|e| format!("cannot build HTTP client: {e}"))
+    b.build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))
 }
