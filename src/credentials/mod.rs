@@ -10,6 +10,8 @@ use std::fmt;
 
 use sha2::{Digest as _, Sha256};
 
+pub use dockerconfig::{AuthEntry, DockerConfig, DockerConfigError, RegistryBase};
+pub use keychain::{Keychain, KeychainMatch};
 pub use secret::Secret;
 
 /// A credential for one upstream registry. Every secret part is a [`Secret`].
