@@ -6,6 +6,9 @@
 pub mod challenge;
 pub mod token;
 
+pub use challenge::Challenge;
+pub use token::{check_realm, fetch_token, RealmTrust, Token, TokenCache, TokenError, TokenKey};
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -19,8 +22,6 @@ use crate::config::{Config, UpstreamConfig};
 use crate::credentials::Credential;
 use crate::metrics::Metrics;
 use crate::protocol::Repository;
-use challenge::Challenge;
-use token::{RealmTrust, TokenCache, TokenError, TokenKey};
 
 /// Why an upstream request failed. Mapped to a client error in `crate::error`.
 #[derive(Debug, thiserror::Error)]
