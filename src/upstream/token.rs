@@ -640,3 +640,894 @@ impl fmt::Debug for TokenCache {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::response::{IntoResponse, Response};
+    use base64::Engine as _;
+    use http::header::{AUTHORIZATION, LOCATION};
+
+    // ---------------------------------------------------------------- token server fixture
+
+    #[derive(Clone, Debug, Default)]
+    struct Seen {
+        method: String,
+        path: String,
+        query: Vec<(String, String)>,
+        basic: Option<(String, String)>,
+        form: Vec<(String, String)>,
+    }
+
+    impl Seen {
+        fn query_values(&self, name: &str) -> Vec<&str> {
+            values(&self.query, name)
+        }
+        fn form_value(&self, name: &str) -> Option<&str> {
+            values(&self.form, name).first().copied()
+        }
+    }
+
+    fn values<'a>(pairs: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        pairs
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    #[derive(Clone)]
+    struct Fixture {
+        seen: Arc<Mutex<Vec<Seen>>>,
+        /// Where `/redirect` points.
+        other: Option<SocketAddr>,
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    impl Server {
+        fn url(&self, path: &str) -> Url {
+            Url::parse(&format!("http://{}{path}", self.addr)).unwrap()
+        }
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    async fn start(other: Option<SocketAddr>) -> Server {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let fixture = Fixture {
+            seen: seen.clone(),
+            other,
+        };
+        let app = axum::Router::new().fallback(handle).with_state(fixture);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Server { addr, seen }
+    }
+
+    fn decode_basic(v: &http::HeaderValue) -> Option<(String, String)> {
+        let b64 = v.to_str().ok()?.strip_prefix("Basic ")?;
+        let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (u, p) = raw.split_once(':')?;
+        Some((u.to_owned(), p.to_owned()))
+    }
+
+    fn json(body: &str) -> Response {
+        ([(CONTENT_TYPE, "application/json")], body.to_owned()).into_response()
+    }
+
+    fn status(s: StatusCode) -> Response {
+        s.into_response()
+    }
+
+    async fn handle(State(fx): State<Fixture>, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        let parse = |b: &[u8]| -> Vec<(String, String)> {
+            url::form_urlencoded::parse(b).into_owned().collect()
+        };
+        let seen = Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parse(parts.uri.query().unwrap_or("").as_bytes()),
+            basic: parts.headers.get(AUTHORIZATION).and_then(decode_basic),
+            form: if parts.method == http::Method::POST {
+                parse(&body)
+            } else {
+                Vec::new()
+            },
+        };
+        fx.seen.lock().unwrap().push(seen.clone());
+        let basic = seen.basic.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        match (seen.method.as_str(), seen.path.as_str()) {
+            ("GET", "/token") => match basic {
+                None => json(r#"{"access_token":"tok-anon"}"#),
+                Some(("alice", "s3cret")) => json(r#"{"token":"tok-basic","expires_in":300}"#),
+                Some(_) => status(StatusCode::UNAUTHORIZED),
+            },
+            ("POST", "/token") => {
+                if seen.form_value("grant_type") == Some("refresh_token")
+                    && seen.form_value("refresh_token") == Some("refresh-1")
+                {
+                    json(r#"{"access_token":"tok-refresh","scope":"x","expires_in":120}"#)
+                } else {
+                    status(StatusCode::UNAUTHORIZED)
+                }
+            }
+            ("POST", "/get-only") => status(StatusCode::NOT_FOUND),
+            ("GET", "/get-only") => match basic {
+                Some(("<token>", "refresh-1")) => json(r#"{"token":"tok-fallback"}"#),
+                _ => status(StatusCode::UNAUTHORIZED),
+            },
+            ("GET", "/post-only") => status(StatusCode::METHOD_NOT_ALLOWED),
+            ("POST", "/post-only") => {
+                if seen.form_value("grant_type") == Some("password")
+                    && seen.form_value("username") == Some("alice")
+                    && seen.form_value("password") == Some("s3cret")
+                {
+                    json(r#"{"access_token":"tok-password","expires_in":60}"#)
+                } else {
+                    status(StatusCode::UNAUTHORIZED)
+                }
+            }
+            ("GET", "/forbidden") => status(StatusCode::FORBIDDEN),
+            ("GET", "/big") => json(&format!(
+                r#"{{"token":"t","pad":"{}"}}"#,
+                "x".repeat(MAX_TOKEN_RESPONSE_BYTES)
+            )),
+            ("GET", "/big-stream") => {
+                let chunk = Bytes::from(vec![b' '; 8 * 1024]);
+                let chunks = (0..9).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+                Body::from_stream(futures_util::stream::iter(chunks)).into_response()
+            }
+            ("GET", "/bad-token") => json(r#"{"token":"has space"}"#),
+            ("GET", "/not-json") => json(r#"{"token":"leaky-secret""#),
+            (_, "/redirect") => {
+                let other = fx.other.expect("fixture without redirect target");
+                let q = parts
+                    .uri
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(LOCATION, format!("http://{other}/record{q}"))],
+                )
+                    .into_response()
+            }
+            (_, "/redirect-metadata") => (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(LOCATION, "http://169.254.169.254/latest/meta-data")],
+            )
+                .into_response(),
+            (_, "/record") => json(r#"{"token":"tok-record"}"#),
+            _ => status(StatusCode::NOT_FOUND),
+        }
+    }
+
+    fn client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .redirect(redirect_policy())
+            .build()
+            .unwrap()
+    }
+
+    fn basic(user: &str, pass: &str) -> Credential {
+        Credential::Basic {
+            username: user.into(),
+            password: Secret::new(pass.into()),
+        }
+    }
+
+    fn scopes(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Asserts the token expires `secs` after a moment between `before` and now.
+    fn assert_lifetime(token: &Token, before: Instant, secs: u64) {
+        let d = Duration::from_secs(secs);
+        assert!(
+            token.expires_at >= before + d && token.expires_at <= Instant::now() + d,
+            "expected a lifetime of {secs}s"
+        );
+    }
+
+    // ---------------------------------------------------------------- fetch_token
+
+    #[tokio::test]
+    async fn basic_get_sends_service_scopes_account_and_authorization() {
+        let srv = start(None).await;
+        let before = Instant::now();
+        let token = fetch_token(
+            &client(),
+            &srv.url("/token"),
+            Some("svc"),
+            &scopes(&["repository:a/b:pull", "repository:c/d:pull"]),
+            &basic("alice", "s3cret"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-basic");
+        // 300 s minus a 30 s margin.
+        assert_lifetime(&token, before, 270);
+        let seen = srv.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].method, "GET");
+        assert_eq!(seen[0].query_values("service"), ["svc"]);
+        assert_eq!(
+            seen[0].query_values("scope"),
+            ["repository:a/b:pull", "repository:c/d:pull"]
+        );
+        assert_eq!(seen[0].query_values("account"), ["alice"]);
+        assert_eq!(seen[0].basic, Some(("alice".into(), "s3cret".into())));
+    }
+
+    #[tokio::test]
+    async fn anonymous_get_has_no_credentials_and_defaults_to_60s() {
+        let srv = start(None).await;
+        let before = Instant::now();
+        let token = fetch_token(
+            &client(),
+            &srv.url("/token"),
+            Some("svc"),
+            &scopes(&["repository:a/b:pull"]),
+            &Credential::Anonymous,
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-anon");
+        // Missing expires_in → 60 s, minus 10%.
+        assert_lifetime(&token, before, 54);
+        let seen = srv.seen();
+        assert_eq!(seen[0].basic, None);
+        assert!(seen[0].query_values("account").is_empty());
+    }
+
+    #[tokio::test]
+    async fn basic_with_empty_password_is_anonymous() {
+        let srv = start(None).await;
+        let token = fetch_token(
+            &client(),
+            &srv.url("/token"),
+            None,
+            &[],
+            &basic("alice", ""),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-anon");
+        assert_eq!(srv.seen()[0].basic, None);
+    }
+
+    #[tokio::test]
+    async fn identity_token_posts_a_refresh_grant() {
+        let srv = start(None).await;
+        let before = Instant::now();
+        let token = fetch_token(
+            &client(),
+            &srv.url("/token"),
+            Some("svc"),
+            &scopes(&["repository:a/b:pull", "repository:c/d:pull"]),
+            &Credential::IdentityToken(Secret::new("refresh-1".into())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-refresh");
+        assert_lifetime(&token, before, 108);
+        let seen = srv.seen();
+        assert_eq!(seen.len(), 1);
+        let post = &seen[0];
+        assert_eq!(post.method, "POST");
+        assert_eq!(post.form_value("grant_type"), Some("refresh_token"));
+        assert_eq!(post.form_value("client_id"), Some(CLIENT_ID));
+        assert_eq!(post.form_value("refresh_token"), Some("refresh-1"));
+        assert_eq!(post.form_value("service"), Some("svc"));
+        assert_eq!(
+            post.form_value("scope"),
+            Some("repository:a/b:pull repository:c/d:pull")
+        );
+        assert_eq!(post.basic, None);
+    }
+
+    #[tokio::test]
+    async fn identity_token_falls_back_to_get_when_post_is_404() {
+        let srv = start(None).await;
+        let token = fetch_token(
+            &client(),
+            &srv.url("/get-only"),
+            Some("svc"),
+            &scopes(&["repository:a/b:pull"]),
+            &Credential::IdentityToken(Secret::new("refresh-1".into())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-fallback");
+        let seen = srv.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].method, "POST");
+        assert_eq!(seen[1].method, "GET");
+        assert_eq!(seen[1].basic, Some(("<token>".into(), "refresh-1".into())));
+        assert!(seen[1].query_values("account").is_empty());
+        assert_eq!(seen[1].query_values("scope"), ["repository:a/b:pull"]);
+    }
+
+    #[tokio::test]
+    async fn basic_falls_back_to_password_post_when_get_is_405() {
+        let srv = start(None).await;
+        let token = fetch_token(
+            &client(),
+            &srv.url("/post-only"),
+            Some("svc"),
+            &[],
+            &basic("alice", "s3cret"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-password");
+        let seen = srv.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].method, "POST");
+        assert_eq!(seen[1].form_value("grant_type"), Some("password"));
+        assert_eq!(seen[1].form_value("client_id"), Some(CLIENT_ID));
+        assert_eq!(seen[1].form_value("service"), Some("svc"));
+        assert_eq!(seen[1].form_value("scope"), None);
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_are_an_auth_failure_without_the_secret() {
+        let srv = start(None).await;
+        let err = fetch_token(
+            &client(),
+            &srv.url("/token"),
+            None,
+            &[],
+            &basic("alice", "wrong-pw"),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.is_auth_failure(), "{err}");
+        assert!(
+            matches!(err, TokenError::Rejected { status } if status == StatusCode::UNAUTHORIZED)
+        );
+        assert!(!format!("{err} {err:?}").contains("wrong-pw"));
+
+        let err = fetch_token(
+            &client(),
+            &srv.url("/forbidden"),
+            None,
+            &[],
+            &Credential::Anonymous,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.is_auth_failure());
+        let err = fetch_token(
+            &client(),
+            &srv.url("/nowhere"),
+            None,
+            &[],
+            &Credential::Anonymous,
+        )
+        .await
+        .unwrap_err();
+        assert!(!err.is_auth_failure());
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_rejected() {
+        let srv = start(None).await;
+        for path in ["/big", "/big-stream"] {
+            let err = fetch_token(&client(), &srv.url(path), None, &[], &Credential::Anonymous)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, TokenError::InvalidResponse(ref m) if m.contains("larger")),
+                "{path}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unusable_responses_are_invalid_and_do_not_echo_the_body() {
+        let srv = start(None).await;
+        for path in ["/bad-token", "/not-json"] {
+            let err = fetch_token(&client(), &srv.url(path), None, &[], &Credential::Anonymous)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, TokenError::InvalidResponse(_)),
+                "{path}: {err}"
+            );
+            let text = format!("{err} {err:?}");
+            assert!(!text.contains("leaky-secret") && !text.contains("has space"));
+        }
+    }
+
+    #[tokio::test]
+    async fn realm_query_parameters_are_kept() {
+        let srv = start(None).await;
+        let mut realm = srv.url("/token");
+        realm.set_query(Some("tenant=t1&scope=realm-scope"));
+        realm.set_fragment(Some("frag"));
+        fetch_token(
+            &client(),
+            &realm,
+            Some("svc"),
+            &scopes(&["repository:a/b:pull"]),
+            &Credential::Anonymous,
+        )
+        .await
+        .unwrap();
+        let seen = srv.seen();
+        assert_eq!(seen[0].query_values("tenant"), ["t1"]);
+        assert_eq!(
+            seen[0].query_values("scope"),
+            ["realm-scope", "repository:a/b:pull"]
+        );
+        assert_eq!(seen[0].query_values("service"), ["svc"]);
+    }
+
+    #[tokio::test]
+    async fn registry_token_is_used_as_is_without_a_request() {
+        let srv = start(None).await;
+        let before = Instant::now();
+        let token = fetch_token(
+            &client(),
+            &srv.url("/token"),
+            None,
+            &[],
+            &Credential::RegistryToken(Secret::new("ready".into())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "ready");
+        assert_lifetime(&token, before, 60);
+        assert!(srv.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn redirects_never_carry_credentials_to_another_host() {
+        let other = start(None).await;
+        let srv = start(Some(other.addr)).await;
+
+        // GET with Basic: followed, but reqwest drops Authorization on the cross-host hop.
+        let token = fetch_token(
+            &client(),
+            &srv.url("/redirect"),
+            Some("svc"),
+            &[],
+            &basic("alice", "s3cret"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(token.value.expose(), "tok-record");
+        assert_eq!(srv.seen()[0].basic, Some(("alice".into(), "s3cret".into())));
+        let at_other = other.seen();
+        assert_eq!(at_other.len(), 1);
+        assert_eq!(at_other[0].basic, None);
+
+        // POST with a refresh token in the body: the 307 is not followed at all.
+        let err = fetch_token(
+            &client(),
+            &srv.url("/redirect"),
+            Some("svc"),
+            &[],
+            &Credential::IdentityToken(Secret::new("refresh-1".into())),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, TokenError::Rejected { status } if status == StatusCode::TEMPORARY_REDIRECT),
+            "{err}"
+        );
+        assert_eq!(
+            other.seen().len(),
+            1,
+            "the refresh token must not reach the other host"
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_to_metadata_address_is_not_followed() {
+        let srv = start(None).await;
+        let err = fetch_token(
+            &client(),
+            &srv.url("/redirect-metadata"),
+            None,
+            &[],
+            &Credential::Anonymous,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, TokenError::Rejected { status } if status == StatusCode::TEMPORARY_REDIRECT),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn forbidden_realms_are_refused_before_any_request() {
+        for realm in [
+            "http://169.254.169.254/token",
+            "https://[fd00:ec2::254]/token",
+            "ftp://127.0.0.1/token",
+            "https://user:pw@127.0.0.1/token",
+        ] {
+            let err = fetch_token(
+                &client(),
+                &Url::parse(realm).unwrap(),
+                None,
+                &[],
+                &basic("alice", "s3cret"),
+            )
+            .await
+            .unwrap_err();
+            assert!(matches!(err, TokenError::BadRealm(_)), "{realm}: {err}");
+            assert!(!err.to_string().contains("pw@"));
+        }
+    }
+
+    // ---------------------------------------------------------------- response parsing
+
+    #[test]
+    fn lifetime_rules() {
+        let now = Instant::now();
+        let life = |body: &str| {
+            parse_token_response(body.as_bytes(), now)
+                .unwrap()
+                .expires_at
+                .duration_since(now)
+                .as_secs()
+        };
+        assert_eq!(life(r#"{"token":"t"}"#), 54);
+        assert_eq!(life(r#"{"token":"t","expires_in":10}"#), 54);
+        assert_eq!(life(r#"{"token":"t","expires_in":-5}"#), 54);
+        assert_eq!(life(r#"{"token":"t","expires_in":"bogus"}"#), 54);
+        assert_eq!(life(r#"{"token":"t","expires_in":100}"#), 90);
+        assert_eq!(life(r#"{"token":"t","expires_in":"100"}"#), 90);
+        assert_eq!(life(r#"{"token":"t","expires_in":100.9}"#), 90);
+        assert_eq!(life(r#"{"token":"t","expires_in":3600}"#), 3570);
+        assert_eq!(life(r#"{"token":"t","expires_in":1e300}"#), 86370);
+        // issued_at is ignored, however far off it is.
+        assert_eq!(
+            life(r#"{"token":"t","expires_in":300,"issued_at":"2001-01-01T00:00:00Z"}"#),
+            270
+        );
+    }
+
+    #[test]
+    fn token_field_choice() {
+        let now = Instant::now();
+        let value = |body: &str| {
+            parse_token_response(body.as_bytes(), now).map(|t| t.value.expose().clone())
+        };
+        assert_eq!(value(r#"{"token":"a"}"#).unwrap(), "a");
+        assert_eq!(value(r#"{"access_token":"b"}"#).unwrap(), "b");
+        assert_eq!(value(r#"{"token":"a","access_token":"b"}"#).unwrap(), "b");
+        assert_eq!(value(r#"{"token":"a","access_token":""}"#).unwrap(), "a");
+        assert!(value(r#"{"token":"","access_token":null}"#).is_err());
+        assert!(value(r#"{}"#).is_err());
+        assert!(value(r#"[]"#).is_err());
+        assert!(value("{\"token\":\"a\\nb\"}").is_err());
+    }
+
+    // ---------------------------------------------------------------- realm trust
+
+    fn trust(realm: &str, upstream: &str, extra: &[&str]) -> Result<RealmTrust, TokenError> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        check_realm(
+            &Url::parse(realm).unwrap(),
+            &Url::parse(upstream).unwrap(),
+            &extra,
+        )
+    }
+
+    #[test]
+    fn realm_rules() {
+        use RealmTrust::*;
+        let hub = "https://registry-1.docker.io";
+        // Same host (any port, any scheme for a plain-http upstream).
+        assert_eq!(
+            trust("https://ghcr.io/token", "https://ghcr.io", &[]).unwrap(),
+            WithCredentials
+        );
+        assert_eq!(
+            trust("http://127.0.0.1:5002/token", "http://127.0.0.1:5000", &[]).unwrap(),
+            WithCredentials
+        );
+        // Allow-list, case-insensitive, with or without port.
+        assert_eq!(
+            trust("https://auth.docker.io/token", hub, &["auth.docker.io"]).unwrap(),
+            WithCredentials
+        );
+        assert_eq!(
+            trust("https://auth.docker.io/token", hub, &["Auth.Docker.IO"]).unwrap(),
+            WithCredentials
+        );
+        assert_eq!(
+            trust("https://auth.docker.io/token", hub, &["auth.docker.io:443"]).unwrap(),
+            WithCredentials
+        );
+        assert_eq!(
+            trust(
+                "https://auth.docker.io:8443/token",
+                hub,
+                &["auth.docker.io:443"]
+            )
+            .unwrap(),
+            AnonymousOnly
+        );
+        // https on another host: anonymous only.
+        assert_eq!(
+            trust("https://auth.docker.io/token", hub, &[]).unwrap(),
+            AnonymousOnly
+        );
+        assert_eq!(
+            trust("https://evil.example/token", hub, &["auth.docker.io"]).unwrap(),
+            AnonymousOnly
+        );
+        // Plain http downgrade on the same host: usable, but no credentials.
+        assert_eq!(
+            trust("http://ghcr.io/token", "https://ghcr.io", &[]).unwrap(),
+            AnonymousOnly
+        );
+        // Plain http on another host: unusable, even when listed.
+        for extra in [&[][..], &["auth.docker.io"][..]] {
+            assert!(matches!(
+                trust("http://auth.docker.io/token", hub, extra),
+                Err(TokenError::BadRealm(_))
+            ));
+        }
+        assert!(trust("http://127.0.0.2:5002/token", "http://127.0.0.1:5000", &[]).is_err());
+        // Never: metadata / link-local / unspecified / odd schemes / userinfo, even on the
+        // upstream's own host or the allow-list.
+        for realm in [
+            "https://169.254.169.254/latest",
+            "http://169.254.169.254/latest",
+            "https://[fd00:ec2::254]/latest",
+            "https://[fe80::1]/token",
+            "https://[febf::1]/token",
+            "https://[::ffff:169.254.1.1]/token",
+            "https://0.0.0.0/token",
+            "ftp://ghcr.io/token",
+            "file:///etc/passwd",
+            "https://u:p@ghcr.io/token",
+        ] {
+            for upstream in [
+                "https://ghcr.io",
+                "http://169.254.169.254",
+                "https://[fd00:ec2::254]",
+            ] {
+                assert!(
+                    matches!(
+                        trust(realm, upstream, &["169.254.169.254"]),
+                        Err(TokenError::BadRealm(_))
+                    ),
+                    "{realm} for {upstream}"
+                );
+            }
+        }
+        // fe80::/10 ends at febf; fec0:: is not link-local.
+        assert_eq!(
+            trust("https://[fec0::1]/t", hub, &[]).unwrap(),
+            AnonymousOnly
+        );
+    }
+
+    // ---------------------------------------------------------------- cache
+
+    fn key(credential: &Credential) -> TokenKey {
+        TokenKey::new(
+            &Url::parse("https://auth.example/token").unwrap(),
+            Some("svc"),
+            [
+                "repository:b:pull",
+                "repository:a:pull",
+                "repository:b:pull",
+            ],
+            credential.id(),
+        )
+    }
+
+    fn token(value: &str, valid_for: Duration) -> Token {
+        Token {
+            value: Secret::new(value.into()),
+            expires_at: Instant::now() + valid_for,
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Polls `cond` until it holds, failing the test after 10 s.
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn key_scopes_are_sorted_and_deduplicated() {
+        assert_eq!(
+            key(&Credential::Anonymous).scopes,
+            ["repository:a:pull", "repository:b:pull"]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_one_fetch() {
+        let cache = TokenCache::new(100);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let start = Arc::new(tokio::sync::Barrier::new(21));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (cache, ran, release, start) =
+                (cache.clone(), ran.clone(), release.clone(), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                cache
+                    .get_or_fetch(key(&Credential::Anonymous), || async move {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        // Hold the fetch open until the test lets it finish.
+                        let _permit = release.acquire().await;
+                        Ok(token("shared", HOUR))
+                    })
+                    .await
+            }));
+        }
+        start.wait().await;
+        wait_for("the first fetch to start", || {
+            ran.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        release.add_permits(100);
+        for task in tasks {
+            let got = task.await.unwrap().unwrap();
+            assert_eq!(got.value.expose(), "shared");
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn different_credentials_get_different_entries() {
+        let cache = TokenCache::new(100);
+        let a = cache
+            .get_or_fetch(key(&basic("u", "p1")), || async { Ok(token("a", HOUR)) })
+            .await
+            .unwrap();
+        let b = cache
+            .get_or_fetch(key(&basic("u", "p2")), || async { Ok(token("b", HOUR)) })
+            .await
+            .unwrap();
+        let a2 = cache
+            .get_or_fetch(key(&basic("u", "p1")), || async {
+                Ok(token("a-again", HOUR))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                a.value.expose().as_str(),
+                b.value.expose().as_str(),
+                a2.value.expose().as_str()
+            ),
+            ("a", "b", "a")
+        );
+        assert_eq!(cache.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn invalidate_forces_a_new_fetch() {
+        let cache = TokenCache::new(100);
+        let k = key(&Credential::Anonymous);
+        cache
+            .get_or_fetch(k.clone(), || async { Ok(token("one", HOUR)) })
+            .await
+            .unwrap();
+        cache.invalidate(&k).await;
+        let t = cache
+            .get_or_fetch(k.clone(), || async { Ok(token("two", HOUR)) })
+            .await
+            .unwrap();
+        assert_eq!(t.value.expose(), "two");
+        assert_eq!(cache.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_refetched() {
+        let cache = TokenCache::new(100);
+        let k = key(&Credential::Anonymous);
+        let first = cache
+            .get_or_fetch(k.clone(), || async {
+                Ok(token("short", Duration::from_millis(100)))
+            })
+            .await
+            .unwrap();
+        let expires_at = first.expires_at;
+        wait_for("the token to expire", || Instant::now() >= expires_at).await;
+        let second = cache
+            .get_or_fetch(k.clone(), || async { Ok(token("long", HOUR)) })
+            .await
+            .unwrap();
+        assert_eq!(second.value.expose(), "long");
+        assert_eq!(cache.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn expiry_is_checked_on_read_not_only_by_the_timer() {
+        // A cache without any expiry policy: only the read-side check protects us.
+        let cache = TokenCache::with_inner(Cache::builder().max_capacity(10).build());
+        let k = key(&Credential::Anonymous);
+        let mut stale = token("stale", HOUR);
+        stale.expires_at = Instant::now();
+        cache.inner.insert(k.clone(), stale).await;
+        let t = cache
+            .get_or_fetch(k.clone(), || async { Ok(token("fresh", HOUR)) })
+            .await
+            .unwrap();
+        assert_eq!(t.value.expose(), "fresh");
+        assert_eq!(cache.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn already_expired_fetch_result_is_not_returned_or_kept() {
+        let cache = TokenCache::new(100);
+        let k = key(&Credential::Anonymous);
+        let err = cache
+            .get_or_fetch(k.clone(), || async {
+                let mut t = token("dead", HOUR);
+                t.expires_at = Instant::now();
+                Ok(t)
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(*err, TokenError::InvalidResponse(_)));
+        let t = cache
+            .get_or_fetch(k.clone(), || async { Ok(token("alive", HOUR)) })
+            .await
+            .unwrap();
+        assert_eq!(t.value.expose(), "alive");
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached() {
+        let cache = TokenCache::new(100);
+        let k = key(&Credential::Anonymous);
+        let err = cache
+            .get_or_fetch(k.clone(), || async {
+                Err(TokenError::Rejected {
+                    status: StatusCode::UNAUTHORIZED,
+                })
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_auth_failure());
+        let t = cache
+            .get_or_fetch(k.clone(), || async { Ok(token("ok", HOUR)) })
+            .await
+            .unwrap();
+        assert_eq!(t.value.expose(), "ok");
+        assert_eq!(cache.fetches(), 2);
+    }
+}
