@@ -422,33 +422,6 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
     }
 }
 
-/// Refuses redirects to link-local and cloud metadata addresses; follows up to 5 others.
-/// reqwest itself drops `Authorization` when a redirect crosses to another host or port.
-fn redirect_policy() -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(|attempt| {
-        if attempt.previous().len() >= 5 {
-            return attempt.error("too many redirects");
-        }
-        if is_forbidden_host(attempt.url()) {
-            return attempt.error("redirect to a link-local or metadata address");
-        }
-        attempt.follow()
-    })
-}
-
-/// Link-local (169.254.0.0/16, fe80::/10) and cloud metadata (fd00:ec2::254) addresses are
-/// never contacted, whatever an upstream's redirect or challenge says.
-pub fn is_forbidden_host(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_link_local(),
-        Some(url::Host::Ipv6(ip)) => {
-            (ip.segments()[0] & 0xffc0) == 0xfe80
-                || ip == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
-        }
-        _ => false,
-    }
-}
-
 /// All upstreams: those in the config, and registry hosts the module catalog adds at run time.
 pub struct Upstreams {
     configured: HashMap<String, Arc<Upstream>>,
@@ -581,7 +554,7 @@ fn build_upstream(
 
 fn http_client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
-        .redirect(redirect_policy())
+        .redirect(token::redirect_policy())
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(timeout)
         .user_agent(concat!("oci-proxy/", env!("CARGO_PKG_VERSION")))
