@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use support::registry::BASIC_REALM;
-use support::seed::{parse_challenge, OCI_MANIFEST};
+use support::seed::OCI_MANIFEST;
 use support::token_server::{parse_scope, rfc3339, SERVICE};
 use support::*;
 
@@ -70,6 +70,24 @@ fn pure_helpers() {
     assert_eq!(random_bytes(100, 7), random_bytes(100, 7));
     assert_ne!(random_bytes(100, 7), random_bytes(100, 8));
     assert_eq!(random_bytes(13, 1).len(), 13);
+}
+
+#[tokio::test]
+async fn wait_until_polls_until_true() {
+    let mut calls = 0;
+    wait_until(Duration::from_secs(5), "third call", || {
+        calls += 1;
+        let done = calls >= 3;
+        async move { done }
+    })
+    .await;
+    assert_eq!(calls, 3);
+}
+
+#[tokio::test]
+#[should_panic(expected = "timed out after 50ms waiting for never")]
+async fn wait_until_panics_at_deadline() {
+    wait_until(Duration::from_millis(50), "never", || async { false }).await;
 }
 
 #[tokio::test]

@@ -7,40 +7,46 @@
 //! # Upstream registry (`registry`)
 //! - `Registry::start(RegistryAuth) -> Registry` (async): Debian `docker-registry`
 //!   2.8.2 in a temp dir. `RegistryAuth::{Anonymous, Htpasswd { users }, Token(TokenServerInfo)}`
-//!   (`RegistryAuth::htpasswd(&[("u", "p")])` is a shorthand).
-//! - `url()` = `http://127.0.0.1:port`, `host()` = `127.0.0.1:port`, `port()`, `logs()`.
-//! - `restart_with(auth)` (async): same data and port, new auth (2.8 reads htpasswd
-//!   only at start, so this is how to rotate a password). `stop()` kills it (to test
+//!   (`RegistryAuth::htpasswd(&[("u", "p")])` is a shorthand). Basic realm: `BASIC_REALM`.
+//! - `url()` = `http://127.0.0.1:port`, `host()` = `127.0.0.1:port`, `port()`, `logs()`, `auth()`.
+//! - `set_htpasswd(&[("u", "p")])`: live password rotation. distribution 2.8 re-reads the
+//!   htpasswd file when its mtime changes (verified in `tests/fixtures.rs`), no restart needed.
+//! - `restart_with(auth)` (async): same data and port, new auth. `stop()` kills it (to test
 //!   an unreachable upstream); `restart_with` brings it back.
 //!
 //! # Token server (`token_server`)
-//! - `TokenServer::start(TokenPolicy) -> TokenServer` (async, in-process axum task on the
-//!   current runtime): mints ES256 JWTs that distribution verifies. `info()` feeds
-//!   `RegistryAuth::Token`. Policy: `TokenPolicy::new()` (contains `ADMIN_USER`/`ADMIN_PASSWORD`
-//!   with every action everywhere) `.user(u, p)`, `.public_repo(repo)` (anonymous pull),
-//!   `.grant(u, repo, &["pull"])`, `.expires_in(d)`.
+//! - `TokenServer::start(TokenPolicy) -> TokenServer` (async; an axum task on the current
+//!   runtime, aborted on drop): mints ES256 JWTs that distribution verifies. `info()` feeds
+//!   `RegistryAuth::Token`; `realm()`. Policy: `TokenPolicy::new()` (holds `ADMIN_USER` /
+//!   `ADMIN_PASSWORD`, every action everywhere) `.user(u, p)`, `.public_repo(repo)` (anonymous
+//!   pull), `.grant(u, repo, &["pull"])`, `.expires_in(d)`; field `oauth_post` (POST → 404 if false).
 //! - Runtime changes: `set_password(u, p)`, `set_expires_in(d)`, `update_policy(|p| ..)`.
-//! - Observation: `requests() -> Vec<TokenRequest>`, `reset_counts()`,
-//!   `requests_for_scope(scope) -> usize`.
+//! - Observation: `requests() -> Vec<TokenRequest>`, `requests_for_scope(scope) -> usize`,
+//!   `reset_counts()` (call it after seeding: seeding uses the admin user).
 //!
-//! # Seeding (`seed`) — `creds: Option<(&str, &str)>` is a user/password pair used as Basic
-//! auth or, on a Bearer challenge, to get a token from the realm (`None` = anonymous).
+//! # Seeding (`seed`)
+//! `creds: Option<(&str, &str)>` is a user/password pair used as Basic auth or, on a Bearer
+//! challenge, sent to the realm to get a token (`None` = anonymous). Payloads are buffered.
 //! - `push_blob`, `push_manifest`, `push_image` (OCI), `push_docker_image` (Docker schema2),
-//!   `push_image_as(.., ImageFormat)`, `random_bytes(len, seed)`.
-//! - `registry_request(reg_url, creds, Method, path, headers, body) -> reqwest::Response`
-//!   and `registry_get` do the same 401 dance for arbitrary requests.
+//!   `push_image_as(.., ImageFormat)` → `PushedImage`; `random_bytes(len, seed)`, `sha256_digest`.
+//! - `registry_request(base_url, creds, Method, path_or_url, headers, body)` and
+//!   `registry_get(base_url, creds, path, headers)` do the same 401 dance for any request
+//!   (against a registry or the proxy); `fetch_token`, `parse_challenge`; media type constants.
 //!
 //! # skopeo (`skopeo`)
-//! - `skopeo_copy(src_ref, dest_dir, extra_args) -> Output` (async), `DirImage::read(dir)`.
+//! - `skopeo_copy(src_ref, dest_dir, extra_args) -> Output` (async), `assert_success(&out)`,
+//!   `DirImage::read(dir)` (manifest digest + blob digests of the `dir:` layout).
 //!
 //! # The proxy under test
 //! - `ProxyProcess::start(config_yaml) -> ProxyProcess` (async): `{listen}` in the YAML becomes
-//!   `127.0.0.1:<free port>`, `{dir}` a temp dir owned by the process handle (cache root).
-//!   Waits for `GET /v2/` = 200 (20 s). `url()`, `host()`, `logs()`, `stop()`; killed on drop.
+//!   `127.0.0.1:<free port>`, `{dir}` a temp dir owned by the handle (cache root). Runs
+//!   `oci-proxy serve --config <file>`, waits for `GET /v2/` = 200 (20 s).
+//!   `ProxyProcess::start_with_env(config_yaml, &[("K", "V")])` adds environment variables.
+//!   `url()`, `host()`, `dir()`, `logs()`, `stop()`; killed on drop.
 //!
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
-//! - `free_port()`, `http_client()` (reqwest client without env proxies).
+//! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
 #![allow(dead_code, unused_imports)]
 
 pub mod process;
@@ -51,8 +57,9 @@ pub mod token_server;
 
 pub use registry::{Registry, RegistryAuth};
 pub use seed::{
-    push_blob, push_docker_image, push_image, push_image_as, push_manifest, random_bytes,
-    registry_get, registry_request, sha256_digest, ImageFormat, PushedImage,
+    fetch_token, parse_challenge, push_blob, push_docker_image, push_image, push_image_as,
+    push_manifest, random_bytes, registry_get, registry_request, sha256_digest, ImageFormat,
+    PushedImage,
 };
 pub use skopeo::{assert_success, skopeo_copy, DirImage};
 pub use token_server::{
@@ -124,6 +131,12 @@ impl ProxyProcess {
     /// `GET /v2/` answers 200. Retries with a new port if the listen port was taken.
     /// The config must contain `{listen}` (otherwise the port is unknown).
     pub async fn start(config_yaml: &str) -> ProxyProcess {
+        Self::start_with_env(config_yaml, &[]).await
+    }
+
+    /// [`ProxyProcess::start`] with extra environment variables for the proxy process
+    /// (e.g. `DOCKER_CONFIG`, `RUST_LOG`).
+    pub async fn start_with_env(config_yaml: &str, env: &[(&str, &str)]) -> ProxyProcess {
         assert!(
             config_yaml.contains("{listen}"),
             "proxy config must contain the {{listen}} placeholder"
@@ -143,6 +156,7 @@ impl ProxyProcess {
             if std::env::var_os("RUST_LOG").is_none() {
                 cmd.env("RUST_LOG", "info,oci_proxy=debug");
             }
+            cmd.envs(env.iter().copied());
             let mut child = LoggedChild::spawn(&mut cmd, &log_path);
             let url = format!("http://127.0.0.1:{port}/v2/");
             let end = Instant::now() + PROXY_START_DEADLINE;
