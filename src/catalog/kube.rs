@@ -1,0 +1,1 @@
+//! STUB: the Kubernetes source (watchers for ModuleTemplates, Manifests and Secrets).
