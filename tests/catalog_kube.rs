@@ -448,6 +448,27 @@ async fn applies_modifications_and_deletions_are_published() {
 }
 
 #[tokio::test]
+async fn a_burst_of_changes_is_published_as_fewer_full_sets() {
+    let api = FakeKubeApi::start().await;
+    let mut h = Harness::start(api, KubernetesSource::default()).await;
+    h.wait_synced().await;
+    let before = h.published.borrow().0;
+    for i in 0..20 {
+        h.api
+            .apply(module_template("kcp-system", &format!("mt-{i}"), "1.0.0"));
+    }
+    let set = h
+        .wait_published("all 20 templates", |s| s.len() == 20)
+        .await;
+    assert_eq!(ids(&set).len(), 20);
+    let publishes = h.published.borrow().0 - before;
+    assert!(
+        (1..20).contains(&publishes),
+        "20 changes were debounced into {publishes} publishes"
+    );
+}
+
+#[tokio::test]
 async fn a_410_gone_forces_a_relist_and_the_state_converges() {
     let api = FakeKubeApi::start().await;
     api.apply(module_template("kcp-system", "mt", "1.0.0"));

@@ -171,7 +171,13 @@ pub async fn run(
                         true
                     }
                     Outcome::NotServed(summary) => {
-                        if !ready[idx] {
+                        if ready[idx] {
+                            tracing::debug!(
+                                resource = %label.resource,
+                                error = %summary,
+                                "resource still not served"
+                            );
+                        } else {
                             tracing::warn!(
                                 resource = %label.resource,
                                 namespace = label.namespace.as_deref().unwrap_or("*"),
