@@ -123,6 +123,7 @@ fn route_class(op: &Op) -> &'static str {
 
 /// The per-request context once target and credential are known.
 struct Ctx<'a> {
+    #[allow(dead_code)] // used by the cache integration
     app: &'a App,
     headers: &'a HeaderMap,
     target: Target,
