@@ -1,6 +1,7 @@
 //! Upstream credentials: what they are, where they come from (docker config files and
 //! Kubernetes pull Secrets), and go-containerregistry's rules for picking one for a repository.
 
+pub mod chain;
 pub mod dockerconfig;
 pub mod keychain;
 pub mod secret;
@@ -9,6 +10,8 @@ use std::fmt;
 
 use sha2::{Digest as _, Sha256};
 
+pub use dockerconfig::{AuthEntry, DockerConfig, DockerConfigError, RegistryBase};
+pub use keychain::{Keychain, KeychainMatch};
 pub use secret::Secret;
 
 /// A credential for one upstream registry. Every secret part is a [`Secret`].

@@ -10,4 +10,6 @@ pub mod tags;
 
 pub use error::{ErrorCode, OciError};
 pub use grammar::{Digest, Reference, Repository, Tag};
+pub use range::{ByteRange, RangeSpec};
 pub use route::{route, Op, Route};
+pub use tags::TagList;

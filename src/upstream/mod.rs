@@ -1,4 +1,574 @@
-//! Talking to upstream registries.
+//! Upstream registries: one [`Upstream`] per registry, holding its HTTP client, the auth scheme
+//! it announced, and access to the shared token cache. [`Upstream::send`] performs one
+//! authenticated request: it learns the challenge from the first 401, exchanges credentials
+//! for a token (cached), and retries once with a fresh token when a cached one is refused.
 
 pub mod challenge;
 pub mod token;
+
+pub use challenge::Challenge;
+pub use token::{check_realm, fetch_token, RealmTrust, Token, TokenCache, TokenError, TokenKey};
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use http::header::{ACCEPT, AUTHORIZATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use crate::config::{Config, UpstreamConfig};
+use crate::credentials::Credential;
+use crate::metrics::Metrics;
+use crate::protocol::Repository;
+
+/// Why an upstream request failed. Mapped to a client error in `crate::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {upstream} refused the credentials")]
+    Unauthorized { upstream: String },
+    #[error("upstream {upstream} denied access")]
+    Denied { upstream: String },
+    #[error("upstream {upstream} has no such content")]
+    NotFound { upstream: String },
+    #[error("upstream {upstream} is rate limiting requests")]
+    TooManyRequests {
+        upstream: String,
+        retry_after: Option<HeaderValue>,
+    },
+    #[error("upstream {upstream} answered {status}")]
+    Status {
+        upstream: String,
+        status: StatusCode,
+    },
+    #[error("upstream {upstream} is unreachable: {message}")]
+    Unreachable { upstream: String, message: String },
+    #[error("upstream {upstream} token exchange failed: {source}")]
+    Token {
+        upstream: String,
+        #[source]
+        source: Arc<TokenError>,
+    },
+}
+
+impl UpstreamError {
+    /// Bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            UpstreamError::Unauthorized { .. } => "unauthorized",
+            UpstreamError::Denied { .. } => "denied",
+            UpstreamError::NotFound { .. } => "not_found",
+            UpstreamError::TooManyRequests { .. } => "rate_limited",
+            UpstreamError::Status { .. } => "status",
+            UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::Token { .. } => "token",
+        }
+    }
+
+    /// Errors after which a cached copy may be served instead (stale-if-error).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UpstreamError::TooManyRequests { .. } | UpstreamError::Unreachable { .. } => true,
+            UpstreamError::Status { status, .. } => status.is_server_error(),
+            UpstreamError::Token { source, .. } => !source.is_auth_failure(),
+            _ => false,
+        }
+    }
+}
+
+/// The auth scheme an upstream announced on its last 401.
+#[derive(Clone, Debug, Default)]
+enum Scheme {
+    /// Not learned yet: the first request goes out without credentials.
+    #[default]
+    Unknown,
+    Basic,
+    Bearer {
+        realm: Url,
+        service: Option<String>,
+    },
+}
+
+/// What a request to an upstream is for, relative to `/v2/<repository>/`.
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest<'a> {
+    pub method: Method,
+    pub repository: &'a Repository,
+    /// `manifests/<ref>`, `blobs/<digest>`, `tags/list`, `referrers/<digest>`.
+    pub path: String,
+    pub query: Option<String>,
+    pub accept: Option<&'a str>,
+    pub range: Option<&'a HeaderValue>,
+}
+
+/// One upstream registry.
+pub struct Upstream {
+    /// How clients name it (first path segment, `ns=`), and the host its credentials are for.
+    pub name: String,
+    pub endpoint: Url,
+    pub tag_ttl: Duration,
+    realm_hosts: Vec<String>,
+    http: reqwest::Client,
+    scheme: RwLock<Scheme>,
+    tokens: TokenCache,
+    fetch_slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint.as_str())
+            .finish()
+    }
+}
+
+/// A response with the upstream fetch slot it holds until its body is dropped.
+pub struct UpstreamResponse {
+    pub response: reqwest::Response,
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl Upstream {
+    /// The `host[:port]` of the upstream's endpoint.
+    pub fn endpoint_host(&self) -> String {
+        host_port(&self.endpoint)
+    }
+
+    /// Sends one request, authenticating as `credential`. Returns the response for 2xx, 3xx
+    /// and 416; every other status becomes an [`UpstreamError`].
+    pub async fn send(
+        &self,
+        req: &UpstreamRequest<'_>,
+        credential: &Credential,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let permit = self
+            .fetch_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.unreachable("shutting down"))?;
+        let started = Instant::now();
+        let result = self.send_authenticated(req, credential).await;
+        let outcome = match &result {
+            Ok(r) => status_class(r.status()),
+            Err(e) => e.metric_label(),
+        };
+        self.metrics
+            .upstream_request(&self.name, outcome, started.elapsed());
+        result.map(|response| UpstreamResponse { response, permit })
+    }
+
+    async fn send_authenticated(
+        &self,
+        req: &UpstreamRequest<'_>,
+        credential: &Credential,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = self.url_for(req);
+        let scope = format!("repository:{}:pull", req.repository);
+        let mut used_token: Option<TokenKey> = None;
+        for attempt in 0..2 {
+            let scheme = self.current_scheme();
+            let auth = self
+                .authorization(&scheme, &scope, credential, &mut used_token)
+                .await?;
+            let resp = self.request(req, &url, auth).await?;
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                return self.check_status(resp);
+            }
+            // 401: learn (or re-learn) the challenge; drop a refused token; retry once.
+            let values: Vec<&str> = resp
+                .headers()
+                .get_all(WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let learned = challenge::pick(&challenge::parse(&values));
+            let changed = self.learn(learned);
+            if let Some(key) = used_token.take() {
+                self.tokens.invalidate(&key).await;
+            } else if !changed && attempt == 0 && matches!(credential, Credential::Anonymous) {
+                // Anonymous and nothing new learned: retrying cannot help.
+                break;
+            }
+            if attempt == 1 {
+                break;
+            }
+            tracing::debug!(upstream = %self.name, "upstream answered 401, retrying with fresh auth");
+        }
+        Err(UpstreamError::Unauthorized {
+            upstream: self.name.clone(),
+        })
+    }
+
+    fn current_scheme(&self) -> Scheme {
+        self.scheme.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Records the challenge; returns whether the scheme changed.
+    fn learn(&self, learned: Option<Challenge>) -> bool {
+        let next = match learned {
+            Some(Challenge::Basic { .. }) => Scheme::Basic,
+            Some(Challenge::Bearer { realm, service, .. }) => match Url::parse(&realm) {
+                Ok(realm) => Scheme::Bearer { realm, service },
+                Err(_) => return false,
+            },
+            _ => return false,
+        };
+        let Ok(mut guard) = self.scheme.write() else {
+            return false;
+        };
+        let changed = !same_scheme(&guard, &next);
+        *guard = next;
+        changed
+    }
+
+    async fn authorization(
+        &self,
+        scheme: &Scheme,
+        scope: &str,
+        credential: &Credential,
+        used_token: &mut Option<TokenKey>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        if let Credential::RegistryToken(t) = credential {
+            return Ok(sensitive(&format!("Bearer {}", t.expose())));
+        }
+        match scheme {
+            Scheme::Unknown => Ok(None),
+            Scheme::Basic => Ok(match credential {
+                Credential::Basic { username, password } => {
+                    use base64::Engine as _;
+                    let raw = format!("{username}:{}", password.expose());
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+                    sensitive(&format!("Basic {b64}"))
+                }
+                _ => None,
+            }),
+            Scheme::Bearer { realm, service } => {
+                let trust = token::check_realm(realm, &self.endpoint, &self.realm_hosts)
+                    .map_err(|e| self.token_error(e))?;
+                let credential = match trust {
+                    RealmTrust::WithCredentials => credential.clone(),
+                    RealmTrust::AnonymousOnly => {
+                        if !matches!(credential, Credential::Anonymous) {
+                            tracing::warn!(upstream = %self.name, realm_host = realm.host_str().unwrap_or(""),
+                                "token realm is on another host; not sending credentials there");
+                        }
+                        Credential::Anonymous
+                    }
+                };
+                let key = TokenKey {
+                    realm: realm.to_string(),
+                    service: service.clone(),
+                    scopes: vec![scope.to_owned()],
+                    credential: credential.id(),
+                };
+                let http = self.http.clone();
+                let (realm, service, scopes) = (realm.clone(), service.clone(), key.scopes.clone());
+                let metrics = self.metrics.clone();
+                let upstream = self.name.clone();
+                let token = self
+                    .tokens
+                    .get_or_fetch(key.clone(), move || async move {
+                        let r = token::fetch_token(
+                            &http,
+                            &realm,
+                            service.as_deref(),
+                            &scopes,
+                            &credential,
+                        )
+                        .await;
+                        metrics.token_fetch(&upstream, r.is_ok());
+                        r
+                    })
+                    .await
+                    .map_err(|source| UpstreamError::Token {
+                        upstream: self.name.clone(),
+                        source,
+                    })?;
+                *used_token = Some(key);
+                Ok(sensitive(&format!("Bearer {}", token.value.expose())))
+            }
+        }
+    }
+
+    fn token_error(&self, e: TokenError) -> UpstreamError {
+        UpstreamError::Token {
+            upstream: self.name.clone(),
+            source: Arc::new(e),
+        }
+    }
+
+    async fn request(
+        &self,
+        req: &UpstreamRequest<'_>,
+        url: &Url,
+        auth: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut builder = self.http.request(req.method.clone(), url.clone());
+        if let Some(accept) = req.accept {
+            builder = builder.header(ACCEPT, accept);
+        }
+        if let Some(range) = req.range {
+            builder = builder.header(RANGE, range.clone());
+        }
+        if let Some(auth) = auth {
+            builder = builder.header(AUTHORIZATION, auth);
+        }
+        builder
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&describe_reqwest_error(&e)))
+    }
+
+    fn check_status(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+        let status = resp.status();
+        let upstream = self.name.clone();
+        match status {
+            s if s.is_success() || s.is_redirection() || s == StatusCode::RANGE_NOT_SATISFIABLE => {
+                Ok(resp)
+            }
+            StatusCode::FORBIDDEN => Err(UpstreamError::Denied { upstream }),
+            StatusCode::NOT_FOUND => Err(UpstreamError::NotFound { upstream }),
+            StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::TooManyRequests {
+                upstream,
+                retry_after: resp.headers().get(RETRY_AFTER).cloned(),
+            }),
+            status => Err(UpstreamError::Status { upstream, status }),
+        }
+    }
+
+    fn url_for(&self, req: &UpstreamRequest<'_>) -> Url {
+        let mut url = self.endpoint.clone();
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}/v2/{}/{}", req.repository, req.path));
+        url.set_query(req.query.as_deref());
+        url
+    }
+
+    fn unreachable(&self, message: &str) -> UpstreamError {
+        UpstreamError::Unreachable {
+            upstream: self.name.clone(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+fn same_scheme(a: &Scheme, b: &Scheme) -> bool {
+    match (a, b) {
+        (Scheme::Unknown, Scheme::Unknown) | (Scheme::Basic, Scheme::Basic) => true,
+        (
+            Scheme::Bearer {
+                realm: r1,
+                service: s1,
+            },
+            Scheme::Bearer {
+                realm: r2,
+                service: s2,
+            },
+        ) => r1 == r2 && s1 == s2,
+        _ => false,
+    }
+}
+
+fn sensitive(value: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(value).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// `host[:port]` of a URL, port only when explicit.
+pub fn host_port(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// A message for a transport error that never includes a URL's query (tokens live there in
+/// some registries' redirects).
+fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_redirect() {
+        "redirect refused"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+/// All upstreams: those in the config, and registry hosts the module catalog adds at run time.
+pub struct Upstreams {
+    configured: HashMap<String, Arc<Upstream>>,
+    dynamic: RwLock<HashMap<String, Arc<Upstream>>>,
+    /// Host names that config upstreams are also known by (their endpoint's `host[:port]`).
+    default_upstream: Option<String>,
+    default_http: reqwest::Client,
+    tokens: TokenCache,
+    fetch_slots: Arc<Semaphore>,
+    tag_ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Building an upstream failed (bad CA file, TLS setup).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {name}: {message}")]
+pub struct UpstreamSetupError {
+    pub name: String,
+    pub message: String,
+}
+
+impl Upstreams {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, UpstreamSetupError> {
+        let tokens = TokenCache::new(10_000);
+        let fetch_slots = Arc::new(Semaphore::new(cfg.limits.max_concurrent_upstream_fetches));
+        let timeout = cfg.limits.upstream_timeout.0;
+        let default_http = http_client(None, timeout).map_err(|message| UpstreamSetupError {
+            name: "default".into(),
+            message,
+        })?;
+        let mut configured = HashMap::new();
+        for u in &cfg.upstreams {
+            let up = build_upstream(u, cfg, &default_http, &tokens, &fetch_slots, &metrics)?;
+            configured.insert(u.name.to_ascii_lowercase(), Arc::new(up));
+        }
+        Ok(Upstreams {
+            configured,
+            dynamic: RwLock::new(HashMap::new()),
+            default_upstream: cfg
+                .default_upstream
+                .as_ref()
+                .map(|s| s.to_ascii_lowercase()),
+            default_http,
+            tokens,
+            fetch_slots,
+            tag_ttl: cfg.cache.tag_ttl.0,
+            metrics,
+        })
+    }
+
+    /// A configured upstream by name, or a catalog-added one by host.
+    pub fn get(&self, name: &str) -> Option<Arc<Upstream>> {
+        let name = name.to_ascii_lowercase();
+        if let Some(u) = self.configured.get(&name) {
+            return Some(u.clone());
+        }
+        self.dynamic.read().ok()?.get(&name).cloned()
+    }
+
+    pub fn default_upstream(&self) -> Option<Arc<Upstream>> {
+        self.default_upstream.as_ref().and_then(|d| self.get(d))
+    }
+
+    /// Adds (once) an upstream for a registry host named by a module: `https://<host>`, or
+    /// `http://<host>` when the module's baseUrl said so. Configured upstreams win.
+    pub fn ensure_host(&self, host: &str, insecure: bool) -> Arc<Upstream> {
+        let key = host.to_ascii_lowercase();
+        if let Some(u) = self.get(&key) {
+            return u;
+        }
+        let scheme = if insecure { "http" } else { "https" };
+        let endpoint = Url::parse(&format!("{scheme}://{host}"))
+            .unwrap_or_else(|_| Url::parse("https://invalid.invalid").expect("static URL"));
+        let up = Arc::new(Upstream {
+            name: key.clone(),
+            endpoint,
+            tag_ttl: self.tag_ttl,
+            realm_hosts: Vec::new(),
+            http: self.default_http.clone(),
+            scheme: RwLock::new(Scheme::Unknown),
+            tokens: self.tokens.clone(),
+            fetch_slots: self.fetch_slots.clone(),
+            metrics: self.metrics.clone(),
+        });
+        match self.dynamic.write() {
+            Ok(mut map) => map.entry(key).or_insert(up).clone(),
+            Err(_) => up,
+        }
+    }
+
+    /// The shared token cache (exposed for metrics and tests).
+    pub fn tokens(&self) -> &TokenCache {
+        &self.tokens
+    }
+}
+
+fn build_upstream(
+    u: &UpstreamConfig,
+    cfg: &Config,
+    default_http: &reqwest::Client,
+    tokens: &TokenCache,
+    fetch_slots: &Arc<Semaphore>,
+    metrics: &Arc<Metrics>,
+) -> Result<Upstream, UpstreamSetupError> {
+    let err = |message: String| UpstreamSetupError {
+        name: u.name.clone(),
+        message,
+    };
+    let endpoint = u.endpoint().map_err(|e| err(e.to_string()))?;
+    let http = match &u.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| err(format!("cannot read ca_file {}: {e}", path.display())))?;
+            http_client(Some(&pem), cfg.limits.upstream_timeout.0).map_err(err)?
+        }
+        None => default_http.clone(),
+    };
+    Ok(Upstream {
+        name: u.name.to_ascii_lowercase(),
+        endpoint,
+        tag_ttl: u.tag_ttl.unwrap_or(cfg.cache.tag_ttl).0,
+        realm_hosts: u.token_realm_hosts.clone(),
+        http,
+        scheme: RwLock::new(Scheme::Unknown),
+        tokens: tokens.clone(),
+        fetch_slots: fetch_slots.clone(),
+        metrics: metrics.clone(),
+    })
+}
+
+fn http_client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .redirect(token::redirect_policy())
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(timeout)
+        .user_agent(concat!("oci-proxy/", env!("CARGO_PKG_VERSION")))
+        .http1_only();
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("invalid CA bundle: {e}"))?;
+        if certs.is_empty() {
+            return Err("CA bundle holds no certificate".into());
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))
+}

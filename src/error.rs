@@ -1,0 +1,110 @@
+//! The proxy's request error, and the one place where every failure becomes an OCI error.
+
+use http::StatusCode;
+
+use crate::protocol::{ErrorCode, OciError};
+use crate::upstream::UpstreamError;
+
+/// What a client asked for, so "not found" upstream becomes the right code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is invalid (bad name, digest, method...).
+    #[error(transparent)]
+    Request(#[from] OciError),
+    #[error("{source}")]
+    Upstream {
+        subject: Subject,
+        #[source]
+        source: UpstreamError,
+    },
+    /// The module catalog refuses to supply credentials (e.g. its selector matches no Secret).
+    #[error("{0}")]
+    Denied(String),
+    #[error("upstream {upstream} served content that does not match digest {digest}")]
+    DigestMismatch { upstream: String, digest: String },
+    #[error("upstream {upstream} sent a manifest larger than {limit} bytes")]
+    ManifestTooLarge { upstream: String, limit: usize },
+    #[error("upstream {upstream} sent an invalid response: {message}")]
+    BadUpstreamResponse { upstream: String, message: String },
+    #[error("the manifest's media type {media_type} is not in the request's Accept header")]
+    NotAcceptable { media_type: String },
+    #[error("catalog is not synced yet")]
+    NotReady,
+}
+
+impl Error {
+    pub fn upstream(subject: Subject) -> impl FnOnce(UpstreamError) -> Error {
+        move |source| Error::Upstream { subject, source }
+    }
+
+    /// Bounded label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Request(_) => "bad_request",
+            Error::Upstream { source, .. } => source.metric_label(),
+            Error::Denied(_) => "denied",
+            Error::DigestMismatch { .. } => "digest_mismatch",
+            Error::ManifestTooLarge { .. } => "manifest_too_large",
+            Error::BadUpstreamResponse { .. } => "bad_upstream_response",
+            Error::NotAcceptable { .. } => "not_acceptable",
+            Error::NotReady => "not_ready",
+        }
+    }
+
+    /// The error as the client sees it. Messages name upstreams, never credentials.
+    pub fn to_oci(&self) -> OciError {
+        let msg = self.to_string();
+        match self {
+            Error::Request(e) => e.clone(),
+            Error::Upstream { subject, source } => match source {
+                UpstreamError::NotFound { .. } => {
+                    let code = match subject {
+                        Subject::Manifest => ErrorCode::ManifestUnknown,
+                        Subject::Blob => ErrorCode::BlobUnknown,
+                        Subject::Tags | Subject::Referrers => ErrorCode::NameUnknown,
+                    };
+                    OciError::new(code, msg)
+                }
+                UpstreamError::Unauthorized { .. } => OciError::new(ErrorCode::Unauthorized, msg),
+                UpstreamError::Denied { .. } => OciError::new(ErrorCode::Denied, msg),
+                UpstreamError::TooManyRequests { retry_after, .. } => {
+                    OciError::new(ErrorCode::TooManyRequests, msg)
+                        .with_retry_after(retry_after.clone())
+                }
+                UpstreamError::Token { source: t, .. } if t.is_auth_failure() => {
+                    OciError::new(ErrorCode::Unauthorized, msg)
+                }
+                UpstreamError::Token { .. } => OciError::new(ErrorCode::Unavailable, msg)
+                    .with_status(StatusCode::BAD_GATEWAY),
+                UpstreamError::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
+                    OciError::new(ErrorCode::Unavailable, msg)
+                }
+                UpstreamError::Status { .. } => {
+                    OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
+                }
+                UpstreamError::Unreachable { .. } => {
+                    OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
+                }
+            },
+            Error::Denied(m) => OciError::new(ErrorCode::Denied, m.clone()),
+            Error::DigestMismatch { .. }
+            | Error::ManifestTooLarge { .. }
+            | Error::BadUpstreamResponse { .. } => {
+                OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
+            }
+            Error::NotAcceptable { media_type } => OciError::new(
+                ErrorCode::ManifestUnknown,
+                format!("manifest of type {media_type} found, but the Accept header does not include it"),
+            ),
+            Error::NotReady => OciError::new(ErrorCode::Unavailable, msg),
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Every Prometheus metric family of the proxy (the cache registers its own into the same
+//! registry). Labels are bounded: route classes, status classes, upstream names (from config
+//! and the module catalog), outcomes.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    response_bytes: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_seconds: HistogramVec,
+    token_fetches: IntCounterVec,
+    auth_failures: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("oci_proxy".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "Client requests by route class and status.",
+            ),
+            &["route", "status"],
+        )?;
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time to the end of the response body, by route class.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let response_bytes = IntCounterVec::new(
+            Opts::new(
+                "http_response_bytes_total",
+                "Body bytes sent to clients, by route class.",
+            ),
+            &["route"],
+        )?;
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "upstream_requests_total",
+                "Requests to upstreams by upstream and outcome.",
+            ),
+            &["upstream", "outcome"],
+        )?;
+        let upstream_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_request_duration_seconds",
+                "Time to upstream response headers, by upstream and outcome.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["upstream", "outcome"],
+        )?;
+        let token_fetches = IntCounterVec::new(
+            Opts::new(
+                "token_fetches_total",
+                "Token exchanges with upstream token servers.",
+            ),
+            &["upstream", "result"],
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "upstream_auth_failures_total",
+                "Requests refused by an upstream for lack of valid credentials.",
+            ),
+            &["upstream"],
+        )?;
+        for c in [
+            &requests,
+            &response_bytes,
+            &upstream_requests,
+            &token_fetches,
+            &auth_failures,
+        ] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(request_seconds.clone()))?;
+        registry.register(Box::new(upstream_seconds.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            request_seconds,
+            response_bytes,
+            upstream_requests,
+            upstream_seconds,
+            token_fetches,
+            auth_failures,
+        })
+    }
+
+    pub fn request(&self, route: &str, status: u16, elapsed: Duration, bytes: u64) {
+        self.requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
+        self.request_seconds
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        self.response_bytes
+            .with_label_values(&[route])
+            .inc_by(bytes);
+    }
+
+    pub fn upstream_request(&self, upstream: &str, outcome: &str, elapsed: Duration) {
+        self.upstream_requests
+            .with_label_values(&[upstream, outcome])
+            .inc();
+        self.upstream_seconds
+            .with_label_values(&[upstream, outcome])
+            .observe(elapsed.as_secs_f64());
+        if outcome == "unauthorized" || outcome == "denied" {
+            self.auth_failures.with_label_values(&[upstream]).inc();
+        }
+    }
+
+    pub fn token_fetch(&self, upstream: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.token_fetches
+            .with_label_values(&[upstream, result])
+            .inc();
+    }
+
+    /// The text exposition of every registered family.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

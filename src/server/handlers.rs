@@ -1,0 +1,578 @@
+//! One handler per operation. Each resolves the target and credential, then answers from the
+//! upstream (and, once it exists, the cache), streaming bodies through.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{
+    ACCEPT, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LINK,
+    RANGE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::Request;
+
+use super::body::{self, Body, RequestRecord};
+use super::App;
+use crate::credentials::Credential;
+use crate::error::{Error, Subject};
+use crate::protocol::{media, tags, Digest, OciError, Op, Reference, Route};
+use crate::routing::{self, Target};
+use crate::upstream::{UpstreamRequest, UpstreamResponse};
+
+/// Largest manifest accepted from an upstream (distribution's own limit is 4 MiB).
+pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
+/// Largest tag list page accepted from an upstream.
+const MAX_TAGS_BODY: usize = 16 << 20;
+/// Most upstream tag list pages followed for one request.
+const MAX_TAG_PAGES: usize = 100;
+
+pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
+const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
+
+/// Answers one request; never fails: errors become OCI error responses.
+pub async fn handle(app: &App, req: Request<Incoming>) -> (Response<Body>, RequestRecord) {
+    let method = req.method().clone();
+    let mut rec = RequestRecord {
+        method: method.to_string(),
+        route: "other",
+        cache: "-",
+        ..Default::default()
+    };
+    let path = req.uri().path().to_owned();
+    if let Some(resp) = operational(app, &method, &path) {
+        rec.route = "ops";
+        rec.status = resp.status().as_u16();
+        return (resp, rec);
+    }
+    let head = method == Method::HEAD;
+    let routed = crate::protocol::route(&method, &path, req.uri().query());
+    let mut resp = match routed {
+        Err(e) => {
+            rec.error = Some("bad_request");
+            error_response(&e, head)
+        }
+        Ok(route) => {
+            rec.route = route_class(&route.op);
+            let result = dispatch(app, req.headers(), &route, &mut rec).await;
+            let mut resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    rec.error = Some(e.metric_label());
+                    tracing::debug!(repository = %rec.repository, error = %e, "request failed");
+                    error_response(&e.to_oci(), head)
+                }
+            };
+            if let Some(ns) = route
+                .ns
+                .as_deref()
+                .and_then(|ns| HeaderValue::from_str(ns).ok())
+            {
+                resp.headers_mut().insert(OCI_NAMESPACE, ns);
+            }
+            resp
+        }
+    };
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    rec.status = resp.status().as_u16();
+    (resp, rec)
+}
+
+/// `/healthz`, `/readyz`, `/metrics`.
+fn operational(app: &App, method: &Method, path: &str) -> Option<Response<Body>> {
+    if method != Method::GET && method != Method::HEAD {
+        return None;
+    }
+    let text = |status: StatusCode, body: String, ctype: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, ctype)
+            .body(body::full(body))
+            .ok()
+    };
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" if (app.ready)() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: catalog not synced\n".into(),
+            "text/plain",
+        ),
+        "/metrics" => text(
+            StatusCode::OK,
+            app.metrics.render(),
+            "text/plain; version=0.0.4",
+        ),
+        _ => None,
+    }
+}
+
+fn route_class(op: &Op) -> &'static str {
+    match op {
+        Op::Ping => "ping",
+        Op::Manifest(_) => "manifest",
+        Op::Blob(_) => "blob",
+        Op::Tags { .. } => "tags",
+        Op::Referrers { .. } => "referrers",
+    }
+}
+
+/// The per-request context once target and credential are known.
+struct Ctx<'a> {
+    app: &'a App,
+    headers: &'a HeaderMap,
+    target: Target,
+    credential: Credential,
+    head: bool,
+}
+
+impl Ctx<'_> {
+    async fn send(
+        &self,
+        method: Method,
+        path: String,
+        query: Option<String>,
+        accept: Option<&str>,
+        range: Option<&HeaderValue>,
+        subject: Subject,
+    ) -> Result<UpstreamResponse, Error> {
+        let req = UpstreamRequest {
+            method,
+            repository: &self.target.repository,
+            path,
+            query,
+            accept,
+            range,
+        };
+        self.target
+            .upstream
+            .send(&req, &self.credential)
+            .await
+            .map_err(Error::upstream(subject))
+    }
+}
+
+async fn dispatch(
+    app: &App,
+    headers: &HeaderMap,
+    route: &Route,
+    rec: &mut RequestRecord,
+) -> Result<Response<Body>, Error> {
+    if route.op == Op::Ping {
+        return Ok(json_response(
+            StatusCode::OK,
+            Bytes::from_static(b"{}"),
+            route.head,
+        ));
+    }
+    let target = routing::resolve(
+        &app.upstreams,
+        app.hosts.as_deref(),
+        &route.name,
+        route.ns.as_deref(),
+    )?;
+    rec.repository = target.repo_key();
+    let chosen = app
+        .credentials
+        .choose(
+            &target.upstream.name,
+            &target.upstream.endpoint_host(),
+            target.repository.as_str(),
+        )
+        .map_err(Error::Denied)?;
+    tracing::debug!(repository = %rec.repository, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
+    let ctx = Ctx {
+        app,
+        headers,
+        target,
+        credential: chosen.credential,
+        head: route.head,
+    };
+    match &route.op {
+        Op::Ping => unreachable_ping(),
+        Op::Manifest(reference) => manifest(&ctx, reference).await,
+        Op::Blob(digest) => blob(&ctx, digest).await,
+        Op::Tags { n, last } => tag_list(&ctx, &route.name, *n, last.as_deref()).await,
+        Op::Referrers {
+            digest,
+            artifact_type,
+        } => referrers(&ctx, digest, artifact_type.as_deref()).await,
+    }
+}
+
+fn unreachable_ping() -> Result<Response<Body>, Error> {
+    Ok(json_response(
+        StatusCode::OK,
+        Bytes::from_static(b"{}"),
+        false,
+    ))
+}
+
+/// A manifest as fetched from upstream, verified.
+struct Manifest {
+    digest: Digest,
+    media_type: String,
+    bytes: Bytes,
+}
+
+async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>, Error> {
+    let accept: Vec<&str> = ctx
+        .headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if ctx.head {
+        if let Some((digest, media_type, len)) = head_manifest(ctx, reference).await? {
+            check_accept(&accept, &media_type)?;
+            return Ok(manifest_response(&digest, &media_type, len, None));
+        }
+    }
+    let m = fetch_manifest(ctx, reference).await?;
+    check_accept(&accept, &m.media_type)?;
+    let len = m.bytes.len() as u64;
+    let body = (!ctx.head).then_some(m.bytes);
+    Ok(manifest_response(&m.digest, &m.media_type, len, body))
+}
+
+fn check_accept(accept: &[&str], media_type: &str) -> Result<(), Error> {
+    if media::accepts(accept, media_type) {
+        Ok(())
+    } else {
+        Err(Error::NotAcceptable {
+            media_type: media_type.to_owned(),
+        })
+    }
+}
+
+/// An upstream HEAD; `None` when the upstream's answer lacks the digest, type or length
+/// (the caller then GETs and computes them).
+async fn head_manifest(
+    ctx: &Ctx<'_>,
+    reference: &Reference,
+) -> Result<Option<(Digest, String, u64)>, Error> {
+    let resp = ctx
+        .send(
+            Method::HEAD,
+            format!("manifests/{reference}"),
+            None,
+            Some(media::UPSTREAM_MANIFEST_ACCEPT),
+            None,
+            Subject::Manifest,
+        )
+        .await?;
+    let h = resp.response.headers();
+    let digest = h
+        .get(DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    let media_type = content_type(h);
+    let len = h
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    Ok(match (digest, media_type, len) {
+        (Some(d), Some(t), Some(l)) => {
+            if let Reference::Digest(want) = reference {
+                if &d != want {
+                    return Ok(None);
+                }
+            }
+            Some((d, t, l))
+        }
+        _ => None,
+    })
+}
+
+async fn fetch_manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Manifest, Error> {
+    let resp = ctx
+        .send(
+            Method::GET,
+            format!("manifests/{reference}"),
+            None,
+            Some(media::UPSTREAM_MANIFEST_ACCEPT),
+            None,
+            Subject::Manifest,
+        )
+        .await?;
+    let header_type = content_type(resp.response.headers());
+    let upstream = &ctx.target.upstream.name;
+    let bytes = read_limited(resp, MAX_MANIFEST_SIZE, upstream).await?;
+    let digest = match reference {
+        Reference::Digest(want) => {
+            if !want.verify(&bytes) {
+                return Err(Error::DigestMismatch {
+                    upstream: upstream.clone(),
+                    digest: want.to_string(),
+                });
+            }
+            want.clone()
+        }
+        Reference::Tag(_) => Digest::sha256_of(&bytes),
+    };
+    let media_type = header_type
+        .filter(|t| media::is_manifest_type(t))
+        .or_else(|| media::manifest_media_type(&bytes))
+        .ok_or_else(|| Error::BadUpstreamResponse {
+            upstream: upstream.clone(),
+            message: "manifest without a media type".into(),
+        })?;
+    Ok(Manifest {
+        digest,
+        media_type,
+        bytes,
+    })
+}
+
+fn manifest_response(
+    digest: &Digest,
+    media_type: &str,
+    len: u64,
+    body: Option<Bytes>,
+) -> Response<Body> {
+    let mut b = Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_LENGTH, len)
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+        .header(ETAG, format!("\"{digest}\""));
+    if let Ok(v) = HeaderValue::from_str(media_type) {
+        b = b.header(CONTENT_TYPE, v);
+    }
+    let body = match body {
+        Some(bytes) => body::full(bytes),
+        None => body::empty(),
+    };
+    b.body(body).unwrap_or_else(|_| internal_error())
+}
+
+async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
+    let method = if ctx.head { Method::HEAD } else { Method::GET };
+    let resp = ctx
+        .send(
+            method,
+            format!("blobs/{digest}"),
+            None,
+            None,
+            ctx.headers.get(RANGE),
+            Subject::Blob,
+        )
+        .await?;
+    let status = resp.response.status();
+    let mut b = Response::builder()
+        .status(status)
+        .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+        .header(ETAG, format!("\"{digest}\""))
+        .header(ACCEPT_RANGES, "bytes")
+        .header(CACHE_CONTROL, "max-age=31536000")
+        .header(CONTENT_TYPE, "application/octet-stream");
+    for h in [CONTENT_LENGTH, CONTENT_RANGE] {
+        if let Some(v) = resp.response.headers().get(&h) {
+            b = b.header(h, v.clone());
+        }
+    }
+    let body = if ctx.head || status == StatusCode::RANGE_NOT_SATISFIABLE {
+        body::empty()
+    } else {
+        body::stream(upstream_stream(resp))
+    };
+    Ok(b.body(body).unwrap_or_else(|_| internal_error()))
+}
+
+/// The upstream body as a stream, holding the upstream fetch slot until it ends.
+pub fn upstream_stream(
+    resp: UpstreamResponse,
+) -> futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>> {
+    let UpstreamResponse { response, permit } = resp;
+    let permit = Arc::new(permit);
+    response
+        .bytes_stream()
+        .map(move |r| {
+            let _slot = &permit;
+            r.map_err(std::io::Error::other)
+        })
+        .boxed()
+}
+
+async fn tag_list(
+    ctx: &Ctx<'_>,
+    name: &str,
+    n: Option<usize>,
+    last: Option<&str>,
+) -> Result<Response<Body>, Error> {
+    let upstream = &ctx.target.upstream.name;
+    let mut all = Vec::new();
+    let mut query: Option<String> = None;
+    for _ in 0..MAX_TAG_PAGES {
+        let resp = ctx
+            .send(
+                Method::GET,
+                "tags/list".into(),
+                query.clone(),
+                None,
+                None,
+                Subject::Tags,
+            )
+            .await?;
+        let next = resp
+            .response
+            .headers()
+            .get(LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link_query);
+        let bytes = read_limited(resp, MAX_TAGS_BODY, upstream).await?;
+        let page: tags::TagList =
+            serde_json::from_slice(&bytes).map_err(|e| Error::BadUpstreamResponse {
+                upstream: upstream.clone(),
+                message: format!("invalid tag list: {e}"),
+            })?;
+        all.extend(page.tags);
+        match next {
+            Some(q) if Some(&q) != query.as_ref() => query = Some(q),
+            _ => break,
+        }
+    }
+    let (page, link) = tags::paginate(name, all, n, last);
+    let json = serde_json::to_vec(&page).unwrap_or_default();
+    let mut resp = json_response(StatusCode::OK, Bytes::from(json), ctx.head);
+    if let Some(link) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        resp.headers_mut().insert(LINK, link);
+    }
+    Ok(resp)
+}
+
+/// The query of a `Link: <...?last=x&n=y>; rel="next"` header.
+fn next_link_query(link: &str) -> Option<String> {
+    let start = link.find('<')? + 1;
+    let end = link[start..].find('>')? + start;
+    if !link[end..].contains("next") {
+        return None;
+    }
+    let target = &link[start..end];
+    target.split_once('?').map(|(_, q)| q.to_owned())
+}
+
+async fn referrers(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    artifact_type: Option<&str>,
+) -> Result<Response<Body>, Error> {
+    let query = artifact_type.map(|t| {
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("artifactType", t)
+            .finish()
+    });
+    let resp = ctx
+        .send(
+            Method::GET,
+            format!("referrers/{digest}"),
+            query,
+            None,
+            None,
+            Subject::Referrers,
+        )
+        .await?;
+    let mut b = Response::builder().status(resp.response.status());
+    for h in [CONTENT_TYPE, CONTENT_LENGTH, LINK, OCI_FILTERS_APPLIED] {
+        if let Some(v) = resp.response.headers().get(&h) {
+            b = b.header(h, v.clone());
+        }
+    }
+    let body = if ctx.head {
+        body::empty()
+    } else {
+        body::stream(upstream_stream(resp))
+    };
+    Ok(b.body(body).unwrap_or_else(|_| internal_error()))
+}
+
+/// Reads a small upstream body, refusing more than `limit` bytes.
+async fn read_limited(
+    resp: UpstreamResponse,
+    limit: usize,
+    upstream: &str,
+) -> Result<Bytes, Error> {
+    if let Some(len) = resp.response.content_length() {
+        if len > limit as u64 {
+            return Err(Error::ManifestTooLarge {
+                upstream: upstream.to_owned(),
+                limit,
+            });
+        }
+    }
+    let mut stream = resp.response.bytes_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::BadUpstreamResponse {
+            upstream: upstream.to_owned(),
+            message: format!("body interrupted: {}", e.without_url()),
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(Error::ManifestTooLarge {
+                upstream: upstream.to_owned(),
+                limit,
+            });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// The media type of a Content-Type header, parameters dropped.
+fn content_type(h: &HeaderMap) -> Option<String> {
+    let v = h.get(CONTENT_TYPE)?.to_str().ok()?;
+    let t = v.split(';').next()?.trim();
+    (!t.is_empty()).then(|| t.to_owned())
+}
+
+fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> {
+    let len = json.len();
+    let body = if head {
+        body::empty()
+    } else {
+        body::full(json)
+    };
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CONTENT_LENGTH, len)
+        .body(body)
+        .unwrap_or_else(|_| internal_error())
+}
+
+/// The OCI error body (none for HEAD), with `Retry-After` when known.
+pub fn error_response(e: &OciError, head: bool) -> Response<Body> {
+    let mut resp = json_response(e.status(), Bytes::from(e.body()), head);
+    if let Some(ra) = &e.retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, ra.clone());
+    }
+    resp
+}
+
+fn internal_error() -> Response<Body> {
+    let mut r = Response::new(body::empty());
+    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_query() {
+        assert_eq!(
+            next_link_query("</v2/a/tags/list?last=b&n=2>; rel=\"next\"").as_deref(),
+            Some("last=b&n=2")
+        );
+        assert_eq!(
+            next_link_query("</v2/a/tags/list?last=b>; rel=\"prev\""),
+            None
+        );
+        assert_eq!(next_link_query("garbage"), None);
+    }
+}
