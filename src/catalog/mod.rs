@@ -14,17 +14,17 @@
 
 pub mod kube;
 
-mod creds_standin;
+mod adapters;
 mod explain;
 mod files;
 mod index;
 mod model;
 mod selector;
 
-/// The credentials API the catalog builds on. Points at a private stand-in until
-/// `crate::credentials::{dockerconfig, keychain}` land.
+/// The credentials API the catalog builds on.
 mod creds {
-    pub(crate) use super::creds_standin::{DockerConfig, Keychain, KeychainMatch};
+    pub(crate) use crate::credentials::dockerconfig::DockerConfig;
+    pub(crate) use crate::credentials::keychain::{Keychain, KeychainMatch};
 }
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

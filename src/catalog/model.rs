@@ -566,8 +566,9 @@ fn parse_manifest(v: &Value) -> Result<Manifest, ModelError> {
     Ok(Manifest { id, sources })
 }
 
-const DOCKERCONFIGJSON: &str = "kubernetes.io/dockerconfigjson";
-const DOCKERCFG: &str = "kubernetes.io/dockercfg";
+use crate::credentials::dockerconfig::{
+    DOCKER_CFG_KEY, DOCKER_CONFIG_JSON_KEY, SECRET_TYPE_DOCKERCFG, SECRET_TYPE_DOCKER_CONFIG_JSON,
+};
 
 fn parse_secret(v: &Value) -> Result<PullSecret, ModelError> {
     let id = object_ref(v, None)?;
@@ -587,8 +588,8 @@ fn parse_secret(v: &Value) -> Result<PullSecret, ModelError> {
         .unwrap_or("Opaque")
         .to_owned();
     let key = match secret_type.as_str() {
-        DOCKERCONFIGJSON => Some(".dockerconfigjson"),
-        DOCKERCFG => Some(".dockercfg"),
+        SECRET_TYPE_DOCKER_CONFIG_JSON => Some(DOCKER_CONFIG_JSON_KEY),
+        SECRET_TYPE_DOCKERCFG => Some(DOCKER_CFG_KEY),
         _ => None,
     };
     let config = match key {
@@ -597,7 +598,7 @@ fn parse_secret(v: &Value) -> Result<PullSecret, ModelError> {
             None => None,
             Some(bytes) if bytes.is_empty() => None,
             Some(bytes) => {
-                let parsed = if key == ".dockercfg" {
+                let parsed = if key == DOCKER_CFG_KEY {
                     DockerConfig::from_dockercfg(&bytes)
                 } else {
                     DockerConfig::from_dockerconfigjson(&bytes)
