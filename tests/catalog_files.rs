@@ -1,6 +1,9 @@
 //! The files source end to end: `Catalog::start` with `catalog.files`, a directory of YAML and
 //! JSON, and changes picked up while running.
 
+#[path = "support/kube_api.rs"]
+mod kube_api;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,4 +198,70 @@ async fn missing_directory_is_an_error() {
         Catalog::start(&cfg).await,
         Err(CatalogError::FilesDir { .. })
     ));
+}
+
+/// Not the files source, but the same end-to-end shape: `Catalog::start_with_client` with
+/// `catalog.kubernetes`, against the fake API server, using the real watcher.
+mod kubernetes {
+    use super::*;
+    use oci_proxy::config::KubernetesSource;
+
+    fn sample(name: &str) -> serde_json::Value {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let candidates = [
+            root.join("../shared/testdata/kyma"),
+            root.join("../../shared/testdata/kyma"),
+        ];
+        let dir = candidates
+            .iter()
+            .find(|d| d.is_dir())
+            .unwrap_or(&candidates[0]);
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    }
+
+    fn regcred(password: &str) -> serde_json::Value {
+        let cfg = serde_json::json!({"auths": {"europe-west3-docker.pkg.dev": {"username": "u", "password": password}}});
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+            "metadata": {"name": "regcred", "namespace": "kcp-system", "labels": {
+                "operator.kyma-project.io/managed-by": "lifecycle-manager",
+                "operator.kyma-project.io/oci-registry-cred": "operator-regcred"}},
+            "data": {".dockerconfigjson": base64::engine::general_purpose::STANDARD.encode(cfg.to_string())}
+        })
+    }
+
+    #[tokio::test]
+    async fn kubernetes_source_feeds_the_catalog() {
+        const REG: &str = "europe-west3-docker.pkg.dev";
+        const REPO: &str = "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator";
+        let api = kube_api::FakeKubeApi::start().await;
+        api.apply(sample("moduletemplate-oci-registry-cred-label.yaml"));
+        api.apply(regcred("pw-k8s-1"));
+        let cfg = CatalogConfig {
+            kubernetes: Some(KubernetesSource::default()),
+            ..CatalogConfig::default()
+        };
+        let catalog = Catalog::start_with_client(&cfg, Some(api.client()))
+            .await
+            .unwrap();
+        assert!(
+            catalog.wait_ready(Duration::from_secs(20)).await,
+            "kubernetes source never synced"
+        );
+        assert_eq!(
+            password(&catalog.decide(REG, REPO)).as_deref(),
+            Some("pw-k8s-1")
+        );
+
+        api.apply(regcred("pw-k8s-2"));
+        wait_until("the rotated Secret", || {
+            password(&catalog.decide(REG, REPO)).as_deref() == Some("pw-k8s-2")
+        })
+        .await;
+        assert!(api.delete("Secret", "kcp-system", "regcred"));
+        wait_until("the denial", || {
+            matches!(catalog.decide(REG, REPO), Decision::Denied { .. })
+        })
+        .await;
+    }
 }

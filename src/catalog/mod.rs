@@ -95,8 +95,8 @@ pub enum CatalogError {
     },
     #[error("catalog.files: {path} is not a directory")]
     NotADirectory { path: String },
-    #[error("catalog.{source_name}: this source is not available in this build")]
-    SourceUnavailable { source_name: &'static str },
+    #[error("catalog.kubernetes: {0}")]
+    Kubernetes(#[from] self::kube::KubeSourceError),
 }
 
 /// One source's parsed objects.
@@ -112,6 +112,8 @@ struct State {
     synced: BTreeSet<String>,
     /// The default Secret's registry base from the last snapshot that had it.
     default_base: Option<index::Base>,
+    /// Source tasks that run until the catalog is dropped.
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 /// The module catalog. `Send + Sync`; share it as `Arc<Catalog>`.
@@ -126,6 +128,15 @@ impl Catalog {
     /// Starts the configured sources and returns at once; [`Catalog::is_ready`] turns true
     /// when each has completed its first full read.
     pub async fn start(cfg: &CatalogConfig) -> Result<Arc<Catalog>, CatalogError> {
+        Catalog::start_with_client(cfg, None).await
+    }
+
+    /// [`Catalog::start`] with a given Kubernetes client for `catalog.kubernetes` (else one
+    /// from the kubeconfig or the in-cluster service account).
+    pub async fn start_with_client(
+        cfg: &CatalogConfig,
+        client: Option<::kube::Client>,
+    ) -> Result<Arc<Catalog>, CatalogError> {
         let catalog = Catalog::new(cfg.default_secret.clone());
         if let Some(dir) = &cfg.files {
             let path = dir.display().to_string();
@@ -139,11 +150,37 @@ impl Catalog {
             catalog.expect_source(SOURCE_FILES);
             files::spawn(Arc::downgrade(&catalog), dir.clone(), FILES_POLL_INTERVAL);
         }
-        if cfg.kubernetes.is_some() {
-            // Wired to `kube::run` once the Kubernetes source lands.
-            return Err(CatalogError::SourceUnavailable {
-                source_name: SOURCE_KUBERNETES,
+        if let Some(k8s) = &cfg.kubernetes {
+            let client = match client {
+                Some(c) => c,
+                None => self::kube::client().await?,
+            };
+            catalog.expect_source(SOURCE_KUBERNETES);
+            let (on_publish, on_synced) = (Arc::downgrade(&catalog), Arc::downgrade(&catalog));
+            let task = tokio::spawn(self::kube::run(
+                client,
+                k8s.clone(),
+                move |objects| {
+                    if let Some(c) = on_publish.upgrade() {
+                        c.publish(SOURCE_KUBERNETES, objects);
+                    }
+                },
+                move || {
+                    if let Some(c) = on_synced.upgrade() {
+                        c.mark_synced(SOURCE_KUBERNETES);
+                    }
+                },
+            ));
+            let abort = task.abort_handle();
+            tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(())) => tracing::warn!("Kubernetes catalog source ended"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "Kubernetes catalog source failed"),
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => tracing::error!(error = %e, "Kubernetes catalog source panicked"),
+                }
             });
+            catalog.lock_state().tasks.push(abort);
         }
         Ok(catalog)
     }
@@ -160,6 +197,7 @@ impl Catalog {
                 expected: BTreeSet::new(),
                 synced: BTreeSet::new(),
                 default_base: None,
+                tasks: Vec::new(),
             }),
             index: RwLock::new(Arc::new(index)),
             ready,
@@ -301,6 +339,14 @@ impl Catalog {
         match self.index.write() {
             Ok(mut g) => *g = index,
             Err(poisoned) => *poisoned.into_inner() = index,
+        }
+    }
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        for t in &self.lock_state().tasks {
+            t.abort();
         }
     }
 }

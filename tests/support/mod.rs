@@ -1,0 +1,213 @@
+//! Shared integration-test fixtures. Include from a test file with `mod support;`.
+//!
+//! Everything talks to 127.0.0.1 on free ports, so tests can run in parallel.
+//! Fixtures panic with a descriptive message on failure (they are test code).
+//! Processes are killed and reaped when their handle is dropped.
+//!
+//! # Upstream registry (`registry`)
+//! - `Registry::start(RegistryAuth) -> Registry` (async): Debian `docker-registry`
+//!   2.8.2 in a temp dir. `RegistryAuth::{Anonymous, Htpasswd { users }, Token(TokenServerInfo)}`
+//!   (`RegistryAuth::htpasswd(&[("u", "p")])` is a shorthand). Basic realm: `BASIC_REALM`.
+//! - `url()` = `http://127.0.0.1:port`, `host()` = `127.0.0.1:port`, `port()`, `logs()`, `auth()`.
+//! - `set_htpasswd(&[("u", "p")])`: live password rotation. distribution 2.8 re-reads the
+//!   htpasswd file when its mtime changes (verified in `tests/fixtures.rs`), no restart needed.
+//! - `restart_with(auth)` (async): same data and port, new auth. `stop()` kills it (to test
+//!   an unreachable upstream); `restart_with` brings it back.
+//!
+//! # Token server (`token_server`)
+//! - `TokenServer::start(TokenPolicy) -> TokenServer` (async; an axum task on the current
+//!   runtime, aborted on drop): mints ES256 JWTs that distribution verifies. `info()` feeds
+//!   `RegistryAuth::Token`; `realm()`. Policy: `TokenPolicy::new()` (holds `ADMIN_USER` /
+//!   `ADMIN_PASSWORD`, every action everywhere) `.user(u, p)`, `.public_repo(repo)` (anonymous
+//!   pull), `.grant(u, repo, &["pull"])`, `.expires_in(d)`; field `oauth_post` (POST → 404 if false).
+//! - Runtime changes: `set_password(u, p)`, `set_expires_in(d)`, `update_policy(|p| ..)`.
+//! - Observation: `requests() -> Vec<TokenRequest>`, `requests_for_scope(scope) -> usize`,
+//!   `reset_counts()` (call it after seeding: seeding uses the admin user).
+//!
+//! # Seeding (`seed`)
+//! `creds: Option<(&str, &str)>` is a user/password pair used as Basic auth or, on a Bearer
+//! challenge, sent to the realm to get a token (`None` = anonymous). Payloads are buffered.
+//! - `push_blob`, `push_manifest`, `push_image` (OCI), `push_docker_image` (Docker schema2),
+//!   `push_image_as(.., ImageFormat)` → `PushedImage`; `random_bytes(len, seed)`, `sha256_digest`.
+//! - `registry_request(base_url, creds, Method, path_or_url, headers, body)` and
+//!   `registry_get(base_url, creds, path, headers)` do the same 401 dance for any request
+//!   (against a registry or the proxy); `fetch_token`, `parse_challenge`; media type constants.
+//!
+//! # skopeo (`skopeo`)
+//! - `skopeo_copy(src_ref, dest_dir, extra_args) -> Output` (async), `assert_success(&out)`,
+//!   `DirImage::read(dir)` (manifest digest + blob digests of the `dir:` layout).
+//!
+//! # The proxy under test
+//! - `ProxyProcess::start(config_yaml) -> ProxyProcess` (async): `{listen}` in the YAML becomes
+//!   `127.0.0.1:<free port>`, `{dir}` a temp dir owned by the handle (cache root). Runs
+//!   `oci-proxy serve --config <file>`, waits for `GET /v2/` = 200 (20 s).
+//!   `ProxyProcess::start_with_env(config_yaml, &[("K", "V")])` adds environment variables.
+//!   `url()`, `host()`, `dir()`, `logs()`, `stop()`; killed on drop.
+//!
+//! # Helpers
+//! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
+//! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
+#![allow(dead_code, unused_imports)]
+
+pub mod process;
+pub mod registry;
+pub mod seed;
+pub mod skopeo;
+pub mod token_server;
+
+pub use registry::{Registry, RegistryAuth};
+pub use seed::{
+    fetch_token, parse_challenge, push_blob, push_docker_image, push_image, push_image_as,
+    push_manifest, random_bytes, registry_get, registry_request, sha256_digest, ImageFormat,
+    PushedImage,
+};
+pub use skopeo::{assert_success, skopeo_copy, DirImage};
+pub use token_server::{
+    TokenPolicy, TokenRequest, TokenServer, TokenServerInfo, ADMIN_PASSWORD, ADMIN_USER,
+};
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use process::LoggedChild;
+
+/// Interval between polls of [`wait_until`] and the process launchers.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Polls `check` until it returns true; panics with `what` after `deadline`.
+pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (the OS picked it). Callers that
+/// bind it in another process must handle the rare race (the launchers here retry).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// A reqwest client for talking to local fixtures: ignores `*_PROXY` variables,
+/// never follows redirects, 30 s timeout.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build reqwest client")
+}
+
+/// How long [`ProxyProcess::start`] waits for the proxy to answer `GET /v2/`.
+pub const PROXY_START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The `oci-proxy` binary running `serve --config <file>`, killed on drop.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: LoggedChild,
+}
+
+impl ProxyProcess {
+    /// Writes `config_yaml` to a temp file, replacing `{listen}` with `127.0.0.1:<free port>`
+    /// and `{dir}` with a temp directory owned by the returned handle, spawns the proxy
+    /// (output to a log file; `RUST_LOG` defaults to `info,oci_proxy=debug`) and waits until
+    /// `GET /v2/` answers 200. Retries with a new port if the listen port was taken.
+    /// The config must contain `{listen}` (otherwise the port is unknown).
+    pub async fn start(config_yaml: &str) -> ProxyProcess {
+        Self::start_with_env(config_yaml, &[]).await
+    }
+
+    /// [`ProxyProcess::start`] with extra environment variables for the proxy process
+    /// (e.g. `DOCKER_CONFIG`, `RUST_LOG`).
+    pub async fn start_with_env(config_yaml: &str, env: &[(&str, &str)]) -> ProxyProcess {
+        assert!(
+            config_yaml.contains("{listen}"),
+            "proxy config must contain the {{listen}} placeholder"
+        );
+        let dir = tempfile::tempdir().expect("create proxy temp dir");
+        let config_path = dir.path().join("config.yaml");
+        let log_path = dir.path().join("proxy.log");
+        let client = http_client();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let yaml = config_yaml
+                .replace("{listen}", &format!("127.0.0.1:{port}"))
+                .replace("{dir}", &dir.path().display().to_string());
+            std::fs::write(&config_path, yaml).expect("write proxy config");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci-proxy"));
+            cmd.arg("serve").arg("--config").arg(&config_path);
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "info,oci_proxy=debug");
+            }
+            cmd.envs(env.iter().copied());
+            let mut child = LoggedChild::spawn(&mut cmd, &log_path);
+            let url = format!("http://127.0.0.1:{port}/v2/");
+            let end = Instant::now() + PROXY_START_DEADLINE;
+            loop {
+                if let Some(status) = child.exited() {
+                    let logs = child.logs();
+                    if logs.to_ascii_lowercase().contains("already in use") {
+                        break; // port race: try another port
+                    }
+                    panic!("oci-proxy exited during startup ({status}); logs:\n{logs}");
+                }
+                if let Ok(resp) = client.get(&url).send().await {
+                    if resp.status() == reqwest::StatusCode::OK && child.exited().is_none() {
+                        return ProxyProcess { dir, port, child };
+                    }
+                }
+                if Instant::now() >= end {
+                    let logs = child.logs();
+                    panic!(
+                        "oci-proxy did not answer GET /v2/ with 200 within \
+                         {PROXY_START_DEADLINE:?}; logs:\n{logs}"
+                    );
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+        panic!("oci-proxy could not bind a free port after 5 attempts");
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The temp directory substituted for `{dir}`.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Everything the proxy wrote to stdout/stderr so far.
+    pub fn logs(&self) -> String {
+        self.child.logs()
+    }
+
+    /// Kills the proxy now (also happens on drop).
+    pub fn stop(&mut self) {
+        self.child.kill();
+    }
+}
