@@ -1,3 +1,355 @@
-//! STUB
+//! The module catalog: which credential, if any, a module's Secrets supply for a request.
+//!
+//! Sources (the `files` directory now, Kubernetes watches via [`kube`]) each publish their
+//! whole object set of ModuleTemplates, Manifests and Secrets. Every publish parses that
+//! source's objects ([`model`]), then rebuilds an immutable index over all sources
+//! (repository → module → selector → Secrets → keychain) and swaps it in atomically, so a
+//! request always sees one consistent snapshot.
+//!
+//! The rule the catalog exists for: **a module's credentials are injected only into requests
+//! for that module's repositories** (its component-descriptor repository, the images its
+//! `ociArtifact` resources name, its Manifests' image specs). Precedence: module credentials,
+//! then the named default Secret (KLM's `--oci-registry-cred-secret` mode), then the server's
+//! own fallbacks.
 
 pub mod kube;
+
+mod adapters;
+mod explain;
+mod files;
+mod index;
+mod model;
+mod selector;
+
+/// The credentials API the catalog builds on.
+mod creds {
+    pub(crate) use crate::credentials::dockerconfig::DockerConfig;
+    pub(crate) use crate::credentials::keychain::{Keychain, KeychainMatch};
+}
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::config::{CatalogConfig, DefaultSecret};
+use crate::credentials::Credential;
+
+pub use explain::{Explanation, ModuleExplanation, Outcome};
+use index::{DefaultState, Index, Verdict};
+use model::Object;
+
+/// Source name of the files source.
+pub const SOURCE_FILES: &str = files::SOURCE;
+/// Source name of the Kubernetes source.
+pub const SOURCE_KUBERNETES: &str = "kubernetes";
+
+/// How often the files source looks for changes.
+const FILES_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A registry host that a module (or the default Secret) names; the server adds it as an
+/// upstream.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ModuleHost {
+    /// `host[:port]`, lower case.
+    pub host: String,
+    /// Named with `http://`: the upstream speaks plain HTTP.
+    pub insecure: bool,
+}
+
+/// What the catalog supplies for one upstream repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No module names the repository and the default Secret does not cover it (a module
+    /// naming it without any credential selector counts as none): the server's own fallbacks
+    /// apply.
+    NotAModule,
+    /// The credential of the module's Secrets for this repository. `Credential::Anonymous`
+    /// with an empty `secret` when the selector matched Secrets but no keychain entry matches
+    /// the registry (go-containerregistry semantics).
+    Module {
+        /// `namespace/name` of the ModuleTemplate (or Manifest).
+        module: String,
+        credential: Credential,
+        /// `namespace/name` of the Secret whose entry was used.
+        secret: String,
+    },
+    /// The credential of the named default Secret.
+    DefaultSecret {
+        credential: Credential,
+        secret: String,
+    },
+    /// The repository belongs to a module whose credentials cannot be used; the request must
+    /// fail rather than fall back to other credentials.
+    Denied { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog.files: cannot read directory {path}: {source}")]
+    FilesDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("catalog.files: {path} is not a directory")]
+    NotADirectory { path: String },
+    #[error("catalog.kubernetes: {0}")]
+    Kubernetes(#[from] self::kube::KubeSourceError),
+}
+
+/// One source's parsed objects.
+#[derive(Default)]
+struct SourceSet {
+    objects: Vec<Object>,
+    skipped: Vec<String>,
+}
+
+struct State {
+    sources: BTreeMap<String, SourceSet>,
+    expected: BTreeSet<String>,
+    synced: BTreeSet<String>,
+    /// The default Secret's registry base from the last snapshot that had it.
+    default_base: Option<index::Base>,
+    /// Source tasks that run until the catalog is dropped.
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+/// The module catalog. `Send + Sync`; share it as `Arc<Catalog>`.
+pub struct Catalog {
+    default_secret: Option<DefaultSecret>,
+    state: Mutex<State>,
+    index: RwLock<Arc<Index>>,
+    ready: watch::Sender<bool>,
+}
+
+impl Catalog {
+    /// Starts the configured sources and returns at once; [`Catalog::is_ready`] turns true
+    /// when each has completed its first full read.
+    pub async fn start(cfg: &CatalogConfig) -> Result<Arc<Catalog>, CatalogError> {
+        Catalog::start_with_client(cfg, None).await
+    }
+
+    /// [`Catalog::start`] with a given Kubernetes client for `catalog.kubernetes` (else one
+    /// from the kubeconfig or the in-cluster service account).
+    pub async fn start_with_client(
+        cfg: &CatalogConfig,
+        client: Option<::kube::Client>,
+    ) -> Result<Arc<Catalog>, CatalogError> {
+        let catalog = Catalog::new(cfg.default_secret.clone());
+        if let Some(dir) = &cfg.files {
+            let path = dir.display().to_string();
+            let meta = std::fs::metadata(dir).map_err(|source| CatalogError::FilesDir {
+                path: path.clone(),
+                source,
+            })?;
+            if !meta.is_dir() {
+                return Err(CatalogError::NotADirectory { path });
+            }
+            catalog.expect_source(SOURCE_FILES);
+            files::spawn(Arc::downgrade(&catalog), dir.clone(), FILES_POLL_INTERVAL);
+        }
+        if let Some(k8s) = &cfg.kubernetes {
+            let client = match client {
+                Some(c) => c,
+                None => self::kube::client().await?,
+            };
+            catalog.expect_source(SOURCE_KUBERNETES);
+            let (on_publish, on_synced) = (Arc::downgrade(&catalog), Arc::downgrade(&catalog));
+            let task = tokio::spawn(self::kube::run(
+                client,
+                k8s.clone(),
+                move |objects| {
+                    if let Some(c) = on_publish.upgrade() {
+                        c.publish(SOURCE_KUBERNETES, objects);
+                    }
+                },
+                move || {
+                    if let Some(c) = on_synced.upgrade() {
+                        c.mark_synced(SOURCE_KUBERNETES);
+                    }
+                },
+            ));
+            let abort = task.abort_handle();
+            tokio::spawn(async move {
+                match task.await {
+                    Ok(Ok(())) => tracing::warn!("Kubernetes catalog source ended"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "Kubernetes catalog source failed"),
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => tracing::error!(error = %e, "Kubernetes catalog source panicked"),
+                }
+            });
+            catalog.lock_state().tasks.push(abort);
+        }
+        Ok(catalog)
+    }
+
+    /// An empty catalog fed only through [`Catalog::publish`] (tests, and the kube source).
+    /// Ready at once unless sources are registered with [`Catalog::expect_source`].
+    pub fn new(default_secret: Option<DefaultSecret>) -> Arc<Catalog> {
+        let index = Index::build(&[], Vec::new(), default_secret.as_ref(), None);
+        let (ready, _) = watch::channel(true);
+        Arc::new(Catalog {
+            default_secret,
+            state: Mutex::new(State {
+                sources: BTreeMap::new(),
+                expected: BTreeSet::new(),
+                synced: BTreeSet::new(),
+                default_base: None,
+                tasks: Vec::new(),
+            }),
+            index: RwLock::new(Arc::new(index)),
+            ready,
+        })
+    }
+
+    /// Registers a source that must [`Catalog::mark_synced`] before the catalog is ready.
+    pub fn expect_source(&self, source: &str) {
+        let mut st = self.lock_state();
+        st.expected.insert(source.to_owned());
+        self.update_ready(&st);
+    }
+
+    /// A source replaces its whole object set; the index is rebuilt and swapped. Objects of
+    /// other kinds are ignored; malformed ones are skipped with a warning.
+    pub fn publish(&self, source: &str, objects: Vec<Value>) {
+        let mut set = SourceSet::default();
+        for v in &objects {
+            match model::parse_object(v) {
+                Ok(Some(o)) => set.objects.push(o),
+                Ok(None) => {}
+                Err(e) => {
+                    let what = model::describe(v);
+                    tracing::warn!(source, object = %what, error = %e, "skipping malformed catalog object");
+                    set.skipped.push(format!("{what} (from {source}): {e}"));
+                }
+            }
+        }
+        let mut st = self.lock_state();
+        st.sources.insert(source.to_owned(), set);
+        self.rebuild(&mut st);
+    }
+
+    /// Marks a source as having completed its first full sync.
+    pub fn mark_synced(&self, source: &str) {
+        let mut st = self.lock_state();
+        st.synced.insert(source.to_owned());
+        self.update_ready(&st);
+    }
+
+    /// All registered sources have synced.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until [`Catalog::is_ready`], at most `timeout`; returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.ready.subscribe();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|r| *r)).await;
+        matches!(waited, Ok(Ok(_)))
+    }
+
+    /// Registry hosts that modules (or the default Secret) name, sorted.
+    pub fn hosts(&self) -> Vec<ModuleHost> {
+        self.current().hosts.clone()
+    }
+
+    /// The credential decision for `<registry_host>/<repository>`.
+    pub fn decide(&self, registry_host: &str, repository: &str) -> Decision {
+        let index = self.current();
+        match index.verdict(registry_host, repository) {
+            Verdict::NotAModule { .. } => Decision::NotAModule,
+            Verdict::Denied { message } => Decision::Denied { message },
+            Verdict::Module { entry, matched } => {
+                let (credential, secret) = match matched {
+                    Some(m) => (m.credential, m.source),
+                    None => (Credential::Anonymous, String::new()),
+                };
+                Decision::Module {
+                    module: entry.id.to_string(),
+                    credential,
+                    secret,
+                }
+            }
+            Verdict::DefaultSecret { secret, matched } => Decision::DefaultSecret {
+                credential: matched.map(|m| m.credential).unwrap_or_default(),
+                secret: secret.to_string(),
+            },
+        }
+    }
+
+    /// Everything `oci-proxy resolve` prints about `<registry_host>/<repository>`.
+    pub fn explain(&self, registry_host: &str, repository: &str) -> Explanation {
+        explain::explain(&self.current(), self.is_ready(), registry_host, repository)
+    }
+
+    fn current(&self) -> Arc<Index> {
+        match self.index.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update_ready(&self, st: &State) {
+        let ready = st.expected.is_subset(&st.synced);
+        self.ready
+            .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+    }
+
+    /// Rebuilds the index from all sources (an object seen in several sources counts once,
+    /// from the first source by name) and swaps it in. Called with the state lock held, so
+    /// swaps happen in publish order.
+    fn rebuild(&self, st: &mut State) {
+        let mut seen = HashSet::new();
+        let mut objects = Vec::new();
+        let mut skipped = Vec::new();
+        for set in st.sources.values() {
+            for o in &set.objects {
+                if seen.insert((o.kind(), o.id().clone())) {
+                    objects.push(o);
+                }
+            }
+            skipped.extend(set.skipped.iter().cloned());
+        }
+        let index = Index::build(
+            &objects,
+            skipped,
+            self.default_secret.as_ref(),
+            st.default_base.clone(),
+        );
+        if let DefaultState::Active { base, .. } = &index.default {
+            st.default_base = Some(base.clone());
+        }
+        tracing::debug!(
+            objects = objects.len(),
+            modules = index.modules.len(),
+            repositories = index.repos.len(),
+            secrets = index.secret_count,
+            skipped = index.skipped.len(),
+            "catalog index rebuilt"
+        );
+        let index = Arc::new(index);
+        match self.index.write() {
+            Ok(mut g) => *g = index,
+            Err(poisoned) => *poisoned.into_inner() = index,
+        }
+    }
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        for t in &self.lock_state().tasks {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,875 @@
+//! The Kubernetes objects the catalog understands, parsed from JSON as `kubectl get -o json`
+//! gives them (YAML documents are converted to JSON first): ModuleTemplates
+//! (`operator.kyma-project.io` v1beta2, tolerating v1beta1/v1alpha1), Manifests, and pull
+//! Secrets (`kubernetes.io/dockerconfigjson`, legacy `kubernetes.io/dockercfg`).
+//!
+//! Parsing is lenient about unknown fields and strict about what decides credentials: a
+//! ModuleTemplate without a usable repository context is an error (the caller skips it), and a
+//! bad `oci-registry-cred` label becomes [`SelectorSpec::Invalid`] so the module is denied
+//! rather than silently served with someone else's credentials.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use super::creds::DockerConfig;
+use super::selector::Selector;
+
+/// The descriptor label holding a module's credential selector.
+pub const OCI_REGISTRY_CRED_LABEL: &str = "oci-registry-cred";
+/// The API group of ModuleTemplates and Manifests.
+pub const KYMA_GROUP: &str = "operator.kyma-project.io";
+/// OCM's namespace for component descriptors inside a registry base.
+pub const COMPONENT_DESCRIPTORS: &str = "component-descriptors";
+
+/// Namespace and name of an object; shown as `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why an object could not be used. Never contains Secret content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A registry location: host (`host[:port]`, lower case) and repository path below it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RepoLocation {
+    pub host: String,
+    pub repository: String,
+    /// The location was written with `http://`: the upstream speaks plain HTTP.
+    pub insecure: bool,
+}
+
+impl fmt::Display for RepoLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.host, self.repository)
+    }
+}
+
+/// A module's credential selector, and where it was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectorSpec {
+    /// No selector: the module brings no credentials of its own.
+    None,
+    Valid {
+        selector: Selector,
+        origin: String,
+    },
+    /// A selector that cannot be used; requests for the module's repositories are denied.
+    Invalid {
+        message: String,
+        origin: String,
+    },
+}
+
+impl SelectorSpec {
+    pub fn is_some(&self) -> bool {
+        !matches!(self, SelectorSpec::None)
+    }
+}
+
+/// A local blob layer of the component (stored in the descriptor repository).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBlob {
+    pub resource: String,
+    pub access_type: String,
+    /// `localOciBlob.digest` or `localBlob.localReference`.
+    pub digest: String,
+    pub media_type: Option<String>,
+}
+
+/// An image named by an `ociArtifact`/`ociImage` resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleImage {
+    pub resource: String,
+    pub location: RepoLocation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleTemplate {
+    pub id: ObjectRef,
+    pub api_version: String,
+    /// OCM component name, e.g. `kyma-project.io/module/template-operator`.
+    pub component: String,
+    pub version: Option<String>,
+    /// `<baseUrl>[/<subPath>]/component-descriptors/<component>` from the last repository context.
+    pub descriptor_repository: RepoLocation,
+    pub selector: SelectorSpec,
+    pub local_blobs: Vec<LocalBlob>,
+    pub images: Vec<ModuleImage>,
+}
+
+/// One `credSecretSelector`-bearing image spec of a Manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestSource {
+    /// `spec.install.source` or `spec.config`.
+    pub field: &'static str,
+    pub location: RepoLocation,
+    pub reference: Option<String>,
+    pub selector: SelectorSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub id: ObjectRef,
+    pub sources: Vec<ManifestSource>,
+}
+
+/// A Secret as the keychain sees it.
+pub struct PullSecret {
+    pub id: ObjectRef,
+    pub labels: BTreeMap<String, String>,
+    pub secret_type: String,
+    /// The registry credentials, for the two pull-secret types; `None` for any other type.
+    pub config: Option<DockerConfig>,
+}
+
+impl fmt::Debug for PullSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PullSecret")
+            .field("id", &self.id)
+            .field("labels", &self.labels)
+            .field("secret_type", &self.secret_type)
+            .field(
+                "registries",
+                &self
+                    .config
+                    .as_ref()
+                    .map(|c| c.auths.keys().collect::<Vec<_>>()),
+            )
+            .finish()
+    }
+}
+
+/// A parsed catalog object.
+#[derive(Debug)]
+pub enum Object {
+    ModuleTemplate(ModuleTemplate),
+    Manifest(Manifest),
+    Secret(PullSecret),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::ModuleTemplate(_) => "ModuleTemplate",
+            Object::Manifest(_) => "Manifest",
+            Object::Secret(_) => "Secret",
+        }
+    }
+
+    pub fn id(&self) -> &ObjectRef {
+        match self {
+            Object::ModuleTemplate(m) => &m.id,
+            Object::Manifest(m) => &m.id,
+            Object::Secret(s) => &s.id,
+        }
+    }
+}
+
+/// `Kind namespace/name` of a raw object, for warnings about objects that do not parse.
+pub fn describe(v: &Value) -> String {
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("object");
+    let meta = v.get("metadata");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>");
+    format!("{kind} {ns}/{name}")
+}
+
+/// Parses one object. `Ok(None)` for kinds the catalog ignores.
+pub fn parse_object(v: &Value) -> Result<Option<Object>, ModelError> {
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let api_version = v
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+    match (kind, group) {
+        ("ModuleTemplate", KYMA_GROUP) => {
+            parse_module_template(v).map(|m| Some(Object::ModuleTemplate(m)))
+        }
+        ("Manifest", KYMA_GROUP) => parse_manifest(v).map(|m| Some(Object::Manifest(m))),
+        ("Secret", "") => parse_secret(v).map(|s| Some(Object::Secret(s))),
+        _ => Ok(None),
+    }
+}
+
+fn object_ref(v: &Value, fallback_name: Option<&str>) -> Result<ObjectRef, ModelError> {
+    let meta = v.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .or(fallback_name)
+        .ok_or(ModelError::Missing("metadata.name"))?;
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    Ok(ObjectRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+/// A field that may be embedded as an object or as a JSON/YAML string (RawExtension).
+fn embedded(v: &Value) -> Option<Value> {
+    match v {
+        Value::Object(_) => Some(v.clone()),
+        Value::String(s) => serde_json::from_str(s)
+            .ok()
+            .or_else(|| serde_yaml::from_str::<Value>(s).ok())
+            .filter(Value::is_object),
+        _ => None,
+    }
+}
+
+/// `http(s)://host/path` → (host lower-cased, path without slashes at either end, insecure).
+pub fn split_location(url: &str) -> Result<(String, String, bool), String> {
+    let url = url.trim();
+    let (rest, insecure) = if let Some(r) = url.strip_prefix("http://") {
+        (r, true)
+    } else {
+        (url.strip_prefix("https://").unwrap_or(url), false)
+    };
+    let rest = rest.trim_matches('/');
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !crate::protocol::grammar::is_registry_host(host) {
+        return Err(format!("{host:?} is not a registry host"));
+    }
+    Ok((
+        host.to_ascii_lowercase(),
+        path.trim_matches('/').to_owned(),
+        insecure,
+    ))
+}
+
+fn join_path(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The component-descriptor shape: OCM v2 (`component`) or v3alpha1 (`metadata` + `spec`).
+struct ComponentView<'a> {
+    name: Option<&'a str>,
+    version: Option<&'a str>,
+    labels: Option<&'a Value>,
+    repository_contexts: Option<&'a Value>,
+    resources: Option<&'a Value>,
+}
+
+fn component_view(descriptor: &Value) -> Option<ComponentView<'_>> {
+    if let Some(c) = descriptor.get("component").filter(|c| c.is_object()) {
+        return Some(ComponentView {
+            name: c.get("name").and_then(Value::as_str),
+            version: c.get("version").and_then(Value::as_str),
+            labels: c.get("labels"),
+            repository_contexts: c.get("repositoryContexts"),
+            resources: c.get("resources"),
+        });
+    }
+    let meta = descriptor.get("metadata")?;
+    Some(ComponentView {
+        name: meta.get("name").and_then(Value::as_str),
+        version: meta.get("version").and_then(Value::as_str),
+        labels: meta.get("labels"),
+        repository_contexts: descriptor.get("repositoryContexts"),
+        resources: descriptor.get("spec").and_then(|s| s.get("resources")),
+    })
+}
+
+fn access_type_is(t: &str, names: &[&str]) -> bool {
+    let base = t.strip_suffix("/v1").unwrap_or(t);
+    names.iter().any(|n| base.eq_ignore_ascii_case(n))
+}
+
+fn find_label<'a>(labels: Option<&'a Value>, name: &str) -> Option<&'a Value> {
+    labels?
+        .as_array()?
+        .iter()
+        .find(|l| l.get("name").and_then(Value::as_str) == Some(name))
+        .map(|l| l.get("value").unwrap_or(&Value::Null))
+}
+
+fn selector_from_label(value: &Value, origin: String) -> SelectorSpec {
+    match Selector::from_label_value(value) {
+        Ok(selector) => SelectorSpec::Valid { selector, origin },
+        Err(e) => SelectorSpec::Invalid {
+            message: e.to_string(),
+            origin,
+        },
+    }
+}
+
+fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
+    let id = object_ref(v, None)?;
+    let api_version = v
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let spec = v.get("spec").ok_or(ModelError::Missing("spec"))?;
+    let descriptor = spec
+        .get("descriptor")
+        .and_then(embedded)
+        .ok_or(ModelError::Missing("spec.descriptor"))?;
+    let c = component_view(&descriptor).ok_or(ModelError::Missing("spec.descriptor.component"))?;
+    let component = c
+        .name
+        .filter(|n| !n.is_empty())
+        .ok_or(ModelError::Missing("spec.descriptor.component.name"))?
+        .to_owned();
+
+    // OCM's effective repository context is the last one.
+    let ctx = c
+        .repository_contexts
+        .and_then(Value::as_array)
+        .and_then(|a| a.last())
+        .ok_or(ModelError::Missing(
+            "spec.descriptor.component.repositoryContexts",
+        ))?;
+    const CTX: &str = "spec.descriptor.component.repositoryContexts[-1]";
+    let ctx_type = ctx
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("OCIRegistry");
+    if !access_type_is(ctx_type, &["OCIRegistry"]) {
+        return Err(invalid(CTX, format!("unsupported type {ctx_type:?}")));
+    }
+    let mapping = ctx
+        .get("componentNameMapping")
+        .and_then(Value::as_str)
+        .unwrap_or("urlPath");
+    if mapping != "urlPath" {
+        return Err(invalid(
+            CTX,
+            format!("unsupported componentNameMapping {mapping:?}"),
+        ));
+    }
+    let base_url = ctx
+        .get("baseUrl")
+        .and_then(Value::as_str)
+        .ok_or(ModelError::Missing(
+            "spec.descriptor.component.repositoryContexts[-1].baseUrl",
+        ))?;
+    let (host, base_path, insecure) = split_location(base_url).map_err(|m| invalid(CTX, m))?;
+    let sub_path = ctx.get("subPath").and_then(Value::as_str).unwrap_or("");
+    let descriptor_repository = RepoLocation {
+        host,
+        repository: join_path(&[&base_path, sub_path, COMPONENT_DESCRIPTORS, &component]),
+        insecure,
+    };
+
+    let mut local_blobs = Vec::new();
+    let mut images = Vec::new();
+    let mut resource_selector: Option<(bool, SelectorSpec)> = None;
+    for r in c.resources.and_then(Value::as_array).into_iter().flatten() {
+        let name = r.get("name").and_then(Value::as_str).unwrap_or("<unnamed>");
+        let access = r.get("access");
+        let atype = access
+            .and_then(|a| a.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let field = |k: &str| access.and_then(|a| a.get(k)).and_then(Value::as_str);
+        if access_type_is(atype, &["localOciBlob", "localBlob"]) {
+            let digest = field("digest")
+                .or_else(|| field("localReference"))
+                .unwrap_or("");
+            local_blobs.push(LocalBlob {
+                resource: name.to_owned(),
+                access_type: atype.to_owned(),
+                digest: digest.to_owned(),
+                media_type: field("mediaType").map(str::to_owned),
+            });
+            if let Some(value) = find_label(r.get("labels"), OCI_REGISTRY_CRED_LABEL) {
+                let spec = selector_from_label(
+                    value,
+                    format!("label {OCI_REGISTRY_CRED_LABEL} of resource {name}"),
+                );
+                // KLM takes the install (raw-manifest) layer's selector; else the first one.
+                let is_install = name == "raw-manifest";
+                match &resource_selector {
+                    Some((true, _)) => {}
+                    Some((false, prev)) if !is_install => {
+                        if !same_selector(prev, &spec) {
+                            tracing::warn!(module = %id, resource = name, "resources carry different credential selectors; using the first");
+                        }
+                    }
+                    _ => resource_selector = Some((is_install, spec)),
+                }
+            }
+        } else if access_type_is(atype, &["ociArtifact", "ociImage", "ociRegistry"]) {
+            if let Some(image) = field("imageReference") {
+                match image_location(image) {
+                    Ok(location) => images.push(ModuleImage {
+                        resource: name.to_owned(),
+                        location,
+                    }),
+                    Err(m) => {
+                        tracing::warn!(module = %id, resource = name, error = %m, "ignoring unparsable imageReference")
+                    }
+                }
+            }
+        }
+    }
+    let selector = match resource_selector {
+        Some((_, s)) => s,
+        None => match find_label(c.labels, OCI_REGISTRY_CRED_LABEL) {
+            Some(value) => {
+                selector_from_label(value, format!("component label {OCI_REGISTRY_CRED_LABEL}"))
+            }
+            None => SelectorSpec::None,
+        },
+    };
+    Ok(ModuleTemplate {
+        id,
+        api_version,
+        component,
+        version: c.version.map(str::to_owned),
+        descriptor_repository,
+        selector,
+        local_blobs,
+        images,
+    })
+}
+
+fn same_selector(a: &SelectorSpec, b: &SelectorSpec) -> bool {
+    match (a, b) {
+        (SelectorSpec::Valid { selector: x, .. }, SelectorSpec::Valid { selector: y, .. }) => {
+            x == y
+        }
+        (SelectorSpec::Invalid { message: x, .. }, SelectorSpec::Invalid { message: y, .. }) => {
+            x == y
+        }
+        _ => false,
+    }
+}
+
+/// `host/repo[:tag][@digest]` → location with tag and digest stripped. A reference without a
+/// registry host is on Docker Hub (`library/` added to one-segment names).
+pub fn image_location(reference: &str) -> Result<RepoLocation, String> {
+    let without_digest = reference
+        .split_once('@')
+        .map(|(r, _)| r)
+        .unwrap_or(reference);
+    let without_tag = match without_digest.rfind(':') {
+        Some(i) if !without_digest[i..].contains('/') => &without_digest[..i],
+        _ => without_digest,
+    };
+    let (first, rest) = without_tag.split_once('/').unwrap_or(("", without_tag));
+    let is_host = first.contains('.') || first.contains(':') || first == "localhost";
+    let (host, repository) = if is_host {
+        (first.to_ascii_lowercase(), rest.to_owned())
+    } else if first.is_empty() {
+        ("docker.io".to_owned(), format!("library/{rest}"))
+    } else {
+        ("docker.io".to_owned(), without_tag.to_owned())
+    };
+    if crate::protocol::grammar::Repository::parse(&repository).is_err() {
+        return Err(format!("{repository:?} is not a repository name"));
+    }
+    Ok(RepoLocation {
+        host,
+        repository,
+        insecure: false,
+    })
+}
+
+fn parse_manifest(v: &Value) -> Result<Manifest, ModelError> {
+    let annotations = v.get("metadata").and_then(|m| m.get("annotations"));
+    let fallback = annotations.and_then(|a| {
+        a.get("operator.kyma-project.io/ocm-component-name")
+            .or_else(|| a.get("operator.kyma-project.io/fqdn"))
+            .and_then(Value::as_str)
+    });
+    let id = object_ref(v, fallback)?;
+    let spec = v.get("spec").ok_or(ModelError::Missing("spec"))?;
+    let mut sources = Vec::new();
+    let candidates = [
+        (
+            "spec.install.source",
+            spec.get("install").and_then(|i| i.get("source")),
+        ),
+        ("spec.config", spec.get("config")),
+    ];
+    for (field, raw) in candidates {
+        let Some(src) = raw.and_then(embedded) else {
+            continue;
+        };
+        let (Some(repo), Some(name)) = (
+            src.get("repo").and_then(Value::as_str),
+            src.get("name").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        let (host, path, insecure) = split_location(repo).map_err(|m| invalid(field, m))?;
+        let selector = match src.get("credSecretSelector") {
+            None | Some(Value::Null) => SelectorSpec::None,
+            Some(sel) => match Selector::from_label_selector(sel) {
+                Ok(selector) => SelectorSpec::Valid {
+                    selector,
+                    origin: format!("{field}.credSecretSelector"),
+                },
+                Err(e) => SelectorSpec::Invalid {
+                    message: e.to_string(),
+                    origin: format!("{field}.credSecretSelector"),
+                },
+            },
+        };
+        sources.push(ManifestSource {
+            field,
+            location: RepoLocation {
+                host,
+                repository: join_path(&[&path, name]),
+                insecure,
+            },
+            reference: src.get("ref").and_then(Value::as_str).map(str::to_owned),
+            selector,
+        });
+    }
+    Ok(Manifest { id, sources })
+}
+
+use crate::credentials::dockerconfig::{
+    DOCKER_CFG_KEY, DOCKER_CONFIG_JSON_KEY, SECRET_TYPE_DOCKERCFG, SECRET_TYPE_DOCKER_CONFIG_JSON,
+};
+
+fn parse_secret(v: &Value) -> Result<PullSecret, ModelError> {
+    let id = object_ref(v, None)?;
+    let labels = v
+        .get("metadata")
+        .and_then(|m| m.get("labels"))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let secret_type = v
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("Opaque")
+        .to_owned();
+    let key = match secret_type.as_str() {
+        SECRET_TYPE_DOCKER_CONFIG_JSON => Some(DOCKER_CONFIG_JSON_KEY),
+        SECRET_TYPE_DOCKERCFG => Some(DOCKER_CFG_KEY),
+        _ => None,
+    };
+    let config = match key {
+        None => None,
+        Some(key) => match secret_data(v, key)? {
+            None => None,
+            Some(bytes) if bytes.is_empty() => None,
+            Some(bytes) => {
+                let parsed = if key == DOCKER_CFG_KEY {
+                    DockerConfig::from_dockercfg(&bytes)
+                } else {
+                    DockerConfig::from_dockerconfigjson(&bytes)
+                };
+                Some(parsed.map_err(|e| invalid("data", format!("{key}: {e}")))?)
+            }
+        },
+    };
+    Ok(PullSecret {
+        id,
+        labels,
+        secret_type,
+        config,
+    })
+}
+
+/// The bytes of one Secret key: `stringData` (plain) wins over `data` (base64), as the API
+/// server merges them.
+fn secret_data(v: &Value, key: &str) -> Result<Option<Vec<u8>>, ModelError> {
+    if let Some(s) = v
+        .get("stringData")
+        .and_then(|d| d.get(key))
+        .and_then(Value::as_str)
+    {
+        return Ok(Some(s.as_bytes().to_vec()));
+    }
+    match v.get("data").and_then(|d| d.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(b64)) => {
+            let cleaned: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(cleaned)
+                .map(Some)
+                .map_err(|_| invalid("data", format!("{key} is not valid base64")))
+        }
+        Some(_) => Err(invalid("data", format!("{key} is not a string"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    use crate::catalog::tests::sample;
+
+    fn module(v: &Value) -> ModuleTemplate {
+        match parse_object(v).unwrap() {
+            Some(Object::ModuleTemplate(m)) => m,
+            other => panic!("not a ModuleTemplate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn label_era_module_template() {
+        let m = module(&sample("moduletemplate-oci-registry-cred-label.yaml"));
+        assert_eq!(m.id.to_string(), "default/moduletemplate-template-operator");
+        assert_eq!(m.component, "kyma-project.io/module/template-operator");
+        assert_eq!(m.version.as_deref(), Some("v1.6.0"));
+        assert_eq!(m.descriptor_repository.host, "europe-west3-docker.pkg.dev");
+        assert_eq!(
+            m.descriptor_repository.repository,
+            "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator"
+        );
+        assert!(!m.descriptor_repository.insecure);
+        let SelectorSpec::Valid { selector, origin } = &m.selector else {
+            panic!("{:?}", m.selector)
+        };
+        assert_eq!(
+            selector.to_string(),
+            "operator.kyma-project.io/oci-registry-cred=operator-regcred"
+        );
+        assert_eq!(origin, "label oci-registry-cred of resource raw-manifest");
+        let digests: Vec<_> = m
+            .local_blobs
+            .iter()
+            .map(|b| (b.resource.as_str(), b.digest.as_str()))
+            .collect();
+        assert_eq!(
+            digests,
+            [
+                (
+                    "config",
+                    "sha256:db86408caca4c94250d8291aa79655b84146f9cc45e0da49f05a52b3722d74a0"
+                ),
+                (
+                    "raw-manifest",
+                    "sha256:8f01a545b7f53f91dd9f0bb7b74b30dfa2e571dae8d38fd0f56af66f809378fd"
+                ),
+            ]
+        );
+        assert!(m.images.is_empty());
+    }
+
+    #[test]
+    fn current_module_template_uses_last_context_and_images() {
+        let m = module(&sample("moduletemplate-transferred-current.yaml"));
+        assert_eq!(m.id.to_string(), "kcp-system/template-operator-1.0.5");
+        assert_eq!(
+            m.descriptor_repository.to_string(),
+            "europe-west3-docker.pkg.dev/sap-kyma-jellyfish-dev/restricted-market/component-descriptors/kyma-project.io/module/template-operator"
+        );
+        assert_eq!(m.selector, SelectorSpec::None);
+        let blobs: Vec<_> = m.local_blobs.iter().map(|b| b.digest.as_str()).collect();
+        assert_eq!(
+            blobs,
+            [
+                "sha256:6c84d645777c6bc22c319c5220a429f92b323d3a9496c00956f07ee23d12e2ab",
+                "sha256:e7560ba17168c3ea1f8ad00039d8899aefb2de9f42464b1cc722d5a76bc36698",
+                "sha256:40e5276a429d2603aac0c9df64dc6517634421e0d2eb4f0bc69ad778280912d3",
+            ]
+        );
+        assert_eq!(
+            m.local_blobs[0].media_type.as_deref(),
+            Some("application/x-tar")
+        );
+        let images: Vec<_> = m.images.iter().map(|i| i.location.to_string()).collect();
+        assert_eq!(
+            images,
+            [
+                "europe-west3-docker.pkg.dev/sap-kyma-jellyfish-dev/restricted-market/kyma-project/prod/keda-manager",
+                "europe-west3-docker.pkg.dev/sap-kyma-jellyfish-dev/restricted-market/kyma-project/prod/telemetry-manager",
+                "europe-west3-docker.pkg.dev/sap-kyma-jellyfish-dev/restricted-market/kyma-project/prod/template-operator",
+            ]
+        );
+    }
+
+    #[test]
+    fn manifest_sample() {
+        let Some(Object::Manifest(m)) =
+            parse_object(&sample("manifest-private-registry-cred-selector.yaml")).unwrap()
+        else {
+            panic!("not a Manifest")
+        };
+        assert_eq!(
+            m.id.to_string(),
+            "default/kyma-project.io/template-operator"
+        );
+        assert_eq!(m.sources.len(), 2);
+        let install = &m.sources[0];
+        assert_eq!(install.field, "spec.install.source");
+        assert_eq!(install.location.host, "github.com");
+        assert_eq!(
+            install.location.repository,
+            "kyma-project/template-operator/component-descriptors/kyma-project.io/template-operator"
+        );
+        assert_eq!(
+            install.reference.as_deref(),
+            Some("sha256:8f01a545b7f53f91dd9f0bb7b74b30dfa2e571dae8d38fd0f56af66f809378fd")
+        );
+        let SelectorSpec::Valid { selector, .. } = &install.selector else {
+            panic!()
+        };
+        assert_eq!(
+            selector.to_string(),
+            "operator.kyma-project.io/oci-registry-cred=test-operator"
+        );
+        assert_eq!(m.sources[1].field, "spec.config");
+    }
+
+    #[test]
+    fn secret_sample() {
+        let Some(Object::Secret(s)) =
+            parse_object(&sample("secret-oci-registry-cred-labeled.yaml")).unwrap()
+        else {
+            panic!("not a Secret")
+        };
+        assert_eq!(s.id.to_string(), "default/oci-registry-cred");
+        assert_eq!(
+            s.labels["operator.kyma-project.io/oci-registry-cred"],
+            "test-operator"
+        );
+        let cfg = s.config.as_ref().unwrap();
+        assert_eq!(cfg.auths.keys().collect::<Vec<_>>(), ["test.registry.io"]);
+        assert_eq!(cfg.auths["test.registry.io"].credential().kind(), "basic");
+        assert!(!format!("{s:?}").contains("test_pass"));
+    }
+
+    #[test]
+    fn secret_string_data_dockercfg_and_other_types() {
+        let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a", "namespace": "ns"},
+            "type": "kubernetes.io/dockercfg",
+            "stringData": {".dockercfg": "{\"r.io\":{\"username\":\"u\",\"password\":\"p\"}}"}});
+        let Some(Object::Secret(s)) = parse_object(&s).unwrap() else {
+            panic!()
+        };
+        assert!(s.config.unwrap().auths.contains_key("r.io"));
+        let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"}, "type": "Opaque",
+            "data": {"x": "eA=="}});
+        let Some(Object::Secret(s)) = parse_object(&s).unwrap() else {
+            panic!()
+        };
+        assert!(s.config.is_none());
+        assert_eq!(s.id.namespace, "default");
+        let bad = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"},
+            "type": "kubernetes.io/dockerconfigjson", "data": {".dockerconfigjson": "!!!"}});
+        let e = parse_object(&bad).unwrap_err();
+        assert!(e.to_string().contains("base64"), "{e}");
+    }
+
+    #[test]
+    fn json_string_label_http_base_and_component_label_fallback() {
+        let v = json!({
+            "apiVersion": "operator.kyma-project.io/v1beta1", "kind": "ModuleTemplate",
+            "metadata": {"name": "m", "namespace": "kcp-system"},
+            "spec": {"target": "remote", "descriptor": {"component": {
+                "name": "kyma-project.io/module/x", "version": "1.0.0",
+                "labels": [{"name": "oci-registry-cred", "value": "{\"team\":\"x\"}"}],
+                "repositoryContexts": [{"baseUrl": "http://reg.localhost:5000/", "type": "ociRegistry"}],
+                "resources": [{"name": "raw-manifest", "access": {"type": "localBlob/v1", "localReference": "sha256:00"}}],
+                "someFutureField": 1
+            }}}
+        });
+        let m = module(&v);
+        assert_eq!(m.descriptor_repository.host, "reg.localhost:5000");
+        assert!(m.descriptor_repository.insecure);
+        assert_eq!(
+            m.descriptor_repository.repository,
+            "component-descriptors/kyma-project.io/module/x"
+        );
+        let SelectorSpec::Valid { selector, origin } = &m.selector else {
+            panic!()
+        };
+        assert_eq!(selector.to_string(), "team=x");
+        assert_eq!(origin, "component label oci-registry-cred");
+    }
+
+    #[test]
+    fn malformed_objects_are_errors_not_panics() {
+        let no_ctx = json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate",
+            "metadata": {"name": "m"}, "spec": {"descriptor": {"component": {"name": "c"}}}});
+        assert!(parse_object(&no_ctx).is_err());
+        let no_name = json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate", "spec": {}});
+        assert_eq!(
+            parse_object(&no_name).unwrap_err(),
+            ModelError::Missing("metadata.name")
+        );
+        let bad_label = json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate",
+            "metadata": {"name": "m"}, "spec": {"descriptor": {"component": {"name": "c",
+            "repositoryContexts": [{"baseUrl": "r.io"}],
+            "resources": [{"name": "raw-manifest", "labels": [{"name": "oci-registry-cred", "value": "nope"}],
+                "access": {"type": "localOciBlob", "digest": "sha256:00"}}]}}}});
+        assert!(matches!(
+            module(&bad_label).selector,
+            SelectorSpec::Invalid { .. }
+        ));
+        assert!(
+            parse_object(&json!({"kind": "ConfigMap", "apiVersion": "v1"}))
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_object(&json!("string")).unwrap().is_none());
+    }
+
+    #[test]
+    fn image_references() {
+        let l = image_location("reg.io:5000/a/b:1.0@sha256:abcd").unwrap();
+        assert_eq!(
+            (l.host.as_str(), l.repository.as_str()),
+            ("reg.io:5000", "a/b")
+        );
+        let l = image_location("nginx:1.25").unwrap();
+        assert_eq!(
+            (l.host.as_str(), l.repository.as_str()),
+            ("docker.io", "library/nginx")
+        );
+        let l = image_location("bitnami/redis").unwrap();
+        assert_eq!(
+            (l.host.as_str(), l.repository.as_str()),
+            ("docker.io", "bitnami/redis")
+        );
+        assert!(image_location("reg.io/UPPER").is_err());
+    }
+}
