@@ -40,6 +40,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Readiness beyond "config loaded": e.g. the catalog's first full sync.
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+    /// The module catalog, when one is configured.
+    pub catalog: Option<Arc<crate::catalog::Catalog>>,
 }
 
 /// Logs and counts each request once (see [`body::Metered`]).
@@ -168,6 +170,8 @@ pub enum BuildError {
     Upstream(#[from] crate::upstream::UpstreamSetupError),
     #[error("credentials.docker_config: {0}")]
     DockerConfig(#[from] crate::credentials::dockerconfig::DockerConfigError),
+    #[error("catalog: {0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
 }
 
 impl App {
@@ -180,14 +184,28 @@ impl App {
             let dc = crate::credentials::dockerconfig::DockerConfig::load(path)?;
             keychain.add(&format!("docker config {}", path.display()), &dc);
         }
-        let credentials = CredentialChain::new(keychain, None);
+        let c = &config.catalog;
+        let catalog = if c.kubernetes.is_some() || c.files.is_some() || c.default_secret.is_some() {
+            Some(crate::catalog::Catalog::start(c).await?)
+        } else {
+            None
+        };
+        let modules = catalog
+            .clone()
+            .map(|c| c as Arc<dyn crate::credentials::chain::ModuleCredentials>);
+        let hosts = catalog.clone().map(|c| c as Arc<dyn HostSource>);
+        let ready: Box<dyn Fn() -> bool + Send + Sync> = match catalog.clone() {
+            Some(c) => Box::new(move || c.is_ready()),
+            None => Box::new(|| true),
+        };
         Ok(App {
             config,
             upstreams,
-            credentials,
-            hosts: None,
+            credentials: CredentialChain::new(keychain, modules),
+            hosts,
             metrics,
-            ready: Box::new(|| true),
+            ready,
+            catalog,
         })
     }
 
@@ -205,6 +223,13 @@ impl App {
         let _ = writeln!(out, "upstream: {}", target.upstream.name);
         let _ = writeln!(out, "endpoint: {}", target.upstream.endpoint);
         let _ = writeln!(out, "upstream repository: {}", target.repository);
+        if let Some(catalog) = &self.catalog {
+            if !catalog.wait_ready(std::time::Duration::from_secs(30)).await {
+                let _ = writeln!(out, "warning: the catalog did not finish its first sync");
+            }
+            let explanation = catalog.explain(&target.upstream.name, target.repository.as_str());
+            let _ = writeln!(out, "{explanation}");
+        }
         match self.credentials.choose(
             &target.upstream.name,
             &target.upstream.endpoint_host(),
