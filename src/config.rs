@@ -237,25 +237,14 @@ impl Config {
         for (i, u) in self.upstreams.iter().enumerate() {
             let at = |k: &str| format!("upstreams[{i}].{k}");
             if !crate::protocol::grammar::is_registry_host(&u.name) {
-                return Err(invalid(
-                    at("name"),
-                    format!("{:?} is not a registry host name", u.name),
-                ));
+                return Err(invalid(at("name"), format!("{:?} is not a registry host name", u.name)));
             }
             if !names.insert(u.name.to_ascii_lowercase()) {
-                return Err(invalid(
-                    at("name"),
-                    format!("duplicate upstream {:?}", u.name),
-                ));
+                return Err(invalid(at("name"), format!("duplicate upstream {:?}", u.name)));
             }
-            let endpoint = u
-                .endpoint()
-                .map_err(|e| invalid(at("endpoint"), e.to_string()))?;
+            let endpoint = u.endpoint().map_err(|e| invalid(at("endpoint"), e.to_string()))?;
             if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
-                return Err(invalid(
-                    at("endpoint"),
-                    "must be an http:// or https:// URL with a host",
-                ));
+                return Err(invalid(at("endpoint"), "must be an http:// or https:// URL with a host"));
             }
             if endpoint.query().is_some() || endpoint.fragment().is_some() {
                 return Err(invalid(at("endpoint"), "must not have a query or fragment"));
@@ -263,27 +252,18 @@ impl Config {
         }
         if let Some(d) = &self.default_upstream {
             if !names.contains(&d.to_ascii_lowercase()) {
-                return Err(invalid(
-                    "default_upstream",
-                    format!("{d:?} is not one of upstreams[].name"),
-                ));
+                return Err(invalid("default_upstream", format!("{d:?} is not one of upstreams[].name")));
             }
         }
         if self.limits.max_concurrent_upstream_fetches == 0 {
-            return Err(invalid(
-                "limits.max_concurrent_upstream_fetches",
-                "must be at least 1",
-            ));
+            return Err(invalid("limits.max_concurrent_upstream_fetches", "must be at least 1"));
         }
         if self.limits.max_header_size.0 < 1024 {
             return Err(invalid("limits.max_header_size", "must be at least 1KiB"));
         }
         if let Some(ds) = &self.catalog.default_secret {
             if ds.name.is_empty() || ds.namespace.is_empty() {
-                return Err(invalid(
-                    "catalog.default_secret",
-                    "namespace and name are required",
-                ));
+                return Err(invalid("catalog.default_secret", "namespace and name are required"));
             }
         }
         Ok(())
@@ -358,11 +338,7 @@ impl FromStr for Duration {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            _ => {
-                return Err(format!(
-                    "invalid duration {s:?}: unit must be ms, s, m, h or d"
-                ))
-            }
+            _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m, h or d")),
         };
         n.checked_mul(ms)
             .map(|ms| Duration(std::time::Duration::from_millis(ms)))
@@ -395,12 +371,7 @@ impl fmt::Debug for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, mult) in [
-            ("TiB", 1u64 << 40),
-            ("GiB", 1 << 30),
-            ("MiB", 1 << 20),
-            ("KiB", 1 << 10),
-        ] {
+        for (unit, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
             if self.0 >= mult && self.0 % mult == 0 {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
@@ -428,11 +399,7 @@ impl FromStr for ByteSize {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            _ => {
-                return Err(format!(
-                    "invalid size {s:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
-                ))
-            }
+            _ => return Err(format!("invalid size {s:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -488,19 +455,12 @@ mod tests {
     #[test]
     fn errors_name_the_key_path() {
         let e = Config::parse("upstreams:\n  - name: a.io\n    endpoint: ftp://x\n").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "upstreams[0].endpoint: must be an http:// or https:// URL with a host"
-        );
+        assert_eq!(e.to_string(), "upstreams[0].endpoint: must be an http:// or https:// URL with a host");
         let e = Config::parse("cache:\n  dir: /x\n  colour: red\n").unwrap_err();
         assert!(e.to_string().starts_with("cache"), "{e}");
         assert!(e.to_string().contains("unknown field `colour`"), "{e}");
         let e = Config::parse("cache:\n  tag_ttl: soon\n").unwrap_err();
-        assert!(
-            e.to_string().starts_with("cache.tag_ttl: ")
-                && e.to_string().contains("invalid duration"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("cache.tag_ttl: ") && e.to_string().contains("invalid duration"), "{e}");
         let e = Config::parse("default_upstream: nowhere.io\n").unwrap_err();
         assert!(e.to_string().starts_with("default_upstream:"), "{e}");
     }

@@ -55,10 +55,7 @@ mod tests {
     #[test]
     fn redacts_everywhere() {
         let s = Secret::new("hunter2".to_string());
-        assert_eq!(
-            format!("{s:?} {s} {:?}", Some(&s)),
-            "[redacted] [redacted] Some([redacted])"
-        );
+        assert_eq!(format!("{s:?} {s} {:?}", Some(&s)), "[redacted] [redacted] Some([redacted])");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"[redacted]\"");
         assert_eq!(s.expose(), "hunter2");
     }

@@ -180,9 +180,7 @@ impl Digest {
             _ => return Err(invalid()),
         };
         if hex.len() != algorithm.hex_len()
-            || !hex
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            || !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
         {
             return Err(invalid());
         }
@@ -289,17 +287,10 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in [
-            "a",
-            "library/alpine",
-            "a.b_c__d---e/f0",
-            "team/app/blobs/manifests",
-        ] {
+        for ok in ["a", "library/alpine", "a.b_c__d---e/f0", "team/app/blobs/manifests"] {
             assert!(Repository::parse(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "", "A", "a//b", "/a", "a/", "a..b", "a___b", "-a", "a-", "..", "a/../b", "a b",
-        ] {
+        for bad in ["", "A", "a//b", "/a", "a/", "a..b", "a___b", "-a", "a-", "..", "a/../b", "a b"] {
             assert!(Repository::parse(bad).is_err(), "{bad}");
         }
         assert!(Repository::parse(&"a".repeat(256)).is_err());
@@ -307,12 +298,7 @@ mod tests {
 
     #[test]
     fn hosts() {
-        for ok in [
-            "localhost:5000",
-            "127.0.0.1:5001",
-            "registry.example.com",
-            "Reg-1.io",
-        ] {
+        for ok in ["localhost:5000", "127.0.0.1:5001", "registry.example.com", "Reg-1.io"] {
             assert!(is_registry_host(ok), "{ok}");
         }
         for bad in ["", "a:", ":5", "a:x", "-a.io", "a..b", "a/b", "a:123456"] {
@@ -339,13 +325,7 @@ mod tests {
         assert_eq!(Digest::parse(&d.to_string()).unwrap(), d);
         assert!(d.verify(b"hello world"));
         assert!(!d.verify(b"hello world!"));
-        for bad in [
-            "sha256:totallywrong",
-            "sha256:B94D27B9934D3E08A52E52D7DA7DABFAC484EFE37A5380EE9088F7ACE2EFCDE9",
-            "md5:abc",
-            "sha256",
-            "sha256:../../etc",
-        ] {
+        for bad in ["sha256:totallywrong", "sha256:B94D27B9934D3E08A52E52D7DA7DABFAC484EFE37A5380EE9088F7ACE2EFCDE9", "md5:abc", "sha256", "sha256:../../etc"] {
             let e = Digest::parse(bad).unwrap_err();
             assert_eq!(e.code, ErrorCode::DigestInvalid, "{bad}");
         }
@@ -353,10 +333,7 @@ mod tests {
 
     #[test]
     fn references() {
-        assert!(matches!(
-            Reference::parse("v1"),
-            Ok(Some(Reference::Tag(_)))
-        ));
+        assert!(matches!(Reference::parse("v1"), Ok(Some(Reference::Tag(_)))));
         assert!(matches!(Reference::parse(".bad"), Ok(None)));
         assert!(Reference::parse("sha256:baddigeststring").is_err());
     }

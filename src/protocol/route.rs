@@ -15,15 +15,9 @@ pub enum Op {
     /// `GET|HEAD /v2/<name>/blobs/<digest>`
     Blob(Digest),
     /// `GET /v2/<name>/tags/list[?n=&last=]`
-    Tags {
-        n: Option<usize>,
-        last: Option<String>,
-    },
+    Tags { n: Option<usize>, last: Option<String> },
     /// `GET /v2/<name>/referrers/<digest>[?artifactType=]`
-    Referrers {
-        digest: Digest,
-        artifact_type: Option<String>,
-    },
+    Referrers { digest: Digest, artifact_type: Option<String> },
 }
 
 /// A routed request.
