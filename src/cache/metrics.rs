@@ -181,11 +181,6 @@ impl Metrics {
     }
 
     #[cfg(test)]
-    pub fn started_count(&self) -> u64 {
-        self.fills_started.get()
-    }
-
-    #[cfg(test)]
     pub fn evictions_count(&self) -> u64 {
         self.evictions.get()
     }

@@ -84,6 +84,7 @@ impl BlobReader {
             hasher: None,
             checked: false,
             dpos: None,
+            direct_done: false,
         };
         stream::unfold(Some(state), |st| async move {
             let mut st = st?;
@@ -116,6 +117,8 @@ struct Reader {
     checked: bool,
     /// Offset of the next chunk on the direct channel (uncached fills).
     dpos: Option<u64>,
+    /// The direct channel said the body verified.
+    direct_done: bool,
 }
 
 async fn read_at(
@@ -304,7 +307,10 @@ impl Reader {
                     }
                     return Ok(Some(piece));
                 }
-                Some(Direct::End) if end.is_none_or(|e| self.pos >= e) => return Ok(None),
+                Some(Direct::End) if end.is_none_or(|e| self.pos >= e) => {
+                    self.direct_done = true;
+                    return Ok(None);
+                }
                 Some(Direct::End) => return Err(unsatisfiable()),
                 Some(Direct::Failed(m)) => return Err(err(format!("upstream body failed: {m}"))),
                 None => return Err(err("uncached fill ended early")),
@@ -314,6 +320,9 @@ impl Reader {
 
     /// Reads the rest of an uncached body, to learn whether it verified.
     async fn drain_direct(&mut self) -> io::Result<()> {
+        if self.direct_done {
+            return Ok(());
+        }
         let Source::Fill {
             direct: Some(direct),
             ..
@@ -324,7 +333,10 @@ impl Reader {
         loop {
             match direct.recv().await {
                 Some(Direct::Data(_)) => {}
-                Some(Direct::End) => return Ok(()),
+                Some(Direct::End) => {
+                    self.direct_done = true;
+                    return Ok(());
+                }
                 Some(Direct::Failed(m)) => return Err(err(format!("upstream body failed: {m}"))),
                 None => return Err(err("uncached fill ended early")),
             }
