@@ -8,10 +8,12 @@
 //! tags), [`journal`] (their persistence), [`evict`] (size bound), [`metrics`].
 //!
 //! Integrity choices: a blob is committed only after its size and digest matched (fsync, then
-//! atomic rename to `<hex>.<size>`). On open, a file whose length differs from the size in its
-//! name is dropped. Its content is hashed again lazily on the first read after a restart:
-//! inline for a whole-blob read (the stream ends with an error and the file is dropped on a
-//! mismatch), up front for a ranged read.
+//! atomic rename to `<hex>.<size>`). Open rebuilds the index from directory listings only;
+//! a background [`scrub`] then drops files whose length differs from the size in their name,
+//! and every hit checks the opened file's length too, so a truncated file is never served.
+//! Content is hashed again lazily on the first read after a restart: inline for a whole-blob
+//! read (the stream ends with an error and the file is dropped on a mismatch), up front for a
+//! ranged read.
 
 mod evict;
 mod fill;
@@ -20,6 +22,7 @@ mod links;
 mod manifests;
 mod metrics;
 mod reader;
+mod scrub;
 mod store;
 
 #[cfg(test)]
@@ -246,6 +249,15 @@ impl Inner {
         }
     }
 
+    /// Forgets a blob whose file is gone (only the version `gen` refers to).
+    pub(crate) fn forget_blob(&self, digest: &Digest, gen: u64) {
+        let mut st = self.lock();
+        if st.index.get(digest).is_some_and(|e| e.gen == gen) {
+            st.remove(digest);
+            self.metrics.set_totals(st.total, st.index.len());
+        }
+    }
+
     pub(crate) fn mark_verified(&self, digest: &Digest, gen: u64) {
         if let Some(e) = self.lock().index.get_mut(digest).filter(|e| e.gen == gen) {
             e.verified = true;
@@ -320,15 +332,23 @@ impl Cache {
         .map_err(io::Error::other)??;
         let manifests = Manifests::new(&cfg.dir)?;
 
-        let mut found = rebuilt.blobs;
-        found.sort_unstable_by_key(|f| f.modified);
         let mut state = State::default();
         let ids = AtomicU64::new(1);
-        state.index.reserve(found.len());
-        for f in found {
+        state.index.reserve(rebuilt.blobs.len());
+        let mut duplicates = Vec::new();
+        for f in rebuilt.blobs {
+            if state.index.contains_key(&f.digest) {
+                duplicates.push(f); // one file per digest; the scrub would not see this one
+                continue;
+            }
             let gen = ids.fetch_add(1, Ordering::Relaxed);
             state.insert(f.digest, f.size, false, gen);
         }
+        for f in &duplicates {
+            metrics.corrupt(&f.digest, "duplicate file");
+            let _ = store.remove_blob(&f.digest, f.size);
+        }
+        let untouched = state.clock;
         for (digest, why) in &rebuilt.dropped {
             match digest {
                 Some(d) => metrics.corrupt(d, why),
@@ -363,9 +383,10 @@ impl Cache {
             fault: Mutex::new(None),
         });
         if inner.max_size.is_some() {
+            // The scrub nudges eviction when it has ordered the blobs by age.
             evict::spawn(Arc::downgrade(&inner), notify.clone());
-            notify.notify_one();
         }
+        scrub::spawn(inner.clone(), untouched);
         Ok(Arc::new(Cache { inner }))
     }
 
@@ -473,11 +494,7 @@ impl Cache {
                 if err.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(%digest, error = %err, "cannot open cached blob");
                 }
-                let mut st = self.inner.lock();
-                if st.index.get(digest).is_some_and(|x| x.gen == e.gen) {
-                    st.remove(digest);
-                    self.inner.metrics.set_totals(st.total, st.index.len());
-                }
+                self.inner.forget_blob(digest, e.gen);
                 None
             }
         }

@@ -23,7 +23,6 @@ use crate::protocol::grammar::{Algorithm, Digest};
 pub struct Found {
     pub digest: Digest,
     pub size: u64,
-    pub modified: SystemTime,
 }
 
 /// What [`Store::rebuild`] saw.
@@ -113,8 +112,21 @@ impl Store {
         }
     }
 
-    /// Scans the store: removes temp files, drops files whose name is not a valid
-    /// `<hex>.<size>` in the right shard or whose length differs from the recorded size.
+    /// Length and modification time of a committed blob file.
+    pub fn stat_blob(&self, digest: &Digest, size: u64) -> io::Result<(u64, SystemTime)> {
+        let meta = fs::symlink_metadata(self.blob_path(digest, size))?;
+        if !meta.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        Ok((
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        ))
+    }
+
+    /// Scans the store with `readdir` only (no per-file `stat`, so it is fast): removes temp
+    /// files and drops files whose name is not a valid `<hex>.<size>` in the right shard.
+    /// Lengths are checked afterwards ([`Store::stat_blob`], by the scrub) and on every open.
     pub fn rebuild(&self) -> io::Result<Rebuilt> {
         let mut out = Rebuilt::default();
         for entry in fs::read_dir(self.tmp_dir())? {
@@ -123,7 +135,6 @@ impl Store {
                 out.temp_removed += 1;
             }
         }
-        let mut seen = std::collections::HashSet::new();
         for alg in ALGORITHMS {
             let alg_dir = self.root.join("blobs").join(alg.as_str());
             for shard in fs::read_dir(&alg_dir)? {
@@ -147,23 +158,7 @@ impl Store {
                         out.dropped.push((None, "unexpected file name".into()));
                         continue;
                     };
-                    let meta = file.metadata()?;
-                    if !meta.is_file() || meta.len() != size || seen.contains(&digest) {
-                        let why = if seen.contains(&digest) {
-                            "duplicate".to_string()
-                        } else {
-                            format!("length {} but {size} recorded at commit", meta.len())
-                        };
-                        let _ = remove_any(&file.path());
-                        out.dropped.push((Some(digest), why));
-                        continue;
-                    }
-                    seen.insert(digest.clone());
-                    out.blobs.push(Found {
-                        digest,
-                        size,
-                        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    });
+                    out.blobs.push(Found { digest, size });
                 }
             }
         }
@@ -174,8 +169,20 @@ impl Store {
 fn parse_blob_name(alg: Algorithm, name: &str) -> Option<(Digest, u64)> {
     let (hex, size) = name.split_once('.')?;
     let size: u64 = size.parse().ok()?;
-    let digest = Digest::parse(&format!("{}:{hex}", alg.as_str())).ok()?;
-    Some((digest, size))
+    let lower = hex
+        .bytes()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    let raw = hex::decode(hex).ok().filter(|_| lower)?;
+    let digest = Digest::from_raw(alg, &raw);
+    // from_raw does not check the length; the round trip does.
+    (digest.hex() == hex && raw.len() == alg_len(alg)).then_some((digest, size))
+}
+
+fn alg_len(alg: Algorithm) -> usize {
+    match alg {
+        Algorithm::Sha256 => 32,
+        Algorithm::Sha512 => 64,
+    }
 }
 
 fn remove_any(path: &Path) -> io::Result<()> {
@@ -262,12 +269,17 @@ mod tests {
         fs::write(store.temp_path(&bad, 3), b"partial").unwrap();
         fs::write(store.shard_dir(&good).join("../zz-not-a-shard"), b"x").unwrap();
 
+        fs::write(store.shard_dir(&good).join("not-a-digest.4"), b"x").unwrap();
         let r = store.rebuild().unwrap();
-        assert_eq!(r.blobs.len(), 1);
-        assert_eq!(r.blobs[0].digest, good);
+        assert_eq!(r.blobs.len(), 2);
         assert_eq!(r.temp_removed, 1);
-        assert!(r.dropped.iter().any(|(d, _)| d.as_ref() == Some(&bad)));
-        assert!(!store.blob_path(&bad, 4).exists());
+        assert_eq!(r.dropped.len(), 2);
+        assert_eq!(
+            store.stat_blob(&bad, 4).unwrap().0,
+            2,
+            "length checked by stat_blob"
+        );
+        assert_eq!(store.stat_blob(&good, 4).unwrap().0, 4);
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
         let f = File::open(store.blob_path(&good, 4)).unwrap();
         assert_eq!(&read_exact_at(&f, 1, 3).unwrap()[..], b"ood");

@@ -548,7 +548,15 @@ async fn corrupt_or_truncated_committed_files_are_never_served() {
         .unwrap();
 
     let cache = open(dir.path(), None).await;
-    assert_eq!(cache.blob_size(&db), None, "truncated file dropped on open");
+    // Never served, whether or not the scrub got to it yet.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let r = cache
+        .blob(&db, fetch_bytes(b.clone(), calls.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome(), Outcome::Miss);
+    assert!(collect(r.into_stream(None)).await.unwrap() == b);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(cache.blob_size(&da), Some(a.len() as u64));
     let r = cache
         .blob(&da, fetch_fails(500, Arc::default()))
@@ -680,4 +688,20 @@ async fn rebuild_100k() {
     let elapsed = t.elapsed();
     assert_eq!(cache.blob_count(), 100_000);
     println!("rebuilt the index of 100000 blobs in {elapsed:?}");
+}
+
+#[tokio::test]
+async fn scrub_drops_truncated_files_after_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = data(1000, 14);
+    let db = commit(&*open(dir.path(), None).await, &b).await;
+    std::fs::File::options()
+        .write(true)
+        .open(Store::new(dir.path()).blob_path(&db, 1000))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let cache = open(dir.path(), None).await;
+    until(|| cache.blob_size(&db).is_none()).await;
+    assert_eq!(cache.blob_count(), 0);
 }
