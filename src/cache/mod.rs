@@ -1,1 +1,596 @@
-//! STUB
+//! The digest-verified cache: blobs (content-addressed files filled once per digest from
+//! upstream), manifests by digest, tags, and the repository ↔ digest links that say which
+//! repository may read what.
+//!
+//! The cache knows nothing about HTTP, upstreams or credentials: [`Cache::blob`] is handed a
+//! [`FetchFn`] to call on a miss. Submodules: [`store`] (files on disk), [`fill`] (single
+//! flight, tee, verify), [`reader`] (streams to clients), [`links`], [`manifests`] (and
+//! tags), [`journal`] (their persistence), [`evict`] (size bound), [`metrics`].
+//!
+//! Integrity choices: a blob is committed only after its size and digest matched (fsync, then
+//! atomic rename to `<hex>.<size>`). Open rebuilds the index from directory listings only;
+//! a background [`scrub`] then drops files whose length differs from the size in their name,
+//! and every hit checks the opened file's length too, so a truncated file is never served.
+//! Content is hashed again lazily on the first read after a restart: inline for a whole-blob
+//! read (the stream ends with an error and the file is dropped on a mismatch), up front for a
+//! ranged read.
+
+mod evict;
+mod fill;
+mod journal;
+mod links;
+mod manifests;
+mod metrics;
+mod reader;
+mod scrub;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use tokio::sync::{mpsc, Notify};
+
+use crate::protocol::grammar::Digest;
+use fill::{Fill, Phase};
+use links::Links;
+use manifests::{Manifests, Tags};
+use metrics::Metrics;
+use reader::Source;
+use store::Store;
+
+pub use manifests::{CachedManifest, TagEntry};
+pub use metrics::FailReason;
+pub use reader::BlobReader;
+
+/// Starts the upstream GET for a blob; called at most once per [`Cache::blob`] call.
+pub type FetchFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<UpstreamBody, FetchError>> + Send>;
+
+/// An upstream response body.
+pub struct UpstreamBody {
+    /// Content-Length, when the upstream sent one.
+    pub size: Option<u64>,
+    pub stream: BoxStream<'static, Result<bytes::Bytes, io::Error>>,
+}
+
+/// The caller's upstream error, opaque to the cache; handed back to every waiting request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// `status` is HTTP-ish (e.g. 404, 429, 502 for "unreachable") so the caller can map it back.
+    #[error("upstream: {status} {message}")]
+    Upstream { status: u16, message: String },
+}
+
+impl FetchError {
+    pub fn new(status: u16, message: impl Into<String>) -> FetchError {
+        FetchError::Upstream {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            FetchError::Upstream { status, .. } => *status,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            FetchError::Upstream { message, .. } => message,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("cache metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The upstream fetch failed (for the request that started it and all that joined it).
+    #[error(transparent)]
+    Fetch(FetchError),
+    /// The fill this request joined failed before the request got any bytes; retrying starts
+    /// a new fill.
+    #[error("the fill of {digest} failed ({}): {message}", reason.as_str())]
+    FillFailed {
+        digest: Digest,
+        reason: FailReason,
+        message: String,
+    },
+    #[error("content does not match digest {0}")]
+    DigestMismatch(Digest),
+    #[error("invalid media type")]
+    InvalidMediaType,
+    #[error("manifest of {0} bytes is larger than the 4MiB limit")]
+    ManifestTooLarge(usize),
+}
+
+/// How a blob request was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// From a committed file.
+    Hit,
+    /// Following a fill another request started.
+    Coalesced,
+    /// This request started the fill.
+    Miss,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Miss => "miss",
+        }
+    }
+}
+
+/// A committed blob in the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    size: u64,
+    last_used: u64,
+    /// Hashed since this process opened the cache.
+    verified: bool,
+    /// Unique per commit/rebuild: a late drop only removes the file it looked at.
+    gen: u64,
+}
+
+/// The index and the fills in flight, under one lock so a request sees exactly one of
+/// "committed", "being filled" or "absent".
+#[derive(Default)]
+pub(crate) struct State {
+    index: HashMap<Digest, Entry>,
+    total: u64,
+    clock: u64,
+    inflight: HashMap<Digest, Arc<Fill>>,
+}
+
+impl State {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn insert(&mut self, digest: Digest, size: u64, verified: bool, gen: u64) {
+        let last_used = self.tick();
+        let e = Entry {
+            size,
+            last_used,
+            verified,
+            gen,
+        };
+        if let Some(old) = self.index.insert(digest, e) {
+            self.total -= old.size;
+        }
+        self.total += size;
+    }
+
+    fn remove(&mut self, digest: &Digest) -> Option<Entry> {
+        let e = self.index.remove(digest)?;
+        self.total -= e.size;
+        Some(e)
+    }
+}
+
+pub(crate) struct Inner {
+    store: Store,
+    state: Mutex<State>,
+    metrics: Metrics,
+    links: Links,
+    manifests: Manifests,
+    tags: Tags,
+    max_size: Option<u64>,
+    evict_notify: Arc<Notify>,
+    ids: AtomicU64,
+    /// Tests: writes fail once the temp file would exceed this many bytes.
+    #[cfg(test)]
+    fault: Mutex<Option<u64>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the eviction task see the cache is gone.
+        self.evict_notify.notify_one();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the cache; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes `fill` out of the in-flight map (if it is still the one there).
+    pub(crate) fn forget_fill(&self, fill: &Arc<Fill>) {
+        let mut st = self.lock();
+        if st
+            .inflight
+            .get(&fill.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, fill))
+        {
+            st.inflight.remove(&fill.digest);
+        }
+    }
+
+    /// Records a committed fill: indexed and out of flight in one step.
+    pub(crate) fn committed(&self, fill: &Arc<Fill>, size: u64) {
+        let gen = self.next_id();
+        {
+            let mut st = self.lock();
+            st.insert(fill.digest.clone(), size, true, gen);
+            if st
+                .inflight
+                .get(&fill.digest)
+                .is_some_and(|f| Arc::ptr_eq(f, fill))
+            {
+                st.inflight.remove(&fill.digest);
+            }
+            self.metrics.set_totals(st.total, st.index.len());
+        }
+        self.metrics.fill_committed(&fill.digest, size);
+        if self.max_size.is_some() {
+            self.evict_notify.notify_one();
+        }
+    }
+
+    /// Forgets a blob whose file is gone (only the version `gen` refers to).
+    pub(crate) fn forget_blob(&self, digest: &Digest, gen: u64) {
+        let mut st = self.lock();
+        if st.index.get(digest).is_some_and(|e| e.gen == gen) {
+            st.remove(digest);
+            self.metrics.set_totals(st.total, st.index.len());
+        }
+    }
+
+    pub(crate) fn mark_verified(&self, digest: &Digest, gen: u64) {
+        if let Some(e) = self.lock().index.get_mut(digest).filter(|e| e.gen == gen) {
+            e.verified = true;
+        }
+    }
+
+    /// Drops a committed blob found corrupt (only the version `gen` refers to).
+    pub(crate) fn drop_corrupt(&self, digest: &Digest, gen: u64, detail: &str) {
+        let mut st = self.lock();
+        if st.index.get(digest).is_some_and(|e| e.gen == gen) {
+            if let Some(e) = st.remove(digest) {
+                let _ = self.store.remove_blob(digest, e.size);
+            }
+            self.metrics.set_totals(st.total, st.index.len());
+        }
+        drop(st);
+        self.metrics.corrupt(digest, detail);
+    }
+
+    /// Test fault injection: an error if writing up to `upto` bytes should fail.
+    #[cfg(test)]
+    pub(crate) fn fault_before(&self, upto: u64) -> io::Result<()> {
+        match *self.fault.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(limit) if upto > limit || (upto == 0 && limit == 0) => {
+                Err(io::Error::other("injected write error"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline]
+    pub(crate) fn fault_before(&self, _upto: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The cache. `Send + Sync`, shared as `Arc<Cache>`.
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+/// How many times [`Cache::blob`] re-looks when a fill it joined lost its file.
+const ATTEMPTS: usize = 3;
+
+enum Step {
+    Hit(Entry),
+    Follow(Arc<Fill>),
+    Lead(Arc<Fill>, mpsc::Receiver<fill::Direct>),
+}
+
+impl Cache {
+    /// Opens (creating) the cache under `cfg.dir`: rebuilds the index from disk, removes
+    /// leftover temp files, drops truncated files; registers metrics; spawns eviction when
+    /// `cfg.max_size` is set.
+    pub async fn open(
+        cfg: &crate::config::CacheConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Cache>, CacheError> {
+        let started = Instant::now();
+        let metrics = Metrics::register(registry)?;
+        let store = Store::new(&cfg.dir);
+        let s2 = store.clone();
+        let (rebuilt, links, tags) = tokio::task::spawn_blocking(move || {
+            s2.create_dirs()?;
+            let r = s2.rebuild()?;
+            let links = Links::open(s2.root())?;
+            let tags = Tags::open(s2.root())?;
+            Ok::<_, io::Error>((r, links, tags))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let manifests = Manifests::new(&cfg.dir)?;
+
+        let mut state = State::default();
+        let ids = AtomicU64::new(1);
+        state.index.reserve(rebuilt.blobs.len());
+        let mut duplicates = Vec::new();
+        for f in rebuilt.blobs {
+            if state.index.contains_key(&f.digest) {
+                duplicates.push(f); // one file per digest; the scrub would not see this one
+                continue;
+            }
+            let gen = ids.fetch_add(1, Ordering::Relaxed);
+            state.insert(f.digest, f.size, false, gen);
+        }
+        for f in &duplicates {
+            metrics.corrupt(&f.digest, "duplicate file");
+            let _ = store.remove_blob(&f.digest, f.size);
+        }
+        let untouched = state.clock;
+        for (digest, why) in &rebuilt.dropped {
+            match digest {
+                Some(d) => metrics.corrupt(d, why),
+                None => tracing::warn!(
+                    detail = why.as_str(),
+                    "removed stray file from the cache dir"
+                ),
+            }
+        }
+        metrics.set_totals(state.total, state.index.len());
+        tracing::info!(
+            dir = %cfg.dir.display(),
+            blobs = state.index.len(),
+            bytes = state.total,
+            dropped = rebuilt.dropped.len(),
+            temp_removed = rebuilt.temp_removed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "cache opened"
+        );
+        let notify = Arc::new(Notify::new());
+        let inner = Arc::new(Inner {
+            store,
+            state: Mutex::new(state),
+            metrics,
+            links,
+            manifests,
+            tags,
+            max_size: cfg.max_size.map(|s| s.0),
+            evict_notify: notify.clone(),
+            ids,
+            #[cfg(test)]
+            fault: Mutex::new(None),
+        });
+        if inner.max_size.is_some() {
+            // The scrub nudges eviction when it has ordered the blobs by age.
+            evict::spawn(Arc::downgrade(&inner), notify.clone());
+        }
+        scrub::spawn(inner.clone(), untouched);
+        Ok(Arc::new(Cache { inner }))
+    }
+
+    /// Size of a committed blob, if cached.
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        self.inner.lock().index.get(digest).map(|e| e.size)
+    }
+
+    /// A blob for a client: committed → [`Outcome::Hit`]; being filled →
+    /// [`Outcome::Coalesced`] (follows the fill as bytes arrive); otherwise
+    /// [`Outcome::Miss`]: `fetch` is called once, by a detached fill task that goes on if the
+    /// client goes away. Returns once the upstream answered (its error is
+    /// [`CacheError::Fetch`], for every request waiting on that fill).
+    pub async fn blob(&self, digest: &Digest, fetch: FetchFn) -> Result<BlobReader, CacheError> {
+        let mut fetch = Some(fetch);
+        let mut last_err = None;
+        for _ in 0..ATTEMPTS {
+            let step = {
+                let mut st = self.inner.lock();
+                let tick = st.tick();
+                if let Some(e) = st.index.get_mut(digest) {
+                    e.last_used = tick;
+                    Step::Hit(*e)
+                } else if let Some(f) = st.inflight.get(digest) {
+                    Step::Follow(f.clone())
+                } else {
+                    let id = self.inner.next_id();
+                    let f = Arc::new(Fill::new(
+                        digest.clone(),
+                        self.inner.store.temp_path(digest, id),
+                    ));
+                    st.inflight.insert(digest.clone(), f.clone());
+                    let (tx, rx) = mpsc::channel(8);
+                    // `fetch` is only consumed here, and a leader never loops.
+                    let Some(fetch) = fetch.take() else {
+                        st.inflight.remove(digest);
+                        break;
+                    };
+                    let task = tokio::spawn(fill::run(self.inner.clone(), f.clone(), fetch, tx));
+                    #[cfg(test)]
+                    let _ = f.abort.set(task.abort_handle());
+                    drop(task);
+                    Step::Lead(f, rx)
+                }
+            };
+            match step {
+                Step::Hit(e) => match self.open_hit(digest, e).await {
+                    Some(r) => return Ok(r),
+                    None => continue,
+                },
+                Step::Follow(f) => match self.join(f, None, Outcome::Coalesced).await {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => continue,
+                    Err(e @ CacheError::FillFailed { .. }) => {
+                        last_err = Some(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Step::Lead(f, rx) => match self.join(f, Some(rx), Outcome::Miss).await {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => continue,
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        Err(last_err.unwrap_or_else(|| CacheError::FillFailed {
+            digest: digest.clone(),
+            reason: FailReason::WriteError,
+            message: "the cache could not follow a fill of this blob; retry".into(),
+        }))
+    }
+
+    /// Opens a committed file; `None` if it vanished (evicted) or is truncated (dropped).
+    async fn open_hit(&self, digest: &Digest, e: Entry) -> Option<BlobReader> {
+        let path = self.inner.store.blob_path(digest, e.size);
+        let opened = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(path)?;
+            let len = f.metadata()?.len();
+            Ok::<_, io::Error>((f, len))
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        match opened {
+            Ok((f, len)) if len == e.size => {
+                self.inner.metrics.request(Outcome::Hit, digest);
+                Some(BlobReader {
+                    inner: self.inner.clone(),
+                    digest: digest.clone(),
+                    outcome: Outcome::Hit,
+                    size: Some(e.size),
+                    source: Source::File {
+                        file: Arc::new(f),
+                        unverified: (!e.verified).then_some(e.gen),
+                    },
+                })
+            }
+            Ok((_, len)) => {
+                let why = format!("length {len} but {} recorded at commit", e.size);
+                self.inner.drop_corrupt(digest, e.gen, &why);
+                None
+            }
+            Err(err) => {
+                if err.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(%digest, error = %err, "cannot open cached blob");
+                }
+                self.inner.forget_blob(digest, e.gen);
+                None
+            }
+        }
+    }
+
+    /// Waits for a fill to answer, then builds a reader on it. `Ok(None)`: this follower
+    /// cannot follow (the fill lost its file), look again.
+    async fn join(
+        &self,
+        fill: Arc<Fill>,
+        direct: Option<mpsc::Receiver<fill::Direct>>,
+        outcome: Outcome,
+    ) -> Result<Option<BlobReader>, CacheError> {
+        let mut rx = fill.phase.subscribe();
+        let phase = rx
+            .wait_for(|p| !matches!(p, Phase::Fetching))
+            .await
+            .map(|p| p.clone())
+            .unwrap_or(Phase::Failed {
+                reason: FailReason::Aborted,
+                message: "fill vanished".into(),
+                fetch: None,
+            });
+        let size = match phase {
+            Phase::Fetching => None,
+            Phase::Streaming { size, .. } => size,
+            Phase::Complete { size, .. } => Some(size),
+            Phase::Uncached { size, .. } if direct.is_some() => size,
+            Phase::Uncached { .. } => return Ok(None),
+            Phase::Failed { fetch: Some(e), .. } => return Err(CacheError::Fetch(e)),
+            Phase::Failed {
+                reason, message, ..
+            } => {
+                return Err(CacheError::FillFailed {
+                    digest: fill.digest.clone(),
+                    reason,
+                    message,
+                })
+            }
+        };
+        self.inner.metrics.request(outcome, &fill.digest);
+        Ok(Some(BlobReader {
+            inner: self.inner.clone(),
+            digest: fill.digest.clone(),
+            outcome,
+            size,
+            source: Source::Fill { fill, direct },
+        }))
+    }
+
+    /// Whether `repo_key` was shown to hold `digest`. In memory.
+    pub fn is_linked(&self, repo_key: &str, digest: &Digest) -> bool {
+        self.inner.links.is_linked(repo_key, digest)
+    }
+
+    /// Records that `repo_key` holds `digest`; persisted.
+    pub async fn link(&self, repo_key: &str, digest: &Digest) {
+        self.inner.links.link(repo_key, digest).await
+    }
+
+    /// A cached manifest by digest.
+    pub async fn manifest(&self, digest: &Digest) -> Option<CachedManifest> {
+        self.inner.manifests.get(digest).await
+    }
+
+    /// Stores a manifest after verifying `bytes` against `digest`; immutable once stored.
+    pub async fn put_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        bytes: bytes::Bytes,
+    ) -> Result<(), CacheError> {
+        self.inner.manifests.put(digest, media_type, bytes).await
+    }
+
+    /// The digest a tag pointed to when last checked upstream.
+    pub async fn tag(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
+        self.inner.tags.get(repo_key, tag)
+    }
+
+    /// Sets a tag and refreshes its `checked_at`; persisted.
+    pub async fn put_tag(&self, repo_key: &str, tag: &str, digest: &Digest) {
+        self.inner.tags.set(repo_key, tag, Some(digest)).await
+    }
+
+    pub async fn remove_tag(&self, repo_key: &str, tag: &str) {
+        self.inner.tags.set(repo_key, tag, None).await
+    }
+
+    /// Bytes held by committed blobs.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.lock().total
+    }
+
+    /// Committed blobs held.
+    pub fn blob_count(&self) -> usize {
+        self.inner.lock().index.len()
+    }
+}

@@ -1,0 +1,187 @@
+//! The cache's Prometheus metrics and the one place each cache event is logged and counted.
+//!
+//! Labels are bounded: `outcome` is one of hit/miss/coalesced, `reason` one of [`FailReason`].
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::protocol::grammar::Digest;
+
+/// Why a fill did not commit. Bounded: one label value per variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// The bytes did not hash to the digest, or were longer than announced.
+    DigestMismatch,
+    /// The body ended before the announced size (or was empty/short of the digest).
+    ShortBody,
+    /// The upstream answered with an error or the body stream failed.
+    UpstreamError,
+    /// The temp file could not be written; the fill went on uncached for its first client.
+    WriteError,
+    /// The fill task died (panicked or was aborted) before finishing.
+    Aborted,
+}
+
+impl FailReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::DigestMismatch => "digest_mismatch",
+            FailReason::ShortBody => "short_body",
+            FailReason::UpstreamError => "upstream_error",
+            FailReason::WriteError => "write_error",
+            FailReason::Aborted => "aborted",
+        }
+    }
+}
+
+/// Every metric family of the cache.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: IntCounterVec,
+    served_bytes: IntCounterVec,
+    fills_started: IntCounter,
+    fills_committed: IntCounter,
+    fills_failed: IntCounterVec,
+    evictions: IntCounter,
+    evicted_bytes: IntCounter,
+    corrupt: IntCounter,
+    size_bytes: IntGauge,
+    blobs: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::with_opts(Opts::new(name, help))?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::with_opts(Opts::new(name, help))?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Creates the families and registers them into `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        Ok(Metrics {
+            requests: counter_vec(
+                registry,
+                "oci_proxy_cache_requests_total",
+                "Blob requests by cache outcome (hit, miss, coalesced).",
+                "outcome",
+            )?,
+            served_bytes: counter_vec(
+                registry,
+                "oci_proxy_cache_served_bytes_total",
+                "Bytes streamed to clients out of cache files, by outcome of the request.",
+                "outcome",
+            )?,
+            fills_started: counter(
+                registry,
+                "oci_proxy_cache_fills_started_total",
+                "Upstream fills started.",
+            )?,
+            fills_committed: counter(
+                registry,
+                "oci_proxy_cache_fills_committed_total",
+                "Fills verified and committed to the cache.",
+            )?,
+            fills_failed: counter_vec(
+                registry,
+                "oci_proxy_cache_fills_failed_total",
+                "Fills that did not commit, by reason.",
+                "reason",
+            )?,
+            evictions: counter(
+                registry,
+                "oci_proxy_cache_evictions_total",
+                "Blobs evicted to stay under cache.max_size.",
+            )?,
+            evicted_bytes: counter(
+                registry,
+                "oci_proxy_cache_evicted_bytes_total",
+                "Bytes evicted to stay under cache.max_size.",
+            )?,
+            corrupt: counter(
+                registry,
+                "oci_proxy_cache_corrupt_blobs_total",
+                "Committed blob files found truncated or corrupt and dropped.",
+            )?,
+            size_bytes: gauge(
+                registry,
+                "oci_proxy_cache_size_bytes",
+                "Bytes held by committed blobs.",
+            )?,
+            blobs: gauge(registry, "oci_proxy_cache_blobs", "Committed blobs held.")?,
+        })
+    }
+
+    pub fn request(&self, outcome: super::Outcome, digest: &Digest) {
+        tracing::debug!(%digest, outcome = outcome.as_str(), "cache request");
+        self.requests.with_label_values(&[outcome.as_str()]).inc();
+    }
+
+    pub fn served(&self, outcome: super::Outcome, bytes: u64) {
+        self.served_bytes
+            .with_label_values(&[outcome.as_str()])
+            .inc_by(bytes);
+    }
+
+    pub fn fill_started(&self, digest: &Digest) {
+        tracing::debug!(%digest, "cache fill started");
+        self.fills_started.inc();
+    }
+
+    pub fn fill_committed(&self, digest: &Digest, size: u64) {
+        tracing::info!(%digest, size, "cache fill committed");
+        self.fills_committed.inc();
+    }
+
+    pub fn fill_failed(&self, digest: &Digest, reason: FailReason, detail: &str) {
+        tracing::warn!(%digest, reason = reason.as_str(), detail, "cache fill failed");
+        self.fills_failed
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    pub fn evicted(&self, digest: &Digest, size: u64) {
+        tracing::debug!(%digest, size, "cache blob evicted");
+        self.evictions.inc();
+        self.evicted_bytes.inc_by(size);
+    }
+
+    pub fn corrupt(&self, digest: &Digest, detail: &str) {
+        tracing::warn!(%digest, detail, "cached blob is corrupt; dropped");
+        self.corrupt.inc();
+    }
+
+    /// Publishes the committed totals.
+    pub fn set_totals(&self, bytes: u64, blobs: usize) {
+        self.size_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+    }
+
+    #[cfg(test)]
+    pub fn failed_count(&self, reason: FailReason) -> u64 {
+        self.fills_failed
+            .with_label_values(&[reason.as_str()])
+            .get()
+    }
+
+    #[cfg(test)]
+    pub fn evictions_count(&self) -> u64 {
+        self.evictions.get()
+    }
+}
