@@ -38,6 +38,8 @@ pub enum Error {
     NotAcceptable { media_type: String },
     #[error("catalog is not synced yet")]
     NotReady,
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 impl Error {
@@ -56,6 +58,7 @@ impl Error {
             Error::BadUpstreamResponse { .. } => "bad_upstream_response",
             Error::NotAcceptable { .. } => "not_acceptable",
             Error::NotReady => "not_ready",
+            Error::Cache(_) => "cache",
         }
     }
 
@@ -105,6 +108,9 @@ impl Error {
                 format!("manifest of type {media_type} found, but the Accept header does not include it"),
             ),
             Error::NotReady => OciError::new(ErrorCode::Unavailable, msg),
+            Error::Cache(_) => {
+                OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
+            }
         }
     }
 }

@@ -19,7 +19,9 @@ use crate::credentials::Credential;
 use crate::error::{Error, Subject};
 use crate::protocol::{media, tags, Digest, OciError, Op, Reference, Route};
 use crate::routing::{self, Target};
-use crate::upstream::{UpstreamRequest, UpstreamResponse};
+use crate::cache::{CacheError, FetchError, FetchFn, Outcome, UpstreamBody};
+use crate::protocol::range::{self, ByteRange};
+use crate::upstream::{UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// Largest manifest accepted from an upstream (distribution's own limit is 4 MiB).
 pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
@@ -123,7 +125,6 @@ fn route_class(op: &Op) -> &'static str {
 
 /// The per-request context once target and credential are known.
 struct Ctx<'a> {
-    #[allow(dead_code)] // used by the cache integration
     app: &'a App,
     headers: &'a HeaderMap,
     target: Target,
@@ -227,17 +228,167 @@ async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    if ctx.head {
-        if let Some((digest, media_type, len)) = head_manifest(ctx, reference).await? {
-            check_accept(&accept, &media_type)?;
-            return Ok(manifest_response(&digest, &media_type, len, None));
+    let found = match reference {
+        Reference::Digest(d) => manifest_by_digest(ctx, d).await?,
+        Reference::Tag(t) => manifest_by_tag(ctx, t.as_str()).await?,
+    };
+    check_accept(&accept, &found.media_type)?;
+    let mut resp = if ctx.head {
+        manifest_response(&found.digest, &found.media_type, found.len, None)
+    } else {
+        let bytes = match found.bytes {
+            Some(b) => b,
+            None => fetch_and_store(ctx, &Reference::Digest(found.digest.clone())).await?.bytes,
+        };
+        manifest_response(&found.digest, &found.media_type, bytes.len() as u64, Some(bytes))
+    };
+    if let Some(w) = found.warning.and_then(|w| HeaderValue::from_str(&w).ok()) {
+        resp.headers_mut().insert(http::header::WARNING, w);
+    }
+    Ok(resp)
+}
+
+/// A manifest as the handler serves it; `bytes` is `None` only for a HEAD answered from an
+/// upstream HEAD.
+struct Found {
+    digest: Digest,
+    media_type: String,
+    len: u64,
+    bytes: Option<Bytes>,
+    warning: Option<String>,
+}
+
+impl From<Manifest> for Found {
+    fn from(m: Manifest) -> Found {
+        Found {
+            len: m.bytes.len() as u64,
+            digest: m.digest,
+            media_type: m.media_type,
+            bytes: Some(m.bytes),
+            warning: None,
         }
     }
+}
+
+/// By digest: immutable, so a cached copy is final once this repository is linked to it.
+async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Error> {
+    let cache = &ctx.app.cache;
+    let key = ctx.target.repo_key();
+    if let Some(m) = cache.manifest(digest).await {
+        if !cache.is_linked(&key, digest) {
+            confirm_in_repository(ctx, &format!("manifests/{digest}"), Subject::Manifest).await?;
+            cache.link(&key, digest).await;
+        }
+        return Ok(Found {
+            len: m.bytes.len() as u64,
+            digest: digest.clone(),
+            media_type: m.media_type,
+            bytes: Some(m.bytes),
+            warning: None,
+        });
+    }
+    Ok(fetch_and_store(ctx, &Reference::Digest(digest.clone())).await?.into())
+}
+
+/// By tag: trusted for the upstream's tag TTL, then revalidated with an upstream HEAD; served
+/// stale (with a `Warning`) when the upstream is unreachable, failing or rate limiting.
+async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
+    let cache = &ctx.app.cache;
+    let key = ctx.target.repo_key();
+    let entry = cache.tag(&key, tag).await;
+    if let Some(e) = &entry {
+        let age = e.checked_at.elapsed().unwrap_or_default();
+        if age < ctx.target.upstream.tag_ttl {
+            if let Some(m) = cache.manifest(&e.digest).await {
+                return Ok(Found {
+                    len: m.bytes.len() as u64,
+                    digest: e.digest.clone(),
+                    media_type: m.media_type,
+                    bytes: Some(m.bytes),
+                    warning: None,
+                });
+            }
+        }
+    }
+    let reference = Reference::Tag(match crate::protocol::Tag::parse(tag) {
+        Some(t) => t,
+        None => return Err(Error::Request(OciError::new(crate::protocol::ErrorCode::ManifestUnknown, "invalid tag"))),
+    });
+    match head_manifest(ctx, &reference).await {
+        Ok(Some((digest, media_type, len))) => {
+            cache.put_tag(&key, tag, &digest).await;
+            if let Some(m) = cache.manifest(&digest).await {
+                cache.link(&key, &digest).await;
+                return Ok(Found {
+                    len: m.bytes.len() as u64,
+                    digest,
+                    media_type: m.media_type,
+                    bytes: Some(m.bytes),
+                    warning: None,
+                });
+            }
+            if ctx.head {
+                return Ok(Found {
+                    digest,
+                    media_type,
+                    len,
+                    bytes: None,
+                    warning: None,
+                });
+            }
+            Ok(fetch_and_store(ctx, &Reference::Digest(digest)).await?.into())
+        }
+        Ok(None) => {
+            let m = fetch_and_store(ctx, &reference).await?;
+            cache.put_tag(&key, tag, &m.digest).await;
+            Ok(m.into())
+        }
+        Err(Error::Upstream { source, subject }) => {
+            if matches!(source, crate::upstream::UpstreamError::NotFound { .. }) {
+                cache.remove_tag(&key, tag).await;
+            } else if source.is_transient() {
+                if let Some(e) = &entry {
+                    if let Some(m) = cache.manifest(&e.digest).await {
+                        tracing::warn!(repository = %key, tag, error = %source, "serving a cached tag: upstream failed");
+                        return Ok(Found {
+                            len: m.bytes.len() as u64,
+                            digest: e.digest.clone(),
+                            media_type: m.media_type,
+                            bytes: Some(m.bytes),
+                            warning: Some(format!(
+                                "299 - \"stale: upstream {} failed ({}); serving the cached tag\"",
+                                ctx.target.upstream.name,
+                                source.metric_label()
+                            )),
+                        });
+                    }
+                }
+            }
+            Err(Error::Upstream { source, subject })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// GETs a manifest upstream (verified), stores it and links this repository to it.
+async fn fetch_and_store(ctx: &Ctx<'_>, reference: &Reference) -> Result<Manifest, Error> {
     let m = fetch_manifest(ctx, reference).await?;
-    check_accept(&accept, &m.media_type)?;
-    let len = m.bytes.len() as u64;
-    let body = (!ctx.head).then_some(m.bytes);
-    Ok(manifest_response(&m.digest, &m.media_type, len, body))
+    let cache = &ctx.app.cache;
+    if let Err(e) = cache.put_manifest(&m.digest, &m.media_type, m.bytes.clone()).await {
+        tracing::warn!(digest = %m.digest, error = %e, "manifest not cached");
+    } else {
+        cache.link(&ctx.target.repo_key(), &m.digest).await;
+    }
+    Ok(m)
+}
+
+/// Asks the upstream, with this repository's credentials, whether the repository holds an
+/// object the cache has from another repository.
+async fn confirm_in_repository(ctx: &Ctx<'_>, path: &str, subject: Subject) -> Result<(), Error> {
+    let accept = (subject == Subject::Manifest).then_some(media::UPSTREAM_MANIFEST_ACCEPT);
+    ctx.send(Method::HEAD, path.to_owned(), None, accept, None, subject)
+        .await
+        .map(drop)
 }
 
 fn check_accept(accept: &[&str], media_type: &str) -> Result<(), Error> {
@@ -351,18 +502,77 @@ fn manifest_response(
 }
 
 async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
-    let method = if ctx.head { Method::HEAD } else { Method::GET };
-    let resp = ctx
-        .send(
-            method,
-            format!("blobs/{digest}"),
+    let cache = &ctx.app.cache;
+    let key = ctx.target.repo_key();
+    let linked = cache.is_linked(&key, digest);
+    let cached_size = cache.blob_size(digest);
+    if ctx.head {
+        return match cached_size {
+            Some(size) if linked => Ok(blob_response(digest, StatusCode::OK, Some(size), None, body::empty())),
+            // Cold or not yet linked: an upstream HEAD only, never a download.
+            _ => {
+                let resp = blob_upstream(ctx, digest, Method::HEAD, None).await?;
+                if cached_size.is_some() && resp.status().is_success() {
+                    cache.link(&key, digest).await;
+                }
+                Ok(resp)
+            }
+        };
+    }
+    if cached_size.is_some() && !linked {
+        confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
+        cache.link(&key, digest).await;
+    }
+    let reader = cache
+        .blob(digest, blob_fetch(ctx, digest))
+        .await
+        .map_err(|e| cache_error(e, &ctx.target.upstream.name))?;
+    match reader.outcome() {
+        // The fetch through this repository succeeded: it holds the blob.
+        Outcome::Miss => cache.link(&key, digest).await,
+        Outcome::Coalesced if !linked => {
+            confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
+            cache.link(&key, digest).await;
+        }
+        _ => {}
+    }
+    let range_header = ctx.headers.get(RANGE).and_then(|v| v.to_str().ok());
+    let Some(size) = reader.size() else {
+        // Unknown length (no Content-Length upstream): the whole body, chunked.
+        return Ok(blob_response(digest, StatusCode::OK, None, None, body::stream(reader.into_stream(None))));
+    };
+    Ok(match range::parse_range(range_header, size) {
+        ByteRange::Full => blob_response(
+            digest,
+            StatusCode::OK,
+            Some(size),
             None,
+            body::stream(reader.into_stream(None)),
+        ),
+        ByteRange::Partial { start, end } => blob_response(
+            digest,
+            StatusCode::PARTIAL_CONTENT,
+            Some(end - start + 1),
+            Some(range::content_range(start, end, size)),
+            body::stream(reader.into_stream(Some((start, end)))),
+        ),
+        ByteRange::Unsatisfiable => blob_response(
+            digest,
+            StatusCode::RANGE_NOT_SATISFIABLE,
             None,
-            ctx.headers.get(RANGE),
-            Subject::Blob,
-        )
-        .await?;
-    let status = resp.response.status();
+            Some(range::unsatisfied_content_range(size)),
+            body::empty(),
+        ),
+    })
+}
+
+fn blob_response(
+    digest: &Digest,
+    status: StatusCode,
+    len: Option<u64>,
+    content_range: Option<String>,
+    body: Body,
+) -> Response<Body> {
     let mut b = Response::builder()
         .status(status)
         .header(DOCKER_CONTENT_DIGEST, digest.to_string())
@@ -370,17 +580,113 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         .header(ACCEPT_RANGES, "bytes")
         .header(CACHE_CONTROL, "max-age=31536000")
         .header(CONTENT_TYPE, "application/octet-stream");
-    for h in [CONTENT_LENGTH, CONTENT_RANGE] {
-        if let Some(v) = resp.response.headers().get(&h) {
-            b = b.header(h, v.clone());
-        }
+    if let Some(len) = len {
+        b = b.header(CONTENT_LENGTH, len);
     }
-    let body = if ctx.head || status == StatusCode::RANGE_NOT_SATISFIABLE {
+    if let Some(cr) = content_range {
+        b = b.header(CONTENT_RANGE, cr);
+    }
+    b.body(body).unwrap_or_else(|_| internal_error())
+}
+
+/// The fetch the cache runs on a miss: a full upstream GET with this request's credential,
+/// detached from the client (it owns everything it needs).
+fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
+    let upstream = ctx.target.upstream.clone();
+    let repository = ctx.target.repository.clone();
+    let credential = ctx.credential.clone();
+    let path = format!("blobs/{digest}");
+    Box::new(move || {
+        Box::pin(async move {
+            let req = UpstreamRequest {
+                method: Method::GET,
+                repository: &repository,
+                path,
+                query: None,
+                accept: None,
+                range: None,
+            };
+            match upstream.send(&req, &credential).await {
+                Ok(resp) if resp.response.status() == StatusCode::OK => Ok(UpstreamBody {
+                    size: resp.response.content_length(),
+                    stream: upstream_stream(resp),
+                }),
+                Ok(resp) => Err(FetchError::new(
+                    502,
+                    format!("unexpected status {}", resp.response.status()),
+                )),
+                Err(e) => Err(FetchError::new(upstream_error_status(&e), e.to_string())),
+            }
+        })
+    })
+}
+
+/// The HTTP-ish status the cache carries for an upstream failure, mapped back by
+/// [`cache_error`].
+fn upstream_error_status(e: &UpstreamError) -> u16 {
+    match e {
+        UpstreamError::NotFound { .. } => 404,
+        UpstreamError::Unauthorized { .. } => 401,
+        UpstreamError::Token { source, .. } if source.is_auth_failure() => 401,
+        UpstreamError::Denied { .. } => 403,
+        UpstreamError::TooManyRequests { .. } => 429,
+        UpstreamError::Status { status, .. } => status.as_u16(),
+        _ => 502,
+    }
+}
+
+fn cache_error(e: CacheError, upstream: &str) -> Error {
+    let upstream = upstream.to_owned();
+    match e {
+        CacheError::Fetch(f) => {
+            let source = match f.status() {
+                404 => UpstreamError::NotFound { upstream },
+                401 => UpstreamError::Unauthorized { upstream },
+                403 => UpstreamError::Denied { upstream },
+                429 => UpstreamError::TooManyRequests { upstream, retry_after: None },
+                s if s != 502 => UpstreamError::Status {
+                    upstream,
+                    status: StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
+                },
+                _ => UpstreamError::Unreachable { upstream, message: f.message().to_owned() },
+            };
+            Error::Upstream { subject: Subject::Blob, source }
+        }
+        other => Error::Cache(other),
+    }
+}
+
+/// A blob request answered by the upstream directly (HEAD on a cold blob).
+async fn blob_upstream(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    method: Method,
+    range: Option<&HeaderValue>,
+) -> Result<Response<Body>, Error> {
+    let head = method == Method::HEAD;
+    let resp = ctx
+        .send(method, format!("blobs/{digest}"), None, None, range, Subject::Blob)
+        .await?;
+    let status = resp.response.status();
+    let len = resp.response.content_length().or_else(|| {
+        resp.response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    });
+    let content_range = resp
+        .response
+        .headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = if head || status == StatusCode::RANGE_NOT_SATISFIABLE {
         body::empty()
     } else {
         body::stream(upstream_stream(resp))
     };
-    Ok(b.body(body).unwrap_or_else(|_| internal_error()))
+    Ok(blob_response(digest, status, len, content_range, body))
 }
 
 /// The upstream body as a stream, holding the upstream fetch slot until it ends.

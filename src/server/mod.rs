@@ -40,6 +40,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Readiness beyond "config loaded": e.g. the catalog's first full sync.
     pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+    pub cache: Arc<crate::cache::Cache>,
     /// The module catalog, when one is configured.
     pub catalog: Option<Arc<crate::catalog::Catalog>>,
 }
@@ -170,6 +171,8 @@ pub enum BuildError {
     Upstream(#[from] crate::upstream::UpstreamSetupError),
     #[error("credentials.docker_config: {0}")]
     DockerConfig(#[from] crate::credentials::dockerconfig::DockerConfigError),
+    #[error("cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
 }
@@ -179,6 +182,7 @@ impl App {
     pub async fn build(config: Config) -> Result<App, BuildError> {
         let metrics = Arc::new(Metrics::new()?);
         let upstreams = Upstreams::new(&config, metrics.clone())?;
+        let cache = crate::cache::Cache::open(&config.cache, &metrics.registry).await?;
         let mut keychain = crate::credentials::keychain::Keychain::new();
         if let Some(path) = &config.credentials.docker_config {
             let dc = crate::credentials::dockerconfig::DockerConfig::load(path)?;
@@ -205,6 +209,7 @@ impl App {
             hosts,
             metrics,
             ready,
+            cache,
             catalog,
         })
     }
