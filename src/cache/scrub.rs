@@ -41,7 +41,7 @@ pub fn scrub(inner: &Inner, untouched: u64) {
             }
         }
     }
-    times.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    times.sort_unstable_by_key(|t| t.0);
     {
         let mut st = inner.lock();
         for (i, (_, digest, gen)) in times.into_iter().enumerate() {

@@ -169,20 +169,11 @@ impl Store {
 fn parse_blob_name(alg: Algorithm, name: &str) -> Option<(Digest, u64)> {
     let (hex, size) = name.split_once('.')?;
     let size: u64 = size.parse().ok()?;
-    let lower = hex
-        .bytes()
-        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
-    let raw = hex::decode(hex).ok().filter(|_| lower)?;
-    let digest = Digest::from_raw(alg, &raw);
-    // from_raw does not check the length; the round trip does.
-    (digest.hex() == hex && raw.len() == alg_len(alg)).then_some((digest, size))
-}
-
-fn alg_len(alg: Algorithm) -> usize {
-    match alg {
-        Algorithm::Sha256 => 32,
-        Algorithm::Sha512 => 64,
-    }
+    let mut s = String::with_capacity(8 + hex.len());
+    s.push_str(alg.as_str());
+    s.push(':');
+    s.push_str(hex);
+    Some((Digest::parse(&s).ok()?, size))
 }
 
 fn remove_any(path: &Path) -> io::Result<()> {

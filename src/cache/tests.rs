@@ -683,6 +683,15 @@ async fn rebuild_100k() {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, body).unwrap();
     }
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let r = store.rebuild().unwrap();
+        println!(
+            "directory scan of {} blobs: {:?}",
+            r.blobs.len(),
+            t.elapsed()
+        );
+    }
     let t = std::time::Instant::now();
     let cache = open(dir.path(), None).await;
     let elapsed = t.elapsed();
@@ -704,4 +713,12 @@ async fn scrub_drops_truncated_files_after_open() {
     let cache = open(dir.path(), None).await;
     until(|| cache.blob_size(&db).is_none()).await;
     assert_eq!(cache.blob_count(), 0);
+}
+
+#[test]
+fn cache_and_reader_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Cache>();
+    send::<BlobReader>();
 }
