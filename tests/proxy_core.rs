@@ -279,7 +279,10 @@ async fn refused_token_is_refreshed_once() {
     .await;
     let tmp = tempfile::tempdir().unwrap();
     let dc = docker_config(tmp.path(), "token.test", USER, PASSWORD);
-    let proxy = ProxyProcess::start(&proxy_config(&[("token.test", &reg.url())], Some(&dc))).await;
+    // tag_ttl 0s: every tag request revalidates upstream, so the second request needs a token.
+    let config = proxy_config(&[("token.test", &reg.url())], Some(&dc))
+        .replace("cache:\n", "cache:\n  tag_ttl: 0s\n");
+    let proxy = ProxyProcess::start(&config).await;
     let url = format!("{}/v2/token.test/private/app/manifests/v1", proxy.url());
     let accept = "application/vnd.oci.image.manifest.v1+json";
     let resp = http_client()

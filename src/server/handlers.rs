@@ -668,13 +668,13 @@ async fn blob_upstream(
         .send(method, format!("blobs/{digest}"), None, None, range, Subject::Blob)
         .await?;
     let status = resp.response.status();
-    let len = resp.response.content_length().or_else(|| {
-        resp.response
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-    });
+    // The header, not content_length(): for a HEAD reqwest reports the (empty) body's length.
+    let len = resp
+        .response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let content_range = resp
         .response
         .headers()
