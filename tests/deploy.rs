@@ -16,6 +16,7 @@
 //! print why and pass, unless `CI` is set: then they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -203,7 +204,9 @@ fn tools(test: &str) -> Option<&'static Tools> {
                 !ci,
                 "{test}: {why}; run scripts/install-deploy-tools (CI is set, so this fails)"
             );
-            eprintln!(
+            // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
                 "\n!!!!! SKIPPED {test}: {why}.\n!!!!! Run scripts/install-deploy-tools to \
                  install kubectl and kubernetes-validate; with CI set this test fails instead.\n"
             );
