@@ -15,12 +15,12 @@ use hyper::Request;
 
 use super::body::{self, Body, RequestRecord};
 use super::App;
+use crate::cache::{CacheError, FetchError, FetchFn, Outcome, UpstreamBody};
 use crate::credentials::Credential;
 use crate::error::{Error, Subject};
+use crate::protocol::range::{self, ByteRange};
 use crate::protocol::{media, tags, Digest, OciError, Op, Reference, Route};
 use crate::routing::{self, Target};
-use crate::cache::{CacheError, FetchError, FetchFn, Outcome, UpstreamBody};
-use crate::protocol::range::{self, ByteRange};
 use crate::upstream::{UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// Largest manifest accepted from an upstream (distribution's own limit is 4 MiB).
@@ -238,9 +238,18 @@ async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>
     } else {
         let bytes = match found.bytes {
             Some(b) => b,
-            None => fetch_and_store(ctx, &Reference::Digest(found.digest.clone())).await?.bytes,
+            None => {
+                fetch_and_store(ctx, &Reference::Digest(found.digest.clone()))
+                    .await?
+                    .bytes
+            }
         };
-        manifest_response(&found.digest, &found.media_type, bytes.len() as u64, Some(bytes))
+        manifest_response(
+            &found.digest,
+            &found.media_type,
+            bytes.len() as u64,
+            Some(bytes),
+        )
     };
     if let Some(w) = found.warning.and_then(|w| HeaderValue::from_str(&w).ok()) {
         resp.headers_mut().insert(http::header::WARNING, w);
@@ -287,7 +296,9 @@ async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Err
             warning: None,
         });
     }
-    Ok(fetch_and_store(ctx, &Reference::Digest(digest.clone())).await?.into())
+    Ok(fetch_and_store(ctx, &Reference::Digest(digest.clone()))
+        .await?
+        .into())
 }
 
 /// By tag: trusted for the upstream's tag TTL, then revalidated with an upstream HEAD; served
@@ -312,7 +323,12 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
     }
     let reference = Reference::Tag(match crate::protocol::Tag::parse(tag) {
         Some(t) => t,
-        None => return Err(Error::Request(OciError::new(crate::protocol::ErrorCode::ManifestUnknown, "invalid tag"))),
+        None => {
+            return Err(Error::Request(OciError::new(
+                crate::protocol::ErrorCode::ManifestUnknown,
+                "invalid tag",
+            )))
+        }
     });
     match head_manifest(ctx, &reference).await {
         Ok(Some((digest, media_type, len))) => {
@@ -336,7 +352,9 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                     warning: None,
                 });
             }
-            Ok(fetch_and_store(ctx, &Reference::Digest(digest)).await?.into())
+            Ok(fetch_and_store(ctx, &Reference::Digest(digest))
+                .await?
+                .into())
         }
         Ok(None) => {
             let m = fetch_and_store(ctx, &reference).await?;
@@ -374,7 +392,10 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
 async fn fetch_and_store(ctx: &Ctx<'_>, reference: &Reference) -> Result<Manifest, Error> {
     let m = fetch_manifest(ctx, reference).await?;
     let cache = &ctx.app.cache;
-    if let Err(e) = cache.put_manifest(&m.digest, &m.media_type, m.bytes.clone()).await {
+    if let Err(e) = cache
+        .put_manifest(&m.digest, &m.media_type, m.bytes.clone())
+        .await
+    {
         tracing::warn!(digest = %m.digest, error = %e, "manifest not cached");
     } else {
         cache.link(&ctx.target.repo_key(), &m.digest).await;
@@ -508,7 +529,13 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     let cached_size = cache.blob_size(digest);
     if ctx.head {
         return match cached_size {
-            Some(size) if linked => Ok(blob_response(digest, StatusCode::OK, Some(size), None, body::empty())),
+            Some(size) if linked => Ok(blob_response(
+                digest,
+                StatusCode::OK,
+                Some(size),
+                None,
+                body::empty(),
+            )),
             // Cold or not yet linked: an upstream HEAD only, never a download.
             _ => {
                 let resp = blob_upstream(ctx, digest, Method::HEAD, None).await?;
@@ -539,7 +566,13 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     let range_header = ctx.headers.get(RANGE).and_then(|v| v.to_str().ok());
     let Some(size) = reader.size() else {
         // Unknown length (no Content-Length upstream): the whole body, chunked.
-        return Ok(blob_response(digest, StatusCode::OK, None, None, body::stream(reader.into_stream(None))));
+        return Ok(blob_response(
+            digest,
+            StatusCode::OK,
+            None,
+            None,
+            body::stream(reader.into_stream(None)),
+        ));
     };
     Ok(match range::parse_range(range_header, size) {
         ByteRange::Full => blob_response(
@@ -643,14 +676,23 @@ fn cache_error(e: CacheError, upstream: &str) -> Error {
                 404 => UpstreamError::NotFound { upstream },
                 401 => UpstreamError::Unauthorized { upstream },
                 403 => UpstreamError::Denied { upstream },
-                429 => UpstreamError::TooManyRequests { upstream, retry_after: None },
+                429 => UpstreamError::TooManyRequests {
+                    upstream,
+                    retry_after: None,
+                },
                 s if s != 502 => UpstreamError::Status {
                     upstream,
                     status: StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
                 },
-                _ => UpstreamError::Unreachable { upstream, message: f.message().to_owned() },
+                _ => UpstreamError::Unreachable {
+                    upstream,
+                    message: f.message().to_owned(),
+                },
             };
-            Error::Upstream { subject: Subject::Blob, source }
+            Error::Upstream {
+                subject: Subject::Blob,
+                source,
+            }
         }
         other => Error::Cache(other),
     }
@@ -665,7 +707,14 @@ async fn blob_upstream(
 ) -> Result<Response<Body>, Error> {
     let head = method == Method::HEAD;
     let resp = ctx
-        .send(method, format!("blobs/{digest}"), None, None, range, Subject::Blob)
+        .send(
+            method,
+            format!("blobs/{digest}"),
+            None,
+            None,
+            range,
+            Subject::Blob,
+        )
         .await?;
     let status = resp.response.status();
     // The header, not content_length(): for a HEAD reqwest reports the (empty) body's length.
