@@ -1132,7 +1132,7 @@ fn dockerfile_runs_unprivileged_with_the_documented_paths() {
         .map(str::trim)
         .filter(|l| !l.starts_with('#'))
         .collect();
-    let has = |l: &str| lines.iter().any(|x| *x == l);
+    let has = |l: &str| lines.contains(&l);
     for l in [
         "USER 65532:65532",
         "EXPOSE 5000",
