@@ -35,6 +35,16 @@ const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api
 const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
 const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
+/// How the cache answered, carried from a handler to the access log in the response's
+/// extensions: `hit`, `miss`, `coalesced`, `stale`, `upstream` (not cacheable / passed through).
+#[derive(Clone, Copy, Debug)]
+pub struct CacheStatus(pub &'static str);
+
+fn with_cache_status(mut resp: Response<Body>, status: &'static str) -> Response<Body> {
+    resp.extensions_mut().insert(CacheStatus(status));
+    resp
+}
+
 /// Answers one request; never fails: errors become OCI error responses.
 pub async fn handle(app: &App, req: Request<Incoming>) -> (Response<Body>, RequestRecord) {
     let method = req.method().clone();
@@ -80,6 +90,9 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> (Response<Body>, Reque
     };
     resp.headers_mut()
         .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    if let Some(CacheStatus(c)) = resp.extensions().get::<CacheStatus>() {
+        rec.cache = c;
+    }
     rec.status = resp.status().as_u16();
     (resp, rec)
 }
@@ -254,12 +267,13 @@ async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>
     if let Some(w) = found.warning.and_then(|w| HeaderValue::from_str(&w).ok()) {
         resp.headers_mut().insert(http::header::WARNING, w);
     }
-    Ok(resp)
+    Ok(with_cache_status(resp, found.cache))
 }
 
 /// A manifest as the handler serves it; `bytes` is `None` only for a HEAD answered from an
 /// upstream HEAD.
 struct Found {
+    cache: &'static str,
     digest: Digest,
     media_type: String,
     len: u64,
@@ -270,6 +284,7 @@ struct Found {
 impl From<Manifest> for Found {
     fn from(m: Manifest) -> Found {
         Found {
+            cache: "miss",
             len: m.bytes.len() as u64,
             digest: m.digest,
             media_type: m.media_type,
@@ -289,6 +304,7 @@ async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Err
             cache.link(&key, digest).await;
         }
         return Ok(Found {
+            cache: "hit",
             len: m.bytes.len() as u64,
             digest: digest.clone(),
             media_type: m.media_type,
@@ -312,6 +328,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
         if age < ctx.target.upstream.tag_ttl {
             if let Some(m) = cache.manifest(&e.digest).await {
                 return Ok(Found {
+                    cache: "hit",
                     len: m.bytes.len() as u64,
                     digest: e.digest.clone(),
                     media_type: m.media_type,
@@ -336,6 +353,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
             if let Some(m) = cache.manifest(&digest).await {
                 cache.link(&key, &digest).await;
                 return Ok(Found {
+                    cache: "hit",
                     len: m.bytes.len() as u64,
                     digest,
                     media_type: m.media_type,
@@ -345,6 +363,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
             }
             if ctx.head {
                 return Ok(Found {
+                    cache: "upstream",
                     digest,
                     media_type,
                     len,
@@ -369,6 +388,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                     if let Some(m) = cache.manifest(&e.digest).await {
                         tracing::warn!(repository = %key, tag, error = %source, "serving a cached tag: upstream failed");
                         return Ok(Found {
+                            cache: "stale",
                             len: m.bytes.len() as u64,
                             digest: e.digest.clone(),
                             media_type: m.media_type,
@@ -542,7 +562,7 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
                 if cached_size.is_some() && resp.status().is_success() {
                     cache.link(&key, digest).await;
                 }
-                Ok(resp)
+                Ok(with_cache_status(resp, "upstream"))
             }
         };
     }
@@ -563,18 +583,17 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         }
         _ => {}
     }
+    let outcome = reader.outcome().as_str();
     let range_header = ctx.headers.get(RANGE).and_then(|v| v.to_str().ok());
     let Some(size) = reader.size() else {
         // Unknown length (no Content-Length upstream): the whole body, chunked.
-        return Ok(blob_response(
-            digest,
-            StatusCode::OK,
-            None,
-            None,
-            body::stream(reader.into_stream(None)),
+        let body = body::stream(reader.into_stream(None));
+        return Ok(with_cache_status(
+            blob_response(digest, StatusCode::OK, None, None, body),
+            outcome,
         ));
     };
-    Ok(match range::parse_range(range_header, size) {
+    let resp = match range::parse_range(range_header, size) {
         ByteRange::Full => blob_response(
             digest,
             StatusCode::OK,
@@ -596,7 +615,8 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
             Some(range::unsatisfied_content_range(size)),
             body::empty(),
         ),
-    })
+    };
+    Ok(with_cache_status(resp, outcome))
 }
 
 fn blob_response(
