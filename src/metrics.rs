@@ -25,17 +25,17 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new_custom(Some("oci_proxy".into()), None)?;
+        let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
-                "http_requests_total",
+                "oci_proxy_http_requests_total",
                 "Client requests by route class and status.",
             ),
             &["route", "status"],
         )?;
         let request_seconds = HistogramVec::new(
             HistogramOpts::new(
-                "http_request_duration_seconds",
+                "oci_proxy_http_request_duration_seconds",
                 "Time to the end of the response body, by route class.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
@@ -43,21 +43,21 @@ impl Metrics {
         )?;
         let response_bytes = IntCounterVec::new(
             Opts::new(
-                "http_response_bytes_total",
+                "oci_proxy_http_response_bytes_total",
                 "Body bytes sent to clients, by route class.",
             ),
             &["route"],
         )?;
         let upstream_requests = IntCounterVec::new(
             Opts::new(
-                "upstream_requests_total",
+                "oci_proxy_upstream_requests_total",
                 "Requests to upstreams by upstream and outcome.",
             ),
             &["upstream", "outcome"],
         )?;
         let upstream_seconds = HistogramVec::new(
             HistogramOpts::new(
-                "upstream_request_duration_seconds",
+                "oci_proxy_upstream_request_duration_seconds",
                 "Time to upstream response headers, by upstream and outcome.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
@@ -65,14 +65,14 @@ impl Metrics {
         )?;
         let token_fetches = IntCounterVec::new(
             Opts::new(
-                "token_fetches_total",
+                "oci_proxy_token_fetches_total",
                 "Token exchanges with upstream token servers.",
             ),
             &["upstream", "result"],
         )?;
         let auth_failures = IntCounterVec::new(
             Opts::new(
-                "upstream_auth_failures_total",
+                "oci_proxy_upstream_auth_failures_total",
                 "Requests refused by an upstream for lack of valid credentials.",
             ),
             &["upstream"],
