@@ -97,9 +97,17 @@ async fn get_ok(url: &str) -> (StatusCode, Vec<u8>) {
     (status, read_body(resp).await.expect("read body"))
 }
 
-/// Asserts a response does not deliver `want_len` bytes cleanly: an error status, or a 200
-/// whose body read fails or comes up short. Never a clean 200 with a full body.
-async fn assert_not_served_cleanly(resp: reqwest::Response, want_len: usize, what: &str) {
+/// Asserts a request does not deliver `want_len` bytes cleanly: the connection fails before
+/// the headers, or an error status, or a 200 whose body read fails or comes up short. Never a
+/// clean 200 with a full body.
+async fn assert_not_served_cleanly(
+    sent: reqwest::Result<reqwest::Response>,
+    want_len: usize,
+    what: &str,
+) {
+    let Ok(resp) = sent else {
+        return; // closed before the headers were out
+    };
     if resp.status() != StatusCode::OK {
         assert!(
             resp.status().is_client_error() || resp.status().is_server_error(),
@@ -285,8 +293,8 @@ async fn wrong_upstream_bytes_are_neither_served_cleanly_nor_cached() {
     let url = blob_url(&proxy, "team/app", &digest);
     let path = blob_path("team/app", &digest);
 
-    let resp = http_client().get(&url).send().await.expect("send");
-    assert_not_served_cleanly(resp, data.len(), "wrong bytes").await;
+    let sent = http_client().get(&url).send().await;
+    assert_not_served_cleanly(sent, data.len(), "wrong bytes").await;
     wait_until(DEADLINE, "the failed fill is counted", || async {
         cache_metric(
             &proxy,
@@ -303,8 +311,8 @@ async fn wrong_upstream_bytes_are_neither_served_cleanly_nor_cached() {
     );
 
     // Nothing was kept: the next request goes upstream again (and fails the same way).
-    let resp = http_client().get(&url).send().await.expect("send");
-    assert_not_served_cleanly(resp, data.len(), "wrong bytes again").await;
+    let sent = http_client().get(&url).send().await;
+    assert_not_served_cleanly(sent, data.len(), "wrong bytes again").await;
     assert_eq!(reg.gets(&path), 2);
     let m = metrics(&proxy).await;
     assert_eq!(
@@ -330,8 +338,8 @@ async fn truncated_upstream_body_is_not_cached_and_a_clean_refill_is() {
     let url = blob_url(&proxy, "team/app", &digest);
     let path = blob_path("team/app", &digest);
 
-    let resp = http_client().get(&url).send().await.expect("send");
-    assert_not_served_cleanly(resp, data.len(), "truncated").await;
+    let sent = http_client().get(&url).send().await;
+    assert_not_served_cleanly(sent, data.len(), "truncated").await;
     wait_until(DEADLINE, "the failed fill is counted", || async {
         cache_metric(&proxy, "oci_proxy_cache_fills_failed_total", &[]).await == 1.0
     })
@@ -649,11 +657,11 @@ async fn eviction_bounds_the_size_and_open_downloads_of_evicted_blobs_complete()
         "oci_proxy_cache_served_bytes_total",
         &[("outcome", "hit")],
     );
-    eprintln!(
-        "hit bytes read from cache files when the big blob was evicted: {served_hit} \
-         (the open download had {} of {} bytes left in the file)",
-        2.0 * big.len() as f64 - served_hit,
-        big.len()
+    // The open download had not read the whole file when it was unlinked: the rest comes from
+    // the unlinked file through the descriptor it holds.
+    assert!(
+        served_hit < big.len() as f64,
+        "the slow download already had all {served_hit} bytes out of the file"
     );
 
     slow_body.extend(read_body(slow).await.expect("the open download completes"));
@@ -718,18 +726,16 @@ async fn restart_serves_committed_blobs_and_never_serves_damaged_files() {
     assert_eq!(status, StatusCode::OK);
     assert!(body == good, "committed blob served after restart");
 
-    let resp = http_client()
+    let sent = http_client()
         .get(blob_url(&second, "team/app", &short_d))
         .send()
-        .await
-        .expect("send");
-    assert_not_served_cleanly(resp, short.len(), "truncated committed file").await;
-    let resp = http_client()
+        .await;
+    assert_not_served_cleanly(sent, short.len(), "truncated committed file").await;
+    let sent = http_client()
         .get(blob_url(&second, "team/app", &flipped_d))
         .send()
-        .await
-        .expect("send");
-    assert_not_served_cleanly(resp, flipped.len(), "altered committed file").await;
+        .await;
+    assert_not_served_cleanly(sent, flipped.len(), "altered committed file").await;
     wait_until(DEADLINE, "both damaged files dropped", || async {
         !short_file.exists() && !flipped_file.exists()
     })
@@ -828,4 +834,105 @@ async fn range_on_a_hit_is_a_206_from_the_cache() {
         .await,
         4.0
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream errors and stalls on blob fills
+// ---------------------------------------------------------------------------------------------
+
+/// Error statuses on a blob fill reach the client as OCI errors and are not cached: the next
+/// request goes upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_error_statuses_on_a_fill_are_passed_on_and_not_cached() {
+    let reg = FaultyRegistry::start().await;
+    let data = random_bytes(200_000, 111);
+    let digest = reg.add_blob("team/app", &data);
+    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
+    let url = blob_url(&proxy, "team/app", &digest);
+    let path = blob_path("team/app", &digest);
+
+    for (upstream, want, code) in [
+        (500, StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
+        (503, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        (429, StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
+    ] {
+        reg.set_behaviour(&digest, Behaviour::Status(upstream));
+        let resp = http_client().get(&url).send().await.expect("send");
+        assert_eq!(resp.status(), want, "upstream {upstream}");
+        let body: serde_json::Value = resp.json().await.expect("json");
+        assert_eq!(body["errors"][0]["code"], code, "upstream {upstream}");
+    }
+    assert_eq!(reg.gets(&path), 3, "errors are not cached");
+    reg.set_behaviour(&digest, Behaviour::Correct);
+    let (status, body) = get_ok(&url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == data);
+    let m = metrics(&proxy).await;
+    assert_eq!(
+        metric(
+            &m,
+            "oci_proxy_cache_fills_failed_total",
+            &[("reason", "upstream_error")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&m, "oci_proxy_cache_fills_committed_total", &[]),
+        1.0
+    );
+}
+
+/// A 429 on a blob fill keeps the upstream's `Retry-After`, as it does for manifests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: Retry-After of an upstream 429 is dropped for blobs fetched through the cache"]
+async fn upstream_429_on_a_blob_fill_keeps_retry_after() {
+    let reg = FaultyRegistry::start().await;
+    let digest = reg.add_blob("team/app", &random_bytes(1000, 121));
+    reg.set_behaviour(&digest, Behaviour::Status(429));
+    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
+    let resp = http_client()
+        .get(blob_url(&proxy, "team/app", &digest))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..]),
+        "the fixture sends Retry-After: 1"
+    );
+}
+
+/// An upstream body that stalls does not hold the digest forever: the fill fails once the
+/// upstream read times out (`limits.upstream_timeout`), its clients get an error, and the next
+/// request starts a new fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upstream_body_fails_the_fill_and_frees_the_digest() {
+    let reg = FaultyRegistry::start().await;
+    let data = random_bytes(600_000, 131);
+    let digest = reg.add_blob("team/app", &data);
+    reg.set_behaviour(&digest, Behaviour::Stall);
+    let cfg = format!(
+        "limits:\n  upstream_timeout: 1s\n{}",
+        config(&reg.url(), None, "", "")
+    );
+    let proxy = ProxyProcess::start(&cfg).await;
+    let url = blob_url(&proxy, "team/app", &digest);
+
+    let sent = http_client().get(&url).send().await;
+    assert_not_served_cleanly(sent, data.len(), "stalled upstream").await;
+    assert_eq!(
+        cache_metric(
+            &proxy,
+            "oci_proxy_cache_fills_failed_total",
+            &[("reason", "upstream_error")]
+        )
+        .await,
+        1.0
+    );
+    reg.set_behaviour(&digest, Behaviour::Correct);
+    let (status, body) = get_ok(&url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == data);
+    assert_eq!(reg.gets(&blob_path("team/app", &digest)), 2);
 }
