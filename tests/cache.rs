@@ -135,10 +135,15 @@ fn committed_path(cache: &Path, digest: &str, size: usize) -> PathBuf {
         .join(format!("{hex}.{size}"))
 }
 
-/// Lines of the registry's log that record a request `METHOD path`.
+/// Requests `METHOD path` the registry answered 200, from its access log (combined log format:
+/// `... "GET /v2/... HTTP/1.1" 200 ...`). A 401 challenge before the authenticated retry is not
+/// counted.
 fn registry_requests(reg: &Registry, method: &str, path: &str) -> usize {
     let needle = format!("\"{method} {path} ");
-    reg.logs().lines().filter(|l| l.contains(&needle)).count()
+    reg.logs()
+        .lines()
+        .filter(|l| l.contains(&needle) && l.contains("\" 200 "))
+        .count()
 }
 
 /// The cache's families are documented (and named in src/cache/metrics.rs) as
@@ -801,7 +806,7 @@ async fn range_on_a_hit_is_a_206_from_the_cache() {
 
     let n = data.len();
     for (range, start, end) in [
-        (format!("bytes=1000-1999"), 1000, 1999),
+        ("bytes=1000-1999".to_string(), 1000, 1999),
         (format!("bytes={}-", n - 10), n - 10, n - 1),
         ("bytes=-5".to_string(), n - 5, n - 1),
         (
@@ -935,4 +940,79 @@ async fn stalled_upstream_body_fails_the_fill_and_frees_the_digest() {
     assert_eq!(status, StatusCode::OK);
     assert!(body == data);
     assert_eq!(reg.gets(&blob_path("team/app", &digest)), 2);
+}
+
+/// The same rule against distribution 2.8 with token auth: the proxy's user may pull
+/// `private/a` only. A blob cached through `private/a` is refused for `other/b` (the registry
+/// refuses the confirming HEAD) until the user is granted `other/b`; then it is served from the
+/// cache with a HEAD and no GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_blob_needs_the_users_access_to_the_other_repository_on_distribution() {
+    const USER: &str = "alice";
+    const PASSWORD: &str = "alice-secret-pw";
+    let tokens = TokenServer::start(TokenPolicy::new().user(USER, PASSWORD).grant(
+        USER,
+        "private/a",
+        &["pull"],
+    ))
+    .await;
+    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
+    let admin = Some((ADMIN_USER, ADMIN_PASSWORD));
+    let data = random_bytes(300_000, 141);
+    let digest = push_blob(&reg, admin, "private/a", &data).await;
+    push_blob(&reg, admin, "other/b", &data).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let docker_config = dir.path().join("config.json");
+    {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+        let json = serde_json::json!({"auths": {UP: {"auth": auth}}});
+        std::fs::write(&docker_config, json.to_string()).expect("write docker config");
+    }
+    let cfg = format!(
+        "{}credentials:\n  docker_config: \"{}\"\n",
+        config(&reg.url(), None, "", ""),
+        docker_config.display()
+    );
+    let proxy = ProxyProcess::start(&cfg).await;
+    let path_b = format!("/v2/other/b/blobs/{digest}");
+
+    let (status, body) = get_ok(&blob_url(&proxy, "private/a", &digest)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == data);
+    let resp = http_client()
+        .get(blob_url(&proxy, "other/b", &digest))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "no access to other/b"
+    );
+
+    tokens.update_policy(|p| {
+        p.grants
+            .entry(USER.to_string())
+            .or_default()
+            .insert("other/b".to_string(), ["pull".to_string()].into());
+    });
+    let (status, body) = get_ok(&blob_url(&proxy, "other/b", &digest)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == data);
+    wait_until(
+        DEADLINE,
+        "the registry logged the confirming HEAD",
+        || async { registry_requests(&reg, "HEAD", &path_b) >= 1 },
+    )
+    .await;
+    assert_eq!(
+        registry_requests(&reg, "GET", &path_b),
+        0,
+        "served from the cache, never downloaded for other/b"
+    );
+    assert_eq!(
+        registry_requests(&reg, "GET", &format!("/v2/private/a/blobs/{digest}")),
+        1
+    );
 }
