@@ -44,17 +44,28 @@
 //!   `ProxyProcess::start_with_env(config_yaml, &[("K", "V")])` adds environment variables.
 //!   `url()`, `host()`, `dir()`, `logs()`, `stop()`; killed on drop.
 //!
+//! # Faulty upstream (`faulty`)
+//! - `FaultyRegistry::start() -> FaultyRegistry` (async): an in-process anonymous registry on
+//!   127.0.0.1:0; `url()`, `host()`. Content: `add_blob(repo, bytes) -> digest`,
+//!   `link_blob`/`unlink_blob(repo, digest)`, `add_manifest(repo, tag, media_type, bytes)`,
+//!   `remove_tag`. Faults per digest: `set_behaviour(digest, Behaviour::{Correct, WrongBytes,
+//!   Truncate, Stall, Steps(n), Status(code)})`, `release(digest, steps)`. Counters:
+//!   `gets(path)`, `heads(path)`, `total_requests()` with `faulty::blob_path(repo, digest)`.
+//!   `go_down(Down::{Unavailable, Refused})`, `go_up()` (async).
+//!
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
 #![allow(dead_code, unused_imports)]
 
+pub mod faulty;
 pub mod process;
 pub mod registry;
 pub mod seed;
 pub mod skopeo;
 pub mod token_server;
 
+pub use faulty::{Behaviour, Down, FaultyRegistry};
 pub use registry::{Registry, RegistryAuth};
 pub use seed::{
     fetch_token, parse_challenge, push_blob, push_docker_image, push_image, push_image_as,
