@@ -65,7 +65,8 @@ pub struct Limits {
     pub max_concurrent_upstream_fetches: usize,
     /// Time allowed for a client to send its request headers.
     pub header_read_timeout: Duration,
-    /// Time allowed for an upstream to answer with headers (bodies stream without a limit).
+    /// Time allowed for an upstream to answer with headers, and the longest pause allowed
+    /// between two reads of an upstream body (a stalled fill fails after it).
     pub upstream_timeout: Duration,
     /// Longest request head accepted, in bytes.
     pub max_header_size: ByteSize,

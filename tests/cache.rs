@@ -150,7 +150,6 @@ fn registry_requests(reg: &Registry, method: &str, path: &str) -> usize {
 /// `oci_proxy_cache_*`, but they are registered into the server's registry, which already has
 /// the `oci_proxy` namespace, so `/metrics` shows `oci_proxy_oci_proxy_cache_*`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: cache metrics are exported as oci_proxy_oci_proxy_cache_* (namespace applied twice)"]
 async fn cache_metrics_have_their_documented_names() {
     let proxy = ProxyProcess::start(&config("http://127.0.0.1:9", None, "", "")).await;
     let text = metrics(&proxy).await;
@@ -889,7 +888,6 @@ async fn upstream_error_statuses_on_a_fill_are_passed_on_and_not_cached() {
 
 /// A 429 on a blob fill keeps the upstream's `Retry-After`, as it does for manifests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: Retry-After of an upstream 429 is dropped for blobs fetched through the cache"]
 async fn upstream_429_on_a_blob_fill_keeps_retry_after() {
     let reg = FaultyRegistry::start().await;
     let digest = reg.add_blob("team/app", &random_bytes(1000, 121));

@@ -64,8 +64,13 @@ pub struct UpstreamBody {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
     /// `status` is HTTP-ish (e.g. 404, 429, 502 for "unreachable") so the caller can map it back.
+    /// `retry_after` carries an upstream 429's `Retry-After` back to every waiting client.
     #[error("upstream: {status} {message}")]
-    Upstream { status: u16, message: String },
+    Upstream {
+        status: u16,
+        message: String,
+        retry_after: Option<String>,
+    },
 }
 
 impl FetchError {
@@ -73,6 +78,19 @@ impl FetchError {
         FetchError::Upstream {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn with_retry_after(mut self, value: Option<String>) -> FetchError {
+        let FetchError::Upstream { retry_after, .. } = &mut self;
+        *retry_after = value;
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<&str> {
+        match self {
+            FetchError::Upstream { retry_after, .. } => retry_after.as_deref(),
         }
     }
 

@@ -577,7 +577,9 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     match reader.outcome() {
         // The fetch through this repository succeeded: it holds the blob.
         Outcome::Miss => cache.link(&key, digest).await,
-        Outcome::Coalesced if !linked => {
+        // Checked again here, not with `linked` from before: another repository's fill may
+        // have committed in between, and this repository was never confirmed.
+        Outcome::Coalesced | Outcome::Hit if !cache.is_linked(&key, digest) => {
             confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
             cache.link(&key, digest).await;
         }
@@ -668,7 +670,17 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
                     502,
                     format!("unexpected status {}", resp.response.status()),
                 )),
-                Err(e) => Err(FetchError::new(upstream_error_status(&e), e.to_string())),
+                Err(e) => {
+                    let retry_after = match &e {
+                        UpstreamError::TooManyRequests { retry_after, .. } => retry_after
+                            .as_ref()
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned),
+                        _ => None,
+                    };
+                    Err(FetchError::new(upstream_error_status(&e), e.to_string())
+                        .with_retry_after(retry_after))
+                }
             }
         })
     })
@@ -698,7 +710,7 @@ fn cache_error(e: CacheError, upstream: &str) -> Error {
                 403 => UpstreamError::Denied { upstream },
                 429 => UpstreamError::TooManyRequests {
                     upstream,
-                    retry_after: None,
+                    retry_after: f.retry_after().and_then(|v| HeaderValue::from_str(v).ok()),
                 },
                 s if s != 502 => UpstreamError::Status {
                     upstream,
