@@ -49,6 +49,7 @@
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
 #![allow(dead_code, unused_imports)]
 
+pub mod kyma;
 pub mod process;
 pub mod registry;
 pub mod seed;
