@@ -997,3 +997,68 @@ async fn proxy_prefixed_base_url_gets_module_credentials() {
     }
     panic!("LM-style pull through a proxy-prefixed baseUrl never succeeded: {last:?}");
 }
+
+/// The worked example of the README (config/dev-catalog-example/), run as written except for
+/// ports and directories: its ModuleTemplate and both Secrets give skopeo the module and a
+/// repository under the default Secret's subpath.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_catalog_example_works() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dev-catalog-example");
+    let reg = Registry::start(RegistryAuth::htpasswd(&[
+        (ADMIN_USER, ADMIN_PASSWORD),
+        ("module-reader", "dev-only-module-password"),
+        ("klm-reader", "dev-only-klm-password"),
+    ]))
+    .await;
+    let admin = Some((ADMIN_USER, ADMIN_PASSWORD));
+    let module_repo = module_repository("modules", "kyma-project.io/module/template-operator");
+    let module = push_image(&reg, admin, &module_repo, "1.0.0", &layers(7)).await;
+    let restricted_repo = module_repository("restricted", "kyma-project.io/module/btp-operator");
+    let restricted = push_image(&reg, admin, &restricted_repo, "2.0.0", &layers(8)).await;
+
+    let catalog = tempfile::tempdir().expect("catalog dir");
+    let mut config = None;
+    for entry in std::fs::read_dir(&example).expect("read the example directory") {
+        let path = entry.expect("dir entry").path();
+        let text = std::fs::read_to_string(&path).expect("read example file");
+        if path.file_name().is_some_and(|n| n == "oci-proxy.yaml") {
+            config = Some(text);
+        } else {
+            std::fs::write(catalog.path().join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    let mut config = config.expect("oci-proxy.yaml in the example");
+    let dir = catalog.path().display().to_string();
+    for (from, to) in [
+        ("listen: 127.0.0.1:5000", "listen: \"{listen}\"".to_string()),
+        ("dir: ./oci-proxy-cache", "dir: \"{dir}/cache\"".to_string()),
+        (
+            "endpoint: http://127.0.0.1:5001",
+            format!("endpoint: {}", reg.url()),
+        ),
+        (
+            "files: config/dev-catalog-example",
+            format!("files: \"{dir}\""),
+        ),
+    ] {
+        assert!(config.contains(from), "the example config has {from:?}");
+        config = config.replace(from, &to);
+    }
+    let proxy = ProxyProcess::start(&config).await;
+    for (name, tag, pushed) in [
+        (&module_repo, "1.0.0", &module),
+        (&restricted_repo, "2.0.0", &restricted),
+    ] {
+        let dest = tempfile::tempdir().expect("skopeo dest");
+        let out = skopeo_copy(
+            &format!("{}/private-oci-reg.localhost/{name}:{tag}", proxy.host()),
+            dest.path(),
+            &["--src-no-creds"],
+        )
+        .await;
+        assert_success(&out);
+        assert_same_image(dest.path(), pushed);
+    }
+    let logs = proxy.logs();
+    assert!(!logs.contains("dev-only-"), "{logs}");
+}
