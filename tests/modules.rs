@@ -17,6 +17,11 @@
 //! 7. `/readyz` is 503 until the catalog synced, then 200;
 //! 8. `oci-proxy resolve` explains the decisions without printing a password;
 //! 9. the proxy's logs (at debug level) contain no password.
+//!
+//! Every request the proxy sends to the registry passes a recording forwarder
+//! ([`kyma::Gate`]), so the tests see which Basic credentials reached it for which repository.
+//! Also here: the README's worked example (`config/dev-catalog-example/`) run end to end, and
+//! two `#[ignore]`d tests documenting bugs in src/ (see their doc comments for the fixes).
 
 mod support;
 
@@ -506,8 +511,13 @@ async fn readiness(w: &World) {
             );
             // Not synced: the module's registry host is not routable yet, so nothing is sent
             // anywhere (and certainly not without its credentials).
-            let (status, _) = w.get_manifest(&w.name_of(&LOCAL), LOCAL.version).await;
-            assert_ne!(status, StatusCode::OK);
+            let (status, body) = w.get_manifest(&w.name_of(&LOCAL), LOCAL.version).await;
+            assert_eq!(
+                (status, error_code(&body)),
+                (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+                "{body}"
+            );
+            assert!(w.port_gate.requests().is_empty());
             gate.open();
             wait_until(
                 CHANGE_DEADLINE,
