@@ -347,7 +347,7 @@ impl World {
 
         let config = format!(
             "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n  tag_ttl: 0s\n\
-             upstreams:\n  - name: {ALIAS}\n    endpoint: {}\n{}",
+             upstreams:\n  - name: {ALIAS}\n    endpoint: {}\ndefault_upstream: {ALIAS}\n{}",
             alias_gate.url(),
             source.catalog_yaml()
         );
@@ -509,15 +509,16 @@ async fn readiness(w: &World) {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready before the catalog synced"
             );
-            // Not synced: the module's registry host is not routable yet, so nothing is sent
-            // anywhere (and certainly not without its credentials).
+            // Not synced: the module's registry host is not routable yet. The name falls to
+            // `default_upstream`, where `127.0.0.1:<port>/...` is not a valid repository, so
+            // nothing is sent anywhere.
             let (status, body) = w.get_manifest(&w.name_of(&LOCAL), LOCAL.version).await;
             assert_eq!(
                 (status, error_code(&body)),
-                (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+                (StatusCode::BAD_REQUEST, "NAME_INVALID"),
                 "{body}"
             );
-            assert!(w.port_gate.requests().is_empty());
+            assert!(w.port_gate.requests().is_empty() && w.alias_gate.requests().is_empty());
             gate.open();
             wait_until(
                 CHANGE_DEADLINE,
@@ -657,6 +658,15 @@ async fn orphan_module_denied(w: &World) {
 /// Scenario 6: the default Secret covers its registry + subpath.
 async fn default_secret(w: &World) {
     w.lm_pull_ok(&SHARED).await;
+    // LM as deploy/ runs it: --oci-registry-host=<proxy>, subpath unchanged, so the path names
+    // no registry and `default_upstream` routes it.
+    let got = lm_pull(&w.proxy.url(), &SHARED.repository(), SHARED.version)
+        .await
+        .unwrap_or_else(|e| panic!("LM-style pull via default_upstream: {e:?}"));
+    assert_eq!(
+        got.manifest_digest,
+        w.pushed[&SHARED.repository()].manifest_digest
+    );
     w.skopeo_pull(&format!("{ALIAS}/{SHARED_TOOL}"), "v1", SHARED_TOOL)
         .await;
     for repo in [SHARED.repository(), SHARED_TOOL.to_string()] {
@@ -926,24 +936,26 @@ async fn resolve_routes_module_hosts_not_in_upstreams() {
 
 /// Label-era LM pulls from `<baseUrl>/component-descriptors/<component>`, so to send LM through
 /// the proxy the ModuleTemplate's baseUrl must name the proxy: `http://<proxy>/<registry
-/// host>/<path>`. LM then asks the proxy for `/v2/<registry host>/<path>/component-descriptors/
-/// <component>/...`, and the proxy must give that repository the module's credentials.
+/// host>/<path>` (or `http://<proxy>/<path>` with `default_upstream`). LM then asks the proxy
+/// for `/v2/<registry host>/<path>/component-descriptors/<component>/...`, and the proxy must
+/// give that repository the module's credentials.
 ///
 /// It does not: the catalog takes the baseUrl's host (the proxy itself) as the module's
-/// registry, indexes the module under (`<proxy>`, `<registry host>/<path>/component-descriptors/
-/// <component>`), and the request for (`<registry host>`, `<path>/component-descriptors/
-/// <component>`) is "not a module" → anonymous → 401. (It also makes the proxy's own address
-/// a routable module host.)
+/// registry and indexes the module under (`<proxy>`, `<registry host>/<path>/component-
+/// descriptors/<component>`); the request for (`<registry host>`, `<path>/component-descriptors/
+/// <component>`) is "not a module" → anonymous → 401. It also makes the proxy's own address a
+/// routable module host (a request loop through itself).
 ///
-/// Fix (src/catalog/model.rs `parse_module_template` + src/config.rs `CatalogConfig`): add
-/// `catalog.proxy_hosts: [host[:port], ...]` (the addresses LM uses to reach this proxy, e.g.
-/// `localhost:5000`, `127.0.0.1:5000`, `oci-proxy.kcp-system.svc`); when the effective
-/// repository context's baseUrl host is one of them and the first path segment satisfies
-/// `is_registry_host`, take that segment as the registry host and the rest as the base path
-/// (the `http://` prefix then describes the proxy, not the registry: leave `insecure` false
-/// and let a configured upstream or the Secret's `http://` auths key decide the scheme).
-/// Apply the same rewrite to `ociArtifact` image references and Manifest `spec.install.source.
-/// repo` values (`model::image_location`, `parse_manifest`).
+/// Fix: (1) src/config.rs `CatalogConfig`: `proxy_hosts: Vec<String>`, the `host[:port]`s LM
+/// uses to reach this proxy (default: the `listen` address, plus `localhost:<port>` when it is
+/// loopback). (2) src/catalog/index.rs `Index::build`: leave proxy hosts out of `hosts`.
+/// (3) `Index::verdict` / `Catalog::decide` / `Catalog::explain` and
+/// `ModuleCredentials::decide` (src/credentials/chain.rs, src/catalog/adapters.rs) also take the
+/// client's full request name (`route.name`, passed from `dispatch` in src/server/handlers.rs and
+/// from `App::explain`): when no module claims (upstream host, repository), look up the claims
+/// for (proxy host, client name) for each proxy host; a claim found there decides with that
+/// module's selector and Secrets, resolving its keychain against the real upstream host and
+/// repository (so the Secret's `auths` key names the registry, as LM's docs require).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "bug: a ModuleTemplate baseUrl that names the proxy (http://<proxy>/<registry>/<path>) gets no credentials"]
 async fn proxy_prefixed_base_url_gets_module_credentials() {
