@@ -59,6 +59,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod faulty;
+pub mod kyma;
 pub mod process;
 pub mod registry;
 pub mod seed;
@@ -164,8 +165,8 @@ impl ProxyProcess {
             std::fs::write(&config_path, yaml).expect("write proxy config");
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_oci-proxy"));
             cmd.arg("serve").arg("--config").arg(&config_path);
-            if std::env::var_os("RUST_LOG").is_none() {
-                cmd.env("RUST_LOG", "info,oci_proxy=debug");
+            if std::env::var_os("OCI_PROXY_LOG").is_none() {
+                cmd.env("OCI_PROXY_LOG", "info,oci_proxy=debug");
             }
             cmd.envs(env.iter().copied());
             let mut child = LoggedChild::spawn(&mut cmd, &log_path);
