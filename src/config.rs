@@ -153,6 +153,12 @@ pub struct CatalogConfig {
     /// Named-Secret mode: one dockerconfigjson Secret for every repository of its registry.
     #[serde(default)]
     pub default_secret: Option<DefaultSecret>,
+    /// Host names under which Lifecycle Manager reaches this proxy, as written at the start of
+    /// a ModuleTemplate `baseUrl` (`<proxy host>/<registry>/<path>`), e.g.
+    /// `oci-proxy.kcp-system.svc`. The listen address, and `localhost:<port>` when listening
+    /// on loopback, are always included.
+    #[serde(default)]
+    pub proxy_hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -957,7 +957,7 @@ async fn resolve_routes_module_hosts_not_in_upstreams() {
 /// module's selector and Secrets, resolving its keychain against the real upstream host and
 /// repository (so the Secret's `auths` key names the registry, as LM's docs require).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a ModuleTemplate baseUrl that names the proxy (http://<proxy>/<registry>/<path>) gets no credentials"]
+
 async fn proxy_prefixed_base_url_gets_module_credentials() {
     let reg = Registry::start(RegistryAuth::htpasswd(&[
         (ADMIN_USER, ADMIN_PASSWORD),

@@ -119,6 +119,8 @@ struct State {
 /// The module catalog. `Send + Sync`; share it as `Arc<Catalog>`.
 pub struct Catalog {
     default_secret: Option<DefaultSecret>,
+    /// Hosts that name this proxy at the start of a ModuleTemplate baseUrl.
+    proxy_hosts: RwLock<Vec<String>>,
     state: Mutex<State>,
     index: RwLock<Arc<Index>>,
     ready: watch::Sender<bool>,
@@ -138,6 +140,7 @@ impl Catalog {
         client: Option<::kube::Client>,
     ) -> Result<Arc<Catalog>, CatalogError> {
         let catalog = Catalog::new(cfg.default_secret.clone());
+        catalog.set_proxy_hosts(cfg.proxy_hosts.clone());
         if let Some(dir) = &cfg.files {
             let path = dir.display().to_string();
             let meta = std::fs::metadata(dir).map_err(|source| CatalogError::FilesDir {
@@ -192,6 +195,7 @@ impl Catalog {
         let (ready, _) = watch::channel(true);
         Arc::new(Catalog {
             default_secret,
+            proxy_hosts: RwLock::new(Vec::new()),
             state: Mutex::new(State {
                 sources: BTreeMap::new(),
                 expected: BTreeSet::new(),
@@ -202,6 +206,14 @@ impl Catalog {
             index: RwLock::new(Arc::new(index)),
             ready,
         })
+    }
+
+    /// Sets the hosts under which clients reach this proxy (see `catalog.proxy_hosts`); call it
+    /// before publishing.
+    pub fn set_proxy_hosts(&self, hosts: Vec<String>) {
+        if let Ok(mut h) = self.proxy_hosts.write() {
+            *h = hosts;
+        }
     }
 
     /// Registers a source that must [`Catalog::mark_synced`] before the catalog is ready.
@@ -215,9 +227,17 @@ impl Catalog {
     /// other kinds are ignored; malformed ones are skipped with a warning.
     pub fn publish(&self, source: &str, objects: Vec<Value>) {
         let mut set = SourceSet::default();
+        let proxy_hosts = self
+            .proxy_hosts
+            .read()
+            .map(|h| h.clone())
+            .unwrap_or_default();
         for v in &objects {
             match model::parse_object(v) {
-                Ok(Some(o)) => set.objects.push(o),
+                Ok(Some(mut o)) => {
+                    o.unproxy(&proxy_hosts);
+                    set.objects.push(o)
+                }
                 Ok(None) => {}
                 Err(e) => {
                     let what = model::describe(v);

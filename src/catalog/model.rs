@@ -65,6 +65,28 @@ pub struct RepoLocation {
     pub insecure: bool,
 }
 
+impl RepoLocation {
+    /// A location written through this proxy (`<proxy host>/<registry>/<path>`, as an
+    /// operator writes a ModuleTemplate `baseUrl` so that Lifecycle Manager pulls through the
+    /// proxy) becomes the upstream location `<registry>/<path>`, reached over https unless the
+    /// upstream's own config says otherwise.
+    pub fn unproxy(&mut self, proxy_hosts: &[String]) {
+        if !proxy_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&self.host))
+        {
+            return;
+        }
+        if let Some((registry, rest)) = self.repository.split_once('/') {
+            if crate::protocol::grammar::is_registry_host(registry) && !rest.is_empty() {
+                self.host = registry.to_ascii_lowercase();
+                self.repository = rest.to_owned();
+                self.insecure = false;
+            }
+        }
+    }
+}
+
 impl fmt::Display for RepoLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.host, self.repository)
@@ -175,6 +197,27 @@ pub enum Object {
 }
 
 impl Object {
+    /// Rewrites every location that names the proxy itself; see [`RepoLocation::unproxy`].
+    pub fn unproxy(&mut self, proxy_hosts: &[String]) {
+        if proxy_hosts.is_empty() {
+            return;
+        }
+        match self {
+            Object::ModuleTemplate(m) => {
+                m.descriptor_repository.unproxy(proxy_hosts);
+                for i in &mut m.images {
+                    i.location.unproxy(proxy_hosts);
+                }
+            }
+            Object::Manifest(m) => {
+                for s in &mut m.sources {
+                    s.location.unproxy(proxy_hosts);
+                }
+            }
+            Object::Secret(_) => {}
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Object::ModuleTemplate(_) => "ModuleTemplate",
@@ -635,6 +678,33 @@ fn secret_data(v: &Value, key: &str) -> Result<Option<Vec<u8>>, ModelError> {
                 .map_err(|_| invalid("data", format!("{key} is not valid base64")))
         }
         Some(_) => Err(invalid("data", format!("{key} is not a string"))),
+    }
+}
+
+#[cfg(test)]
+mod unproxy_tests {
+    use super::*;
+
+    #[test]
+    fn locations_through_the_proxy_name_the_upstream() {
+        let hosts = vec!["localhost:5000".to_string()];
+        let mut l = RepoLocation {
+            host: "localhost:5000".into(),
+            repository: "reg.example.com/mods/component-descriptors/c".into(),
+            insecure: true,
+        };
+        l.unproxy(&hosts);
+        assert_eq!(l.host, "reg.example.com");
+        assert_eq!(l.repository, "mods/component-descriptors/c");
+        assert!(!l.insecure);
+        let mut other = RepoLocation {
+            host: "reg.example.com".into(),
+            repository: "mods/x".into(),
+            insecure: false,
+        };
+        let before = other.clone();
+        other.unproxy(&hosts);
+        assert_eq!(other, before);
     }
 }
 
