@@ -17,6 +17,7 @@ pub struct Metrics {
     upstream_seconds: HistogramVec,
     token_fetches: IntCounterVec,
     auth_failures: IntCounterVec,
+    config_reloads: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -77,7 +78,15 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reloads_total",
+                "Config reloads (SIGHUP or file change) by result (ok, error).",
+            ),
+            &["result"],
+        )?;
         for c in [
+            &config_reloads,
             &requests,
             &response_bytes,
             &upstream_requests,
@@ -97,6 +106,7 @@ impl Metrics {
             upstream_seconds,
             token_fetches,
             auth_failures,
+            config_reloads,
         })
     }
 
@@ -129,6 +139,11 @@ impl Metrics {
         self.token_fetches
             .with_label_values(&[upstream, result])
             .inc();
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.config_reloads.with_label_values(&[result]).inc();
     }
 
     /// The text exposition of every registered family.
