@@ -196,8 +196,8 @@ async fn dispatch(
     };
     match &route.op {
         Op::Ping => unreachable_ping(),
-        Op::Manifest(reference) => manifest(&ctx, reference).await,
-        Op::Blob(digest) => blob(&ctx, digest).await,
+        Op::Manifest(reference) => manifest(&ctx, reference, rec).await,
+        Op::Blob(digest) => blob(&ctx, digest, rec).await,
         Op::Tags { n, last } => tag_list(&ctx, &route.name, *n, last.as_deref()).await,
         Op::Referrers {
             digest,
@@ -221,7 +221,11 @@ struct Manifest {
     bytes: Bytes,
 }
 
-async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>, Error> {
+async fn manifest(
+    ctx: &Ctx<'_>,
+    reference: &Reference,
+    rec: &mut RequestRecord,
+) -> Result<Response<Body>, Error> {
     let accept: Vec<&str> = ctx
         .headers
         .get_all(ACCEPT)
@@ -232,6 +236,7 @@ async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>
         Reference::Digest(d) => manifest_by_digest(ctx, d).await?,
         Reference::Tag(t) => manifest_by_tag(ctx, t.as_str()).await?,
     };
+    rec.cache = found.cache;
     check_accept(&accept, &found.media_type)?;
     let mut resp = if ctx.head {
         manifest_response(&found.digest, &found.media_type, found.len, None)
@@ -265,6 +270,8 @@ struct Found {
     len: u64,
     bytes: Option<Bytes>,
     warning: Option<String>,
+    /// For the access log: `hit` (from the cache), `miss` (from upstream) or `stale`.
+    cache: &'static str,
 }
 
 impl From<Manifest> for Found {
@@ -275,6 +282,7 @@ impl From<Manifest> for Found {
             media_type: m.media_type,
             bytes: Some(m.bytes),
             warning: None,
+            cache: "miss",
         }
     }
 }
@@ -294,6 +302,7 @@ async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Err
             media_type: m.media_type,
             bytes: Some(m.bytes),
             warning: None,
+            cache: "hit",
         });
     }
     Ok(fetch_and_store(ctx, &Reference::Digest(digest.clone()))
@@ -317,6 +326,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                     media_type: m.media_type,
                     bytes: Some(m.bytes),
                     warning: None,
+                    cache: "hit",
                 });
             }
         }
@@ -341,6 +351,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                     media_type: m.media_type,
                     bytes: Some(m.bytes),
                     warning: None,
+                    cache: "hit",
                 });
             }
             if ctx.head {
@@ -350,6 +361,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                     len,
                     bytes: None,
                     warning: None,
+                    cache: "miss",
                 });
             }
             Ok(fetch_and_store(ctx, &Reference::Digest(digest))
@@ -378,6 +390,7 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                                 ctx.target.upstream.name,
                                 source.metric_label()
                             )),
+                            cache: "stale",
                         });
                     }
                 }
@@ -522,20 +535,27 @@ fn manifest_response(
     b.body(body).unwrap_or_else(|_| internal_error())
 }
 
-async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
+async fn blob(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    rec: &mut RequestRecord,
+) -> Result<Response<Body>, Error> {
     let cache = &ctx.app.cache;
     let key = ctx.target.repo_key();
     let linked = cache.is_linked(&key, digest);
     let cached_size = cache.blob_size(digest);
     if ctx.head {
         return match cached_size {
-            Some(size) if linked => Ok(blob_response(
-                digest,
-                StatusCode::OK,
-                Some(size),
-                None,
-                body::empty(),
-            )),
+            Some(size) if linked => {
+                rec.cache = "hit";
+                Ok(blob_response(
+                    digest,
+                    StatusCode::OK,
+                    Some(size),
+                    None,
+                    body::empty(),
+                ))
+            }
             // Cold or not yet linked: an upstream HEAD only, never a download.
             _ => {
                 let resp = blob_upstream(ctx, digest, Method::HEAD, None).await?;
@@ -554,6 +574,7 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         .blob(digest, blob_fetch(ctx, digest))
         .await
         .map_err(|e| cache_error(e, &ctx.target.upstream.name))?;
+    rec.cache = reader.outcome().as_str();
     match reader.outcome() {
         // The fetch through this repository succeeded: it holds the blob.
         Outcome::Miss => cache.link(&key, digest).await,
