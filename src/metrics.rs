@@ -26,17 +26,19 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new_custom(Some("oci_proxy".into()), None)?;
+        // No registry prefix: the cache registers fully named `oci_proxy_cache_*` families
+        // into the same registry, so every family spells out its `oci_proxy_` prefix.
+        let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
-                "http_requests_total",
+                "oci_proxy_http_requests_total",
                 "Client requests by route class and status.",
             ),
             &["route", "status"],
         )?;
         let request_seconds = HistogramVec::new(
             HistogramOpts::new(
-                "http_request_duration_seconds",
+                "oci_proxy_http_request_duration_seconds",
                 "Time to the end of the response body, by route class.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
@@ -44,21 +46,21 @@ impl Metrics {
         )?;
         let response_bytes = IntCounterVec::new(
             Opts::new(
-                "http_response_bytes_total",
+                "oci_proxy_http_response_bytes_total",
                 "Body bytes sent to clients, by route class.",
             ),
             &["route"],
         )?;
         let upstream_requests = IntCounterVec::new(
             Opts::new(
-                "upstream_requests_total",
+                "oci_proxy_upstream_requests_total",
                 "Requests to upstreams by upstream and outcome.",
             ),
             &["upstream", "outcome"],
         )?;
         let upstream_seconds = HistogramVec::new(
             HistogramOpts::new(
-                "upstream_request_duration_seconds",
+                "oci_proxy_upstream_request_duration_seconds",
                 "Time to upstream response headers, by upstream and outcome.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
@@ -66,21 +68,21 @@ impl Metrics {
         )?;
         let token_fetches = IntCounterVec::new(
             Opts::new(
-                "token_fetches_total",
+                "oci_proxy_token_fetches_total",
                 "Token exchanges with upstream token servers.",
             ),
             &["upstream", "result"],
         )?;
         let auth_failures = IntCounterVec::new(
             Opts::new(
-                "upstream_auth_failures_total",
+                "oci_proxy_upstream_auth_failures_total",
                 "Requests refused by an upstream for lack of valid credentials.",
             ),
             &["upstream"],
         )?;
         let config_reloads = IntCounterVec::new(
             Opts::new(
-                "config_reloads_total",
+                "oci_proxy_config_reloads_total",
                 "Config reloads (SIGHUP or file change) by result (ok, error).",
             ),
             &["result"],
@@ -154,5 +156,26 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_one_oci_proxy_prefix() {
+        let m = Metrics::new().unwrap();
+        m.request("blob", 200, Duration::from_millis(3), 10);
+        m.upstream_request("u", "ok", Duration::from_millis(3));
+        m.token_fetch("u", true);
+        m.config_reload(true);
+        let text = m.render();
+        assert!(text.contains("oci_proxy_http_requests_total{route=\"blob\",status=\"200\"} 1"));
+        for family in m.registry.gather() {
+            let name = family.name();
+            assert!(name.starts_with("oci_proxy_"), "{name}");
+            assert!(!name.starts_with("oci_proxy_oci_proxy"), "{name}");
+        }
     }
 }

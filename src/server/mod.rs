@@ -183,7 +183,7 @@ impl Conn {
         let head_timeout = limits.header_read_timeout.0;
         let Some(tls) = tls else {
             // Protocol detection waits for bytes before hyper's header timer starts.
-            if tokio::time::timeout(head_timeout, stream.readable())
+            if tokio::time::timeout(head_timeout, stream.peek(&mut [0u8; 1]))
                 .await
                 .is_err()
             {

@@ -76,7 +76,10 @@ impl Reloader {
         }
         let old = self.live.current();
         for key in pin_restart_only(&old.config, &mut cfg) {
-            tracing::warn!(key, "config change needs a restart; keeping the running value");
+            tracing::warn!(
+                key,
+                "config change needs a restart; keeping the running value"
+            );
         }
         if old.config == cfg {
             tracing::info!("config reload: no change");
@@ -87,9 +90,14 @@ impl Reloader {
         }
         let new = old.rebuild(cfg).await?;
         if let Some(catalog) = &new.catalog {
-            let reused = old.catalog.as_ref().is_some_and(|c| Arc::ptr_eq(c, catalog));
+            let reused = old
+                .catalog
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, catalog));
             if !reused && !catalog.wait_ready(CATALOG_SYNC_WAIT).await {
-                tracing::warn!("config reload: the new catalog has not synced yet; applying anyway");
+                tracing::warn!(
+                    "config reload: the new catalog has not synced yet; applying anyway"
+                );
             }
         }
         self.live.replace(Arc::new(new));
