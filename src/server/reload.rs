@@ -85,10 +85,12 @@ impl Reloader {
             tracing::info!("config reload: no change");
             return Ok(());
         }
-        if let (Some(certs), Some(tls)) = (&self.tls, &cfg.tls) {
+        let tls = cfg.tls.clone();
+        let new = old.rebuild(cfg).await?;
+        // Last fallible step, so a rejected reload never leaves new certificate paths behind.
+        if let (Some(certs), Some(tls)) = (&self.tls, &tls) {
             certs.set_paths(tls)?;
         }
-        let new = old.rebuild(cfg).await?;
         if let Some(catalog) = &new.catalog {
             let reused = old
                 .catalog
@@ -104,7 +106,7 @@ impl Reloader {
         Ok(())
     }
 
-    /// Reloads on SIGHUP and whenever the file's modification time or size changes (polled
+    /// Reloads on SIGHUP and whenever the file's modification time, size or inode changes (polled
     /// every `poll`). SIGHUP is hooked before this returns, so from then on it can no longer
     /// terminate the process. The task runs until aborted.
     pub fn spawn(self, poll: Duration) -> tokio::task::JoinHandle<()> {
@@ -149,9 +151,12 @@ impl Reloader {
     }
 }
 
-fn file_stamp(path: &std::path::Path) -> Option<(Option<SystemTime>, u64)> {
+/// Modification time, size and inode of the file (symlinks followed, so a ConfigMap volume's
+/// `..data` swap counts as a change).
+fn file_stamp(path: &std::path::Path) -> Option<(Option<SystemTime>, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok(), m.len()))
+    Some((m.modified().ok(), m.len(), m.ino()))
 }
 
 /// Sets the keys that only take effect at start back to their running values; returns the
