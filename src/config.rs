@@ -161,6 +161,13 @@ pub struct CatalogConfig {
     pub proxy_hosts: Vec<String>,
 }
 
+impl CatalogConfig {
+    /// Whether any catalog source or the named default Secret is configured.
+    pub fn is_configured(&self) -> bool {
+        self.kubernetes.is_some() || self.files.is_some() || self.default_secret.is_some()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesSource {

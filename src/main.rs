@@ -1,8 +1,10 @@
 //! The `oci-proxy` command line: `serve`, `check-config`, `resolve`.
+//!
+//! `serve` wires the process around [`server::serve`]: the listener, TLS, the config reloader
+//! (SIGHUP and file changes) and SIGTERM/SIGINT as the graceful shutdown trigger.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -70,7 +72,7 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.listen = listen;
             }
             server::init_logging(cfg.log_format);
-            runtime()?.block_on(serve(cfg))
+            runtime()?.block_on(serve(cfg, config, listen))
         }
         Command::Resolve { config, repository } => {
             let cfg = Config::load(&config)?;
@@ -90,27 +92,60 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn serve(cfg: Config) -> Result<()> {
+/// How often the config file's metadata is checked for changes.
+const CONFIG_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn serve(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    listen_override: Option<SocketAddr>,
+) -> Result<()> {
     let listen = cfg.listen;
-    let app = Arc::new(App::build(cfg).await?);
+    let certs = match &cfg.tls {
+        Some(tls) => Some(server::tls::ReloadingCert::load(tls)?),
+        None => None,
+    };
+    let acceptor = match &certs {
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(server::tls::server_config(
+            c.clone(),
+        )?)),
+        None => None,
+    };
+    let live = server::reload::Live::new(App::build(cfg).await?);
+    // The embedded default has no file to reload.
+    let reloader = config_path.map(|path| {
+        server::reload::Reloader {
+            live: live.clone(),
+            path,
+            listen_override,
+            tls: certs.clone(),
+        }
+        .spawn(CONFIG_POLL_INTERVAL)
+    });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, "oci-proxy listening");
-    server::serve(app, listener, shutdown_signal()).await?;
+    let shutdown = shutdown_signal()?;
+    tracing::info!(listen = %local, tls = acceptor.is_some(), "oci-proxy listening");
+    server::serve(live, listener, acceptor, shutdown).await?;
+    if let Some(r) = reloader {
+        r.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed before this returns, so a
+/// SIGTERM right after "listening" already shuts down gracefully.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

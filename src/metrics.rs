@@ -17,6 +17,7 @@ pub struct Metrics {
     upstream_seconds: HistogramVec,
     token_fetches: IntCounterVec,
     auth_failures: IntCounterVec,
+    config_reloads: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -25,6 +26,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
+        // No registry prefix: the cache registers fully named `oci_proxy_cache_*` families
+        // into the same registry, so every family spells out its `oci_proxy_` prefix.
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -77,7 +80,15 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "oci_proxy_config_reloads_total",
+                "Config reloads (SIGHUP or file change) by result (ok, error).",
+            ),
+            &["result"],
+        )?;
         for c in [
+            &config_reloads,
             &requests,
             &response_bytes,
             &upstream_requests,
@@ -97,6 +108,7 @@ impl Metrics {
             upstream_seconds,
             token_fetches,
             auth_failures,
+            config_reloads,
         })
     }
 
@@ -131,6 +143,11 @@ impl Metrics {
             .inc();
     }
 
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.config_reloads.with_label_values(&[result]).inc();
+    }
+
     /// The text exposition of every registered family.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -139,5 +156,26 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_has_one_oci_proxy_prefix() {
+        let m = Metrics::new().unwrap();
+        m.request("blob", 200, Duration::from_millis(3), 10);
+        m.upstream_request("u", "ok", Duration::from_millis(3));
+        m.token_fetch("u", true);
+        m.config_reload(true);
+        let text = m.render();
+        assert!(text.contains("oci_proxy_http_requests_total{route=\"blob\",status=\"200\"} 1"));
+        for family in m.registry.gather() {
+            let name = family.name();
+            assert!(name.starts_with("oci_proxy_"), "{name}");
+            assert!(!name.starts_with("oci_proxy_oci_proxy"), "{name}");
+        }
     }
 }

@@ -899,7 +899,7 @@ async fn kubernetes_source_token_upstream() {
 /// wait for readiness first (move the `if let Some(catalog) = &self.catalog { wait_ready }`
 /// block above the `routing::resolve` call, keeping the warning line).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: App::explain routes before the catalog synced, so module hosts not in upstreams are unknown to resolve"]
+
 async fn resolve_routes_module_hosts_not_in_upstreams() {
     let dir = tempfile::tempdir().expect("tempdir");
     let catalog = dir.path().join("catalog");

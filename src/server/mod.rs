@@ -1,9 +1,15 @@
-//! The HTTP server: accepts connections (HTTP/1.1 and h2c), turns each request into a
-//! response via [`handlers`], and shuts down gracefully.
+//! The HTTP server: accepts connections (plain HTTP/1.1 and h2c, or TLS with ALPN `h2` and
+//! `http/1.1`), turns each request into a response via [`handlers`], and shuts down gracefully.
 //!
 //! There is deliberately no generic middleware stack: each concern sits at one visible place.
+//! - TLS: in the accept loop ([`serve`]), with the certificate from [`tls::ReloadingCert`],
+//!   because the handshake happens before HTTP exists; its duration is bounded by
+//!   `header_read_timeout` like the rest of a request head;
 //! - header read timeout and header size limits: in the hyper connection builder, because only
-//!   hyper sees a slow client before a request exists;
+//!   hyper sees a slow client before a request exists (plus a wait for the first byte, because
+//!   hyper's own timer starts only once h1/h2 detection has seen data);
+//! - which config serves a request: the service reads [`reload::Live`] once per request, so a
+//!   reload applies to new requests while running ones finish with the `App` they began with;
 //! - the access log and request metrics: the [`body::Metered`] wrapper around every response,
 //!   because only the end of the body knows the bytes sent and the full duration;
 //! - the bound on concurrent upstream fetches: in `upstream`, around each upstream request,
@@ -11,9 +17,12 @@
 
 pub mod body;
 pub mod handlers;
+pub mod reload;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,14 +31,18 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, Limits, LogFormat};
 use crate::credentials::chain::CredentialChain;
 use crate::metrics::Metrics;
 use crate::routing::HostSource;
 use crate::upstream::Upstreams;
 use body::{Metered, Recorder, RequestRecord};
+use reload::Live;
 
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
@@ -75,27 +88,48 @@ impl Recorder for AccessLog {
     }
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish
-/// for up to `shutdown_grace`.
-pub async fn serve(
-    app: Arc<App>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let recorder: Arc<dyn Recorder> = Arc::new(AccessLog {
-        metrics: app.metrics.clone(),
-    });
+/// Which protocols a connection may speak.
+#[derive(Clone, Copy)]
+enum Protocols {
+    /// Plain TCP: HTTP/1.1, or h2c with prior knowledge (detected from the preface).
+    Detect,
+    /// TLS with ALPN `h2`.
+    H2,
+    /// TLS without ALPN `h2`.
+    H1,
+}
+
+/// A connection builder with the configured limits.
+fn conn_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder = match protocols {
+        Protocols::Detect => builder,
+        Protocols::H2 => builder.http2_only(),
+        Protocols::H1 => builder.http1_only(),
+    };
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config.limits.header_read_timeout.0)
-        .max_buf_size(app.config.limits.max_header_size.0.max(8192) as usize);
+        .header_read_timeout(limits.header_read_timeout.0)
+        .max_buf_size(limits.max_header_size.0.max(8192) as usize);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(app.config.limits.max_header_size.0.min(u32::MAX as u64) as u32);
-    let builder = Arc::new(builder);
+        .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32);
+    builder
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish
+/// for up to `shutdown_grace`. With `tls`, every connection is TLS.
+pub async fn serve(
+    live: Arc<Live>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let recorder: Arc<dyn Recorder> = Arc::new(AccessLog {
+        metrics: live.current().metrics.clone(),
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -110,31 +144,17 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let recorder = recorder.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let app = app.clone();
-            let recorder = recorder.clone();
-            async move {
-                let started = Instant::now();
-                let (resp, record) = handlers::handle(&app, req).await;
-                let (parts, body) = resp.into_parts();
-                let body = Metered::new(body, record, recorder, started);
-                Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
-            }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let conn = Conn {
+            live: live.clone(),
+            recorder: recorder.clone(),
+            watcher: graceful.watcher(),
+            peer,
+        };
+        tokio::spawn(conn.run(stream, tls.clone()));
     }
+    // New connections are refused from here on.
     drop(listener);
-    let grace = app.config.shutdown_grace.0;
+    let grace = live.current().config.shutdown_grace.0;
     tracing::info!(
         grace_s = grace.as_secs(),
         "shutting down: waiting for in-flight requests"
@@ -146,6 +166,80 @@ pub async fn serve(
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
     Ok(())
+}
+
+/// One accepted connection.
+struct Conn {
+    live: Arc<Live>,
+    recorder: Arc<dyn Recorder>,
+    watcher: Watcher,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
+        // Limits as configured when the connection arrived.
+        let limits = self.live.current().config.limits.clone();
+        let head_timeout = limits.header_read_timeout.0;
+        let Some(tls) = tls else {
+            // Protocol detection waits for bytes before hyper's header timer starts.
+            if tokio::time::timeout(head_timeout, stream.peek(&mut [0u8; 1]))
+                .await
+                .is_err()
+            {
+                tracing::debug!(peer = %self.peer, "no request within header_read_timeout");
+                return;
+            }
+            return self
+                .serve(stream, conn_builder(&limits, Protocols::Detect))
+                .await;
+        };
+        let stream = match tokio::time::timeout(head_timeout, tls.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %self.peer, "tls handshake not done within header_read_timeout");
+                return;
+            }
+        };
+        let protocols = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Protocols::H2,
+            _ => Protocols::H1,
+        };
+        self.serve(stream, conn_builder(&limits, protocols)).await
+    }
+
+    async fn serve<I>(self, io: I, builder: auto::Builder<TokioExecutor>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            live,
+            recorder,
+            watcher,
+            peer,
+        } = self;
+        let service = service_fn(move |req: Request<Incoming>| {
+            let app = live.current();
+            let recorder = recorder.clone();
+            async move {
+                let started = Instant::now();
+                let (resp, record) = handlers::handle(&app, req).await;
+                let (parts, body) = resp.into_parts();
+                let body = Metered::new(body, record, recorder, started);
+                Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
+            }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// Sets up `tracing` for the configured log format.
@@ -160,6 +254,17 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// The `host:port` names a client on this machine may use for the proxy itself: a
+/// ModuleTemplate `baseUrl` starting with one of them names the upstream behind the proxy.
+fn own_hosts(listen: std::net::SocketAddr) -> Vec<String> {
+    let port = listen.port();
+    let mut hosts = vec![listen.to_string()];
+    if listen.ip().is_loopback() || listen.ip().is_unspecified() {
+        hosts.extend([format!("localhost:{port}"), format!("127.0.0.1:{port}")]);
+    }
+    hosts
 }
 
 /// Building the app from a config failed.
@@ -180,19 +285,41 @@ pub enum BuildError {
 impl App {
     /// Wires the proxy from a validated config.
     pub async fn build(config: Config) -> Result<App, BuildError> {
-        let metrics = Arc::new(Metrics::new()?);
+        App::assemble(config, None).await
+    }
+
+    /// The app for a reloaded config. Carries over the metrics registry and the open cache
+    /// (a cache directory is opened once per process; `cache.dir` and `cache.max_size` need a
+    /// restart) and the catalog when `catalog` is unchanged. Everything else is built anew.
+    pub async fn rebuild(&self, config: Config) -> Result<App, BuildError> {
+        App::assemble(config, Some(self)).await
+    }
+
+    async fn assemble(config: Config, previous: Option<&App>) -> Result<App, BuildError> {
+        let metrics = match previous {
+            Some(p) => p.metrics.clone(),
+            None => Arc::new(Metrics::new()?),
+        };
         let upstreams = Upstreams::new(&config, metrics.clone())?;
-        let cache = crate::cache::Cache::open(&config.cache, &metrics.registry).await?;
+        let cache = match previous {
+            Some(p) => p.cache.clone(),
+            None => crate::cache::Cache::open(&config.cache, &metrics.registry).await?,
+        };
         let mut keychain = crate::credentials::keychain::Keychain::new();
         if let Some(path) = &config.credentials.docker_config {
             let dc = crate::credentials::dockerconfig::DockerConfig::load(path)?;
             keychain.add(&format!("docker config {}", path.display()), &dc);
         }
-        let c = &config.catalog;
-        let catalog = if c.kubernetes.is_some() || c.files.is_some() || c.default_secret.is_some() {
-            Some(crate::catalog::Catalog::start(c).await?)
-        } else {
-            None
+        let catalog = match previous {
+            Some(p) if p.config.catalog == config.catalog && p.config.listen == config.listen => {
+                p.catalog.clone()
+            }
+            _ if config.catalog.is_configured() => {
+                let mut c = config.catalog.clone();
+                c.proxy_hosts.extend(own_hosts(config.listen));
+                Some(crate::catalog::Catalog::start(&c).await?)
+            }
+            _ => None,
         };
         let modules = catalog
             .clone()
@@ -219,19 +346,24 @@ impl App {
         use std::fmt::Write as _;
         let mut out = String::new();
         let name = name.trim_start_matches('/');
+        // Module hosts are routable only once the catalog knows them.
+        let synced = match &self.catalog {
+            Some(catalog) => catalog.wait_ready(std::time::Duration::from_secs(30)).await,
+            None => true,
+        };
+        if !synced {
+            let _ = writeln!(out, "warning: the catalog did not finish its first sync");
+        }
         let target =
             match crate::routing::resolve(&self.upstreams, self.hosts.as_deref(), name, None) {
                 Ok(t) => t,
-                Err(e) => return format!("repository: {name}\nerror: {}\n", e.message),
+                Err(e) => return format!("{out}repository: {name}\nerror: {}\n", e.message),
             };
         let _ = writeln!(out, "repository: {name}");
         let _ = writeln!(out, "upstream: {}", target.upstream.name);
         let _ = writeln!(out, "endpoint: {}", target.upstream.endpoint);
         let _ = writeln!(out, "upstream repository: {}", target.repository);
         if let Some(catalog) = &self.catalog {
-            if !catalog.wait_ready(std::time::Duration::from_secs(30)).await {
-                let _ = writeln!(out, "warning: the catalog did not finish its first sync");
-            }
             let explanation = catalog.explain(&target.upstream.name, target.repository.as_str());
             let _ = writeln!(out, "{explanation}");
         }

@@ -1,0 +1,217 @@
+//! Live configuration: the current [`App`] behind a lock that each new request reads once, and
+//! the [`Reloader`] that replaces it on SIGHUP or when the config file changes on disk.
+//!
+//! A reload loads and validates the file, builds a new `App` (reusing the metrics registry and
+//! the open cache, and the catalog when its config is unchanged), then swaps it in. Requests
+//! already running keep the `App` they started with, so no connection or stream is dropped.
+//! An invalid config is logged and counted, and the old one stays.
+//!
+//! Keys that only take effect at start (a reload keeps their running values and warns):
+//! `listen`, `log_format`, `cache.dir`, `cache.max_size`, and switching `tls` on or off.
+//! Everything else is live, including `tls.cert`/`tls.key` paths, `limits` (for new
+//! connections; `max_concurrent_upstream_fetches` gets a fresh pool), `shutdown_grace`,
+//! upstreams, credentials and the catalog.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use super::tls::{ReloadingCert, TlsError};
+use super::{App, BuildError};
+use crate::config::{Config, ConfigError};
+
+/// How long a reload waits for a newly started catalog's first sync before swapping anyway.
+const CATALOG_SYNC_WAIT: Duration = Duration::from_secs(30);
+
+/// The `App` serving new requests.
+pub struct Live {
+    app: RwLock<Arc<App>>,
+}
+
+impl Live {
+    pub fn new(app: App) -> Arc<Live> {
+        Arc::new(Live {
+            app: RwLock::new(Arc::new(app)),
+        })
+    }
+
+    /// The current app; callers hold it for one request.
+    pub fn current(&self) -> Arc<App> {
+        self.app.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, app: Arc<App>) {
+        *self.app.write().unwrap_or_else(|p| p.into_inner()) = app;
+    }
+}
+
+/// A reload that was rejected; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Re-reads the config file and swaps in a new [`App`].
+pub struct Reloader {
+    pub live: Arc<Live>,
+    pub path: PathBuf,
+    /// `serve --listen`, which overrides the file's `listen` at every load.
+    pub listen_override: Option<SocketAddr>,
+    /// The TLS certificate resolver, when serving TLS.
+    pub tls: Option<Arc<ReloadingCert>>,
+}
+
+impl Reloader {
+    /// Loads, validates and applies the config file once.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let mut cfg = Config::load(&self.path)?;
+        if let Some(listen) = self.listen_override {
+            cfg.listen = listen;
+        }
+        let old = self.live.current();
+        for key in pin_restart_only(&old.config, &mut cfg) {
+            tracing::warn!(
+                key,
+                "config change needs a restart; keeping the running value"
+            );
+        }
+        if old.config == cfg {
+            tracing::info!("config reload: no change");
+            return Ok(());
+        }
+        let tls = cfg.tls.clone();
+        let new = old.rebuild(cfg).await?;
+        // Last fallible step, so a rejected reload never leaves new certificate paths behind.
+        if let (Some(certs), Some(tls)) = (&self.tls, &tls) {
+            certs.set_paths(tls)?;
+        }
+        if let Some(catalog) = &new.catalog {
+            let reused = old
+                .catalog
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, catalog));
+            if !reused && !catalog.wait_ready(CATALOG_SYNC_WAIT).await {
+                tracing::warn!(
+                    "config reload: the new catalog has not synced yet; applying anyway"
+                );
+            }
+        }
+        self.live.replace(Arc::new(new));
+        Ok(())
+    }
+
+    /// Reloads on SIGHUP and whenever the file's modification time, size or inode changes (polled
+    /// every `poll`). SIGHUP is hooked before this returns, so from then on it can no longer
+    /// terminate the process. The task runs until aborted.
+    pub fn spawn(self, poll: Duration) -> tokio::task::JoinHandle<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+                None
+            }
+        };
+        tokio::spawn(self.run(hup, poll))
+    }
+
+    async fn run(self, mut hup: Option<tokio::signal::unix::Signal>, poll: Duration) {
+        let mut seen = file_stamp(&self.path);
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cause = tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+                _ = tick.tick() => {
+                    if file_stamp(&self.path) == seen {
+                        continue;
+                    }
+                    "file changed"
+                }
+            };
+            seen = file_stamp(&self.path);
+            let metrics = self.live.current().metrics.clone();
+            match self.reload().await {
+                Ok(()) => {
+                    metrics.config_reload(true);
+                    tracing::info!(cause, path = %self.path.display(), "config reloaded");
+                }
+                Err(e) => {
+                    metrics.config_reload(false);
+                    tracing::error!(cause, path = %self.path.display(), error = %e, "config reload rejected; keeping the running config");
+                }
+            }
+        }
+    }
+}
+
+/// Modification time, size and inode of the file (symlinks followed, so a ConfigMap volume's
+/// `..data` swap counts as a change).
+fn file_stamp(path: &std::path::Path) -> Option<(Option<SystemTime>, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok(), m.len(), m.ino()))
+}
+
+/// Sets the keys that only take effect at start back to their running values; returns the
+/// names of those that differed.
+fn pin_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if new.listen != running.listen {
+        new.listen = running.listen;
+        changed.push("listen");
+    }
+    if new.log_format != running.log_format {
+        new.log_format = running.log_format;
+        changed.push("log_format");
+    }
+    if new.cache.dir != running.cache.dir {
+        new.cache.dir = running.cache.dir.clone();
+        changed.push("cache.dir");
+    }
+    if new.cache.max_size != running.cache.max_size {
+        new.cache.max_size = running.cache.max_size;
+        changed.push("cache.max_size");
+    }
+    if new.tls.is_some() != running.tls.is_some() {
+        new.tls = running.tls.clone();
+        changed.push("tls");
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_keys_keep_their_running_values() {
+        let running = Config::parse("listen: 127.0.0.1:5000\ncache:\n  dir: /a\n").unwrap();
+        let mut new = Config::parse(
+            "listen: 127.0.0.1:6000\nlog_format: json\ncache:\n  dir: /b\n  tag_ttl: 5m\n\
+             tls:\n  cert: c\n  key: k\n",
+        )
+        .unwrap();
+        let changed = pin_restart_only(&running, &mut new);
+        assert_eq!(changed, ["listen", "log_format", "cache.dir", "tls"]);
+        assert_eq!(new.listen, running.listen);
+        assert_eq!(new.cache.dir, running.cache.dir);
+        assert!(new.tls.is_none());
+        // Live keys are kept.
+        assert_eq!(new.cache.tag_ttl, crate::config::Duration::from_secs(300));
+    }
+
+    #[test]
+    fn tls_paths_are_live() {
+        let running = Config::parse("tls:\n  cert: a\n  key: b\n").unwrap();
+        let mut new = Config::parse("tls:\n  cert: c\n  key: d\n").unwrap();
+        assert!(pin_restart_only(&running, &mut new).is_empty());
+        assert_eq!(new.tls.map(|t| t.cert), Some(PathBuf::from("c")));
+    }
+}
