@@ -51,6 +51,7 @@
 
 pub mod process;
 pub mod registry;
+pub mod s3;
 pub mod seed;
 pub mod skopeo;
 pub mod token_server;
