@@ -14,7 +14,7 @@ use object_store::ObjectStore;
 use reqwest::StatusCode;
 use support::s3::Moto;
 use support::{
-    http_client, push_image, random_bytes, wait_until, PushedImage, ProxyProcess, Registry,
+    http_client, push_image, random_bytes, wait_until, ProxyProcess, PushedImage, Registry,
     RegistryAuth,
 };
 
@@ -71,7 +71,10 @@ fn upstream_gets(reg: &Registry, kind: &str, digest: &str) -> usize {
 
 async fn get_blob(proxy: &ProxyProcess, digest: &str) -> (StatusCode, Bytes) {
     let r = http_client()
-        .get(format!("{}/v2/{UPSTREAM}/{REPO}/blobs/{digest}", proxy.url()))
+        .get(format!(
+            "{}/v2/{UPSTREAM}/{REPO}/blobs/{digest}",
+            proxy.url()
+        ))
         .send()
         .await
         .expect("blob request");
@@ -134,7 +137,10 @@ async fn a_blob_pulled_through_one_replica_is_served_by_the_other_without_an_ups
         1,
         "replica B filled from the bucket"
     );
-    assert_eq!(metric(&s.b, "oci_proxy_cache_tier_total{tier=\"shared\"}").await, 1.0);
+    assert_eq!(
+        metric(&s.b, "oci_proxy_cache_tier_total{tier=\"shared\"}").await,
+        1.0
+    );
 
     // A manifest by digest, too: stored verified in the bucket by A, read from it by B.
     let md = s.image.manifest_digest.clone();
@@ -159,7 +165,10 @@ async fn a_blob_pulled_through_one_replica_is_served_by_the_other_without_an_ups
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.bytes().await.unwrap().as_ref(), s.image.manifest.as_slice());
+    assert_eq!(
+        r.bytes().await.unwrap().as_ref(),
+        s.image.manifest.as_slice()
+    );
     assert_eq!(upstream_gets(&s.reg, "manifests", &md), 1);
 }
 
@@ -205,15 +214,29 @@ async fn a_corrupted_object_in_the_bucket_is_never_served() {
 
     // Same length, one byte flipped, written through the S3 API.
     let store = s.moto.store(BUCKET);
-    let mut bad = store.get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+    let mut bad = store
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     bad[1000] ^= 0x5a;
     store.put(&key, bad.into()).await.unwrap();
 
     let (st, body) = get_blob(&s.b, &layer).await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(sha256(&body), layer, "B served the upstream's bytes, not the bucket's");
+    assert_eq!(
+        sha256(&body),
+        layer,
+        "B served the upstream's bytes, not the bucket's"
+    );
     assert_eq!(upstream_gets(&s.reg, "blobs", &layer), 2);
-    assert_eq!(metric(&s.b, "oci_proxy_cache_shared_corrupt_total").await, 1.0);
+    assert_eq!(
+        metric(&s.b, "oci_proxy_cache_shared_corrupt_total").await,
+        1.0
+    );
     // B repaired the object after its verified upstream fill.
     let (store, key, layer) = (&store, &key, &layer);
     wait_until(DEADLINE, "the bucket object repaired", || async move {
@@ -254,7 +277,11 @@ async fn the_object_store_going_away_degrades_to_upstream_pass_through() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
-        metric(&s.b, "oci_proxy_cache_shared_ops_total{op=\"get_blob\",result=\"error\"}").await
+        metric(
+            &s.b,
+            "oci_proxy_cache_shared_ops_total{op=\"get_blob\",result=\"error\"}"
+        )
+        .await
             >= 1.0
     );
 }
