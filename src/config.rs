@@ -89,8 +89,72 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Upper bound for the blob store; least recently used blobs are evicted beyond it.
     pub max_size: Option<ByteSize>,
+    /// Alias of `max_size` naming the local tier when a shared tier is configured; setting
+    /// both is an error. Use [`CacheConfig::local_limit`].
+    pub local_max_size: Option<ByteSize>,
     /// How long a tag → digest mapping is trusted before it is revalidated upstream.
     pub tag_ttl: Duration,
+    /// `disk` (local only) or `s3` (local disk in front of a bucket shared by replicas).
+    pub backend: CacheBackend,
+    /// The shared bucket; required when `backend: s3`.
+    pub s3: Option<S3Config>,
+}
+
+impl CacheConfig {
+    /// The local tier's size bound: `local_max_size`, else `max_size`.
+    pub fn local_limit(&self) -> Option<ByteSize> {
+        self.local_max_size.or(self.max_size)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    #[default]
+    Disk,
+    S3,
+}
+
+/// The S3-compatible bucket replicas share. Credentials come from the usual AWS environment
+/// variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, ...); the keys
+/// here override what the environment says about bucket, endpoint and region.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix for everything the proxy writes (e.g. `oci-proxy/`); empty by default.
+    #[serde(default)]
+    pub prefix: String,
+    /// For S3-compatible stores (MinIO, Ceph, moto); AWS itself when absent.
+    #[serde(default)]
+    pub endpoint: Option<Url>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Allows an `http://` endpoint.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// How long a replica filling a blob holds its lease; others wait at most this long.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: Duration,
+    /// Connect timeout for the object store (kept small: an unreachable store must not
+    /// delay clients).
+    #[serde(default = "default_s3_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Timeout of small object-store requests (HEAD, leases, links, manifests).
+    #[serde(default = "default_s3_op_timeout")]
+    pub op_timeout: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_s3_connect_timeout() -> Duration {
+    Duration(std::time::Duration::from_millis(1000))
+}
+
+fn default_s3_op_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for CacheConfig {
@@ -98,7 +162,10 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: PathBuf::from("./oci-proxy-cache"),
             max_size: None,
+            local_max_size: None,
             tag_ttl: Duration::from_secs(60),
+            backend: CacheBackend::Disk,
+            s3: None,
         }
     }
 }
@@ -291,6 +358,37 @@ impl Config {
         }
         if self.limits.max_header_size.0 < 1024 {
             return Err(invalid("limits.max_header_size", "must be at least 1KiB"));
+        }
+        if self.cache.max_size.is_some() && self.cache.local_max_size.is_some() {
+            return Err(invalid(
+                "cache.local_max_size",
+                "set either cache.max_size or cache.local_max_size (an alias), not both",
+            ));
+        }
+        if self.cache.backend == CacheBackend::S3 {
+            let Some(s3) = &self.cache.s3 else {
+                return Err(invalid("cache.s3", "required when cache.backend is s3"));
+            };
+            if s3.bucket.is_empty() {
+                return Err(invalid("cache.s3.bucket", "must not be empty"));
+            }
+            if let Some(e) = &s3.endpoint {
+                if !matches!(e.scheme(), "http" | "https") || e.host_str().is_none() {
+                    return Err(invalid(
+                        "cache.s3.endpoint",
+                        "must be an http:// or https:// URL with a host",
+                    ));
+                }
+                if e.scheme() == "http" && !s3.allow_http {
+                    return Err(invalid(
+                        "cache.s3.endpoint",
+                        "is http:// but cache.s3.allow_http is false",
+                    ));
+                }
+            }
+            if s3.lease_ttl.0.is_zero() {
+                return Err(invalid("cache.s3.lease_ttl", "must be more than 0"));
+            }
         }
         if let Some(ds) = &self.catalog.default_secret {
             if ds.name.is_empty() || ds.namespace.is_empty() {
@@ -497,6 +595,41 @@ mod tests {
         assert_eq!("20GiB".parse::<ByteSize>().unwrap().to_string(), "20GiB");
         assert!("20 potatoes".parse::<ByteSize>().is_err());
         assert_eq!("5m".parse::<Duration>().unwrap().to_string(), "5m");
+    }
+
+    #[test]
+    fn cache_backend_keys() {
+        let cfg = Config::parse("cache:\n  dir: /x\n  max_size: 1GiB\n").unwrap();
+        assert_eq!(cfg.cache.backend, CacheBackend::Disk);
+        assert_eq!(cfg.cache.local_limit(), Some(ByteSize(1 << 30)));
+        let cfg = Config::parse(
+            "cache:\n  dir: /x\n  local_max_size: 2GiB\n  backend: s3\n  s3:\n    bucket: b\n    \
+             prefix: p/\n    endpoint: http://127.0.0.1:9000\n    region: us-east-1\n    \
+             allow_http: true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.cache.backend, CacheBackend::S3);
+        assert_eq!(cfg.cache.local_limit(), Some(ByteSize(2 << 30)));
+        let s3 = cfg.cache.s3.unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "p/"));
+        assert_eq!(s3.lease_ttl, Duration::from_secs(60));
+
+        let e = Config::parse("cache:\n  backend: s3\n").unwrap_err();
+        assert_eq!(e.to_string(), "cache.s3: required when cache.backend is s3");
+        let e = Config::parse("cache:\n  backend: s3\n  s3:\n    prefix: p\n").unwrap_err();
+        assert!(e.to_string().contains("bucket"), "{e}");
+        let e = Config::parse("cache:\n  backend: s3\n  s3:\n    bucket: b\n    colour: red\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = Config::parse(
+            "cache:\n  backend: s3\n  s3:\n    bucket: b\n    endpoint: http://127.0.0.1:1\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("allow_http"), "{e}");
+        let e = Config::parse("cache:\n  max_size: 1GiB\n  local_max_size: 1GiB\n").unwrap_err();
+        assert!(e.to_string().starts_with("cache.local_max_size"), "{e}");
+        let e = Config::parse("cache:\n  backend: gcs\n").unwrap_err();
+        assert!(e.to_string().starts_with("cache.backend"), "{e}");
     }
 
     #[test]

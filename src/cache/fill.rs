@@ -12,17 +12,23 @@
 //! A write error (disk full, read-only dir) turns the fill "uncached": it is counted once,
 //! leaves the in-flight map, and the rest of the body goes to the first client only, through
 //! a bounded channel ([`Direct`]); followers get an error at the point the file stops.
+//!
+//! With a shared tier, the fill first asks it ([`super::shared::Shared::before_upstream`]):
+//! verified bytes from the bucket are committed like upstream ones (followers wait until
+//! then), otherwise the upstream fill commits and then uploads in the background.
 
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use super::metrics::FailReason;
+use super::metrics::{FailReason, Tier};
+use super::shared::Before;
 use super::{FetchError, FetchFn, Inner};
 use crate::protocol::grammar::{Algorithm, Digest};
 
@@ -74,6 +80,8 @@ pub struct Fill {
     pub phase: watch::Sender<Phase>,
     /// The temp file, once created; readers `pread` it (the fd survives rename and unlink).
     pub file: OnceLock<Arc<File>>,
+    /// The bytes came from the shared tier (set before the phase leaves `Fetching`).
+    pub from_shared: AtomicBool,
     #[cfg(test)]
     pub abort: OnceLock<tokio::task::AbortHandle>,
 }
@@ -85,6 +93,7 @@ impl Fill {
             temp,
             phase: watch::Sender::new(Phase::Fetching),
             file: OnceLock::new(),
+            from_shared: AtomicBool::new(false),
             #[cfg(test)]
             abort: OnceLock::new(),
         }
@@ -200,6 +209,20 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         }
     };
 
+    let mut lease = None;
+    if let (Some(shared), Some(f)) = (inner.shared.clone(), &file) {
+        match shared.before_upstream(&digest, f).await {
+            Before::Filled(size) => {
+                fill.from_shared.store(true, Ordering::Release);
+                inner.metrics.tier(Tier::Shared);
+                commit(&inner, &fill, &mut g, f, size).await;
+                return;
+            }
+            Before::Upstream(l) => lease = l,
+        }
+    }
+    inner.metrics.tier(Tier::Upstream);
+
     let body = match fetch().await {
         Ok(b) => b,
         Err(e) => {
@@ -313,34 +336,51 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
     }
     match (cached, &file) {
         (true, Some(f)) => {
-            let (store, f2, temp, d) = (
-                inner.store.clone(),
-                f.clone(),
-                fill.temp.clone(),
-                digest.clone(),
-            );
-            let res = tokio::task::spawn_blocking(move || store.commit(&f2, &temp, &d, received))
-                .await
-                .map_err(io::Error::other)
-                .and_then(|r| r);
-            match res {
-                Ok(()) => {
-                    inner.committed(&fill, received);
-                    fill.phase.send_replace(Phase::Complete { size: received });
-                }
-                Err(e) => {
-                    // The bytes are verified: readers holding the file finish; nothing is kept.
-                    g.counted = true;
-                    inner
-                        .metrics
-                        .fill_failed(&digest, FailReason::WriteError, &e.to_string());
-                    inner.forget_fill(&fill);
-                    fill.phase.send_replace(Phase::Complete { size: received });
+            if commit(&inner, &fill, &mut g, f, received).await {
+                if let Some(shared) = &inner.shared {
+                    shared.upload_blob(digest, f.clone(), received, lease.take());
                 }
             }
         }
         _ => {
             let _ = leader.send(Direct::End).await;
+        }
+    }
+}
+
+/// Commits `size` verified bytes in the fill's temp file; whether they were kept.
+async fn commit(
+    inner: &Arc<Inner>,
+    fill: &Arc<Fill>,
+    g: &mut Guard,
+    f: &Arc<File>,
+    size: u64,
+) -> bool {
+    let (store, f2, temp, d) = (
+        inner.store.clone(),
+        f.clone(),
+        fill.temp.clone(),
+        fill.digest.clone(),
+    );
+    let res = tokio::task::spawn_blocking(move || store.commit(&f2, &temp, &d, size))
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+    match res {
+        Ok(()) => {
+            inner.committed(fill, size);
+            fill.phase.send_replace(Phase::Complete { size });
+            true
+        }
+        Err(e) => {
+            // The bytes are verified: readers holding the file finish; nothing is kept.
+            g.counted = true;
+            inner
+                .metrics
+                .fill_failed(&fill.digest, FailReason::WriteError, &e.to_string());
+            inner.forget_fill(fill);
+            fill.phase.send_replace(Phase::Complete { size });
+            false
         }
     }
 }

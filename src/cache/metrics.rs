@@ -33,11 +33,31 @@ impl FailReason {
     }
 }
 
+/// Where the bytes of a blob request came from: a committed local file, or (for the request
+/// that started a fill) the shared tier or the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Local,
+    Shared,
+    Upstream,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Local => "local",
+            Tier::Shared => "shared",
+            Tier::Upstream => "upstream",
+        }
+    }
+}
+
 /// Every metric family of the cache.
 #[derive(Clone)]
 pub struct Metrics {
     requests: IntCounterVec,
     served_bytes: IntCounterVec,
+    tiers: IntCounterVec,
     fills_started: IntCounter,
     fills_committed: IntCounter,
     fills_failed: IntCounterVec,
@@ -87,6 +107,13 @@ impl Metrics {
                 "Bytes streamed to clients out of cache files, by outcome of the request.",
                 "outcome",
             )?,
+            tiers: counter_vec(
+                registry,
+                "oci_proxy_cache_tier_total",
+                "Blob requests served from a local file (tier local), and fills sourced from the \
+                 shared store (shared) or the upstream (upstream).",
+                "tier",
+            )?,
             fills_started: counter(
                 registry,
                 "oci_proxy_cache_fills_started_total",
@@ -130,6 +157,13 @@ impl Metrics {
     pub fn request(&self, outcome: super::Outcome, digest: &Digest) {
         tracing::debug!(%digest, outcome = outcome.as_str(), "cache request");
         self.requests.with_label_values(&[outcome.as_str()]).inc();
+        if outcome == super::Outcome::Hit {
+            self.tier(Tier::Local);
+        }
+    }
+
+    pub fn tier(&self, tier: Tier) {
+        self.tiers.with_label_values(&[tier.as_str()]).inc();
     }
 
     pub fn served(&self, outcome: super::Outcome, bytes: u64) {
@@ -178,6 +212,11 @@ impl Metrics {
         self.fills_failed
             .with_label_values(&[reason.as_str()])
             .get()
+    }
+
+    #[cfg(test)]
+    pub fn tier_count(&self, tier: Tier) -> u64 {
+        self.tiers.with_label_values(&[tier.as_str()]).get()
     }
 
     #[cfg(test)]

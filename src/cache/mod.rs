@@ -5,7 +5,9 @@
 //! The cache knows nothing about HTTP, upstreams or credentials: [`Cache::blob`] is handed a
 //! [`FetchFn`] to call on a miss. Submodules: [`store`] (files on disk), [`fill`] (single
 //! flight, tee, verify), [`reader`] (streams to clients), [`links`], [`manifests`] (and
-//! tags), [`journal`] (their persistence), [`evict`] (size bound), [`metrics`].
+//! tags), [`journal`] (their persistence), [`evict`] (size bound), [`metrics`], and
+//! [`shared`]: the optional tier on an S3 bucket that replicas share (looked at before
+//! upstream on a local miss; fed in the background after each verified local commit).
 //!
 //! Integrity choices: a blob is committed only after its size and digest matched (fsync, then
 //! atomic rename to `<hex>.<size>`). Open rebuilds the index from directory listings only;
@@ -23,6 +25,7 @@ mod manifests;
 mod metrics;
 mod reader;
 mod scrub;
+mod shared;
 mod store;
 
 #[cfg(test)]
@@ -130,6 +133,8 @@ pub enum CacheError {
     InvalidMediaType,
     #[error("manifest of {0} bytes is larger than the 4MiB limit")]
     ManifestTooLarge(usize),
+    #[error(transparent)]
+    Shared(#[from] shared::SharedError),
 }
 
 /// How a blob request was answered.
@@ -209,6 +214,8 @@ pub(crate) struct Inner {
     manifests: Manifests,
     tags: Tags,
     max_size: Option<u64>,
+    /// The tier replicas share, when `cache.backend` is `s3`.
+    shared: Option<Arc<shared::Shared>>,
     evict_notify: Arc<Notify>,
     ids: AtomicU64,
     /// Tests: writes fail once the temp file would exceed this many bytes.
@@ -335,6 +342,21 @@ impl Cache {
         cfg: &crate::config::CacheConfig,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Cache>, CacheError> {
+        let shared = match (&cfg.backend, &cfg.s3) {
+            (crate::config::CacheBackend::S3, Some(s3)) => {
+                Some(shared::Shared::open_s3(s3, registry)?)
+            }
+            _ => None,
+        };
+        Cache::open_with(cfg, registry, shared).await
+    }
+
+    /// [`Cache::open`] with the shared tier given.
+    pub(crate) async fn open_with(
+        cfg: &crate::config::CacheConfig,
+        registry: &prometheus::Registry,
+        shared: Option<Arc<shared::Shared>>,
+    ) -> Result<Arc<Cache>, CacheError> {
         let started = Instant::now();
         let metrics = Metrics::register(registry)?;
         let store = Store::new(&cfg.dir);
@@ -394,7 +416,8 @@ impl Cache {
             links,
             manifests,
             tags,
-            max_size: cfg.max_size.map(|s| s.0),
+            max_size: cfg.local_limit().map(|s| s.0),
+            shared,
             evict_notify: notify.clone(),
             ids,
             #[cfg(test)]
@@ -553,6 +576,12 @@ impl Cache {
                 })
             }
         };
+        // Filled from the shared tier, not through this request's repository: report it as
+        // coalesced, so the caller confirms the repository holds the blob before serving it.
+        let outcome = match outcome {
+            Outcome::Miss if fill.from_shared.load(Ordering::Acquire) => Outcome::Coalesced,
+            o => o,
+        };
         self.inner.metrics.request(outcome, &fill.digest);
         Ok(Some(BlobReader {
             inner: self.inner.clone(),
@@ -568,14 +597,45 @@ impl Cache {
         self.inner.links.is_linked(repo_key, digest)
     }
 
-    /// Records that `repo_key` holds `digest`; persisted.
-    pub async fn link(&self, repo_key: &str, digest: &Digest) {
-        self.inner.links.link(repo_key, digest).await
+    /// [`Cache::is_linked`], then (on a local miss) the links other replicas recorded in the
+    /// shared tier; a shared link is then kept locally too.
+    pub async fn is_linked_shared(&self, repo_key: &str, digest: &Digest) -> bool {
+        if self.is_linked(repo_key, digest) {
+            return true;
+        }
+        match &self.inner.shared {
+            Some(s) if s.has_link(repo_key, digest).await => {
+                self.inner.links.link(repo_key, digest).await;
+                true
+            }
+            _ => false,
+        }
     }
 
-    /// A cached manifest by digest.
+    /// Records that `repo_key` holds `digest`; persisted (and in the shared tier).
+    pub async fn link(&self, repo_key: &str, digest: &Digest) {
+        let new = !self.inner.links.is_linked(repo_key, digest);
+        self.inner.links.link(repo_key, digest).await;
+        if let (true, Some(s)) = (new, &self.inner.shared) {
+            s.put_link(repo_key, digest);
+        }
+    }
+
+    /// A cached manifest by digest (on a local miss, a verified copy from the shared tier).
     pub async fn manifest(&self, digest: &Digest) -> Option<CachedManifest> {
-        self.inner.manifests.get(digest).await
+        if let Some(m) = self.inner.manifests.get(digest).await {
+            return Some(m);
+        }
+        let (media_type, bytes) = self.inner.shared.as_ref()?.get_manifest(digest).await?;
+        if let Err(e) = self
+            .inner
+            .manifests
+            .put(digest, &media_type, bytes.clone())
+            .await
+        {
+            tracing::warn!(%digest, error = %e, "cannot keep a shared manifest locally");
+        }
+        Some(CachedManifest { media_type, bytes })
     }
 
     /// Stores a manifest after verifying `bytes` against `digest`; immutable once stored.
@@ -585,7 +645,14 @@ impl Cache {
         media_type: &str,
         bytes: bytes::Bytes,
     ) -> Result<(), CacheError> {
-        self.inner.manifests.put(digest, media_type, bytes).await
+        self.inner
+            .manifests
+            .put(digest, media_type, bytes.clone())
+            .await?;
+        if let Some(s) = &self.inner.shared {
+            s.put_manifest(digest, media_type, bytes);
+        }
+        Ok(())
     }
 
     /// The digest a tag pointed to when last checked upstream.

@@ -299,7 +299,7 @@ async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Err
     let cache = &ctx.app.cache;
     let key = ctx.target.repo_key();
     if let Some(m) = cache.manifest(digest).await {
-        if !cache.is_linked(&key, digest) {
+        if !cache.is_linked_shared(&key, digest).await {
             confirm_in_repository(ctx, &format!("manifests/{digest}"), Subject::Manifest).await?;
             cache.link(&key, digest).await;
         }
@@ -545,7 +545,7 @@ fn manifest_response(
 async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     let cache = &ctx.app.cache;
     let key = ctx.target.repo_key();
-    let linked = cache.is_linked(&key, digest);
+    let linked = cache.is_linked_shared(&key, digest).await;
     let cached_size = cache.blob_size(digest);
     if ctx.head {
         return match cached_size {
@@ -579,7 +579,7 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         Outcome::Miss => cache.link(&key, digest).await,
         // Checked again here, not with `linked` from before: another repository's fill may
         // have committed in between, and this repository was never confirmed.
-        Outcome::Coalesced | Outcome::Hit if !cache.is_linked(&key, digest) => {
+        Outcome::Coalesced | Outcome::Hit if !cache.is_linked_shared(&key, digest).await => {
             confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
             cache.link(&key, digest).await;
         }

@@ -62,6 +62,7 @@ pub mod faulty;
 pub mod kyma;
 pub mod process;
 pub mod registry;
+pub mod s3;
 pub mod seed;
 pub mod skopeo;
 pub mod token_server;

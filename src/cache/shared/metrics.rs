@@ -1,0 +1,187 @@
+//! Metrics of the shared tier: object-store operations by result, corrupt objects, bytes moved
+//! and lease waits. Labels are bounded: `op` is one of [`Op`], `result` one of [`Res`].
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, DEFAULT_BUCKETS,
+};
+
+/// An object-store operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    GetBlob,
+    PutBlob,
+    HeadBlob,
+    GetManifest,
+    PutManifest,
+    HeadLink,
+    PutLink,
+    Lease,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::GetBlob => "get_blob",
+            Op::PutBlob => "put_blob",
+            Op::HeadBlob => "head_blob",
+            Op::GetManifest => "get_manifest",
+            Op::PutManifest => "put_manifest",
+            Op::HeadLink => "head_link",
+            Op::PutLink => "put_link",
+            Op::Lease => "lease",
+        }
+    }
+}
+
+/// How an operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Res {
+    Ok,
+    /// Not found.
+    Miss,
+    /// A conditional create found the object there already (success for content-addressed
+    /// keys).
+    Exists,
+    /// Transport or server error (the tier then rests for a while).
+    Error,
+    /// Not tried: the tier is resting after an error.
+    Skipped,
+}
+
+impl Res {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Res::Ok => "ok",
+            Res::Miss => "miss",
+            Res::Exists => "exists",
+            Res::Error => "error",
+            Res::Skipped => "skipped",
+        }
+    }
+}
+
+/// How a wait for another replica's lease ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The blob appeared in the store.
+    Landed,
+    /// The lease went away without the blob (the other fill failed).
+    Released,
+    /// The lease expired first; this replica goes upstream itself.
+    Expired,
+    /// The store failed while waiting.
+    Error,
+}
+
+impl WaitEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitEnd::Landed => "landed",
+            WaitEnd::Released => "released",
+            WaitEnd::Expired => "expired",
+            WaitEnd::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SharedMetrics {
+    ops: IntCounterVec,
+    corrupt: IntCounter,
+    read_bytes: IntCounter,
+    uploaded_bytes: IntCounter,
+    lease_waits: IntCounterVec,
+    lease_wait_seconds: Histogram,
+}
+
+impl SharedMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<SharedMetrics> {
+        let ops = IntCounterVec::new(
+            Opts::new(
+                "oci_proxy_cache_shared_ops_total",
+                "Shared object-store operations by op and result.",
+            ),
+            &["op", "result"],
+        )?;
+        registry.register(Box::new(ops.clone()))?;
+        let corrupt = IntCounter::new(
+            "oci_proxy_cache_shared_corrupt_total",
+            "Objects in the shared store whose bytes did not match their digest (never served).",
+        )?;
+        registry.register(Box::new(corrupt.clone()))?;
+        let read_bytes = IntCounter::new(
+            "oci_proxy_cache_shared_read_bytes_total",
+            "Verified blob bytes filled from the shared store.",
+        )?;
+        registry.register(Box::new(read_bytes.clone()))?;
+        let uploaded_bytes = IntCounter::new(
+            "oci_proxy_cache_shared_uploaded_bytes_total",
+            "Blob bytes uploaded to the shared store.",
+        )?;
+        registry.register(Box::new(uploaded_bytes.clone()))?;
+        let lease_waits = IntCounterVec::new(
+            Opts::new(
+                "oci_proxy_cache_lease_waits_total",
+                "Waits for another replica's fill lease, by how they ended.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(lease_waits.clone()))?;
+        let lease_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "oci_proxy_cache_lease_wait_seconds",
+                "Time spent waiting for another replica's fill lease.",
+            )
+            .buckets(DEFAULT_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(lease_wait_seconds.clone()))?;
+        Ok(SharedMetrics {
+            ops,
+            corrupt,
+            read_bytes,
+            uploaded_bytes,
+            lease_waits,
+            lease_wait_seconds,
+        })
+    }
+
+    pub fn op(&self, op: Op, res: Res) {
+        self.ops
+            .with_label_values(&[op.as_str(), res.as_str()])
+            .inc();
+    }
+
+    pub fn corrupt(&self) {
+        self.corrupt.inc();
+    }
+
+    pub fn read(&self, bytes: u64) {
+        self.read_bytes.inc_by(bytes);
+    }
+
+    pub fn uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.inc_by(bytes);
+    }
+
+    pub fn lease_wait(&self, end: WaitEnd, seconds: f64) {
+        self.lease_waits.with_label_values(&[end.as_str()]).inc();
+        self.lease_wait_seconds.observe(seconds);
+    }
+
+    #[cfg(test)]
+    pub fn op_count(&self, op: Op, res: Res) -> u64 {
+        self.ops
+            .with_label_values(&[op.as_str(), res.as_str()])
+            .get()
+    }
+
+    #[cfg(test)]
+    pub fn lease_wait_count(&self, end: WaitEnd) -> u64 {
+        self.lease_waits.with_label_values(&[end.as_str()]).get()
+    }
+
+    #[cfg(test)]
+    pub fn corrupt_count(&self) -> u64 {
+        self.corrupt.get()
+    }
+}

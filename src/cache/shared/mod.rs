@@ -1,0 +1,612 @@
+//! The shared tier: an S3-compatible bucket (through `object_store`) that several replicas
+//! put behind their local disk caches, so a blob fetched upstream by one replica is filled
+//! from the bucket by the others.
+//!
+//! Layout under the configured prefix (every key content-addressed, written only after the
+//! digest was verified, with a conditional create so replicas never overwrite each other):
+//! - `blobs/<alg>/<hex>`: blob bytes (multipart above [`SINGLE_PUT_MAX`]: content-addressed
+//!   and verified, so a concurrent identical upload is harmless);
+//! - `manifests/<alg>/<hex>`: manifest bytes, media type as the object's Content-Type;
+//! - `links/<sha256(repo_key)>/<alg>/<hex>`: empty; "this repository was shown to hold it";
+//! - `leases/<alg>/<hex>`: cross-replica single flight ([`lease`]).
+//!
+//! Reads are never trusted: a blob is hashed while it is written to the local temp file and
+//! committed only if it matches, else counted as corrupt, deleted from the bucket and
+//! fetched upstream. Every failure of the store is logged and counted and makes the tier
+//! rest for [`REST_AFTER_ERROR`]: the proxy then works as upstream pass-through plus local
+//! cache. Uploads run in the background after the local commit, off the client's path.
+//!
+//! Eviction: none here. Use a bucket lifecycle rule on the prefix (expire `blobs/` and
+//! `manifests/` objects some days after creation, `leases/` after a day); a replica that
+//! misses an expired object fetches it upstream again and uploads it anew.
+
+mod lease;
+mod metrics;
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{
+    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, ObjectStore, PutMode,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
+
+use super::fill::Hasher;
+use super::manifests::MAX_MANIFEST_SIZE;
+use super::store::{read_exact_at, write_chunks};
+use crate::config::S3Config;
+use crate::protocol::grammar::Digest;
+pub use lease::Lease;
+use metrics::{Op, Res, SharedMetrics, WaitEnd};
+
+/// Blobs up to this size are uploaded with one conditional PUT; larger ones in parts.
+pub const SINGLE_PUT_MAX: u64 = 8 << 20;
+/// Multipart part size.
+const PART_SIZE: usize = 8 << 20;
+/// How long the tier is skipped after an error of the store.
+pub const REST_AFTER_ERROR: Duration = Duration::from_secs(5);
+/// Rounds of "look in the bucket, else take or wait for the lease" per fill.
+const ROUNDS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("shared cache store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("shared cache metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// An object-store call's failure, as the tier sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    Missing,
+    #[error("already exists")]
+    Exists,
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<object_store::Error> for StoreError {
+    fn from(e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::Missing,
+            object_store::Error::AlreadyExists { .. } => StoreError::Exists,
+            other => StoreError::Other(other.to_string()),
+        }
+    }
+}
+
+/// What the shared tier did for a fill before any upstream request.
+#[derive(Debug)]
+pub enum Before {
+    /// `size` verified bytes are in the fill's temp file: commit them.
+    Filled(u64),
+    /// Go upstream (the temp file is empty); holding the lease when `Some`.
+    Upstream(Option<Lease>),
+}
+
+enum Read {
+    Filled(u64),
+    Missing,
+    Corrupt(String),
+    Failed,
+}
+
+pub struct Shared {
+    store: Arc<dyn ObjectStore>,
+    /// Empty or ending in `/`.
+    prefix: String,
+    lease_ttl: Duration,
+    op_timeout: Duration,
+    metrics: SharedMetrics,
+    resting_until: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &self.store.to_string())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn normalize_prefix(p: &str) -> String {
+    let p = p.trim_matches('/');
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!("{p}/")
+    }
+}
+
+impl Shared {
+    /// The S3 tier: `AmazonS3Builder::from_env()` (credentials and defaults from the AWS
+    /// environment variables), then the config's keys override.
+    pub fn open_s3(
+        cfg: &S3Config,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Shared>, SharedError> {
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&cfg.bucket)
+            .with_allow_http(cfg.allow_http)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(cfg.connect_timeout.0)
+                    // Blob bodies may take long; small calls are bounded by `op_timeout`,
+                    // blob reads by an idle timeout between chunks.
+                    .with_timeout_disabled()
+                    .with_allow_http(cfg.allow_http),
+            )
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(50),
+                    max_backoff: Duration::from_millis(500),
+                    base: 2.0,
+                },
+                max_retries: 1,
+                retry_timeout: cfg.op_timeout.0,
+            });
+        if let Some(e) = &cfg.endpoint {
+            b = b.with_endpoint(e.as_str().trim_end_matches('/'));
+        }
+        if let Some(r) = &cfg.region {
+            b = b.with_region(r);
+        }
+        let store = b.build()?;
+        tracing::info!(
+            bucket = cfg.bucket.as_str(),
+            prefix = cfg.prefix.as_str(),
+            endpoint = cfg.endpoint.as_ref().map(|u| u.as_str()).unwrap_or("aws"),
+            "shared cache tier on S3"
+        );
+        Shared::new(
+            Arc::new(store),
+            &cfg.prefix,
+            cfg.lease_ttl.0,
+            cfg.op_timeout.0,
+            registry,
+        )
+    }
+
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        lease_ttl: Duration,
+        op_timeout: Duration,
+        registry: &prometheus::Registry,
+    ) -> Result<Arc<Shared>, SharedError> {
+        Ok(Arc::new(Shared {
+            store,
+            prefix: normalize_prefix(prefix),
+            lease_ttl,
+            op_timeout,
+            metrics: SharedMetrics::register(registry)?,
+            resting_until: Mutex::new(None),
+        }))
+    }
+
+    fn key(&self, rest: &str) -> Path {
+        Path::from(format!("{}{rest}", self.prefix))
+    }
+
+    pub fn blob_key(&self, d: &Digest) -> Path {
+        self.key(&format!("blobs/{}/{}", d.algorithm().as_str(), d.hex()))
+    }
+
+    pub fn manifest_key(&self, d: &Digest) -> Path {
+        self.key(&format!("manifests/{}/{}", d.algorithm().as_str(), d.hex()))
+    }
+
+    pub fn lease_key(&self, d: &Digest) -> Path {
+        self.key(&format!("leases/{}/{}", d.algorithm().as_str(), d.hex()))
+    }
+
+    pub fn link_key(&self, repo_key: &str, d: &Digest) -> Path {
+        let repo = Digest::sha256_of(repo_key.as_bytes());
+        self.key(&format!(
+            "links/{}/{}/{}",
+            repo.hex(),
+            d.algorithm().as_str(),
+            d.hex()
+        ))
+    }
+
+    /// Whether the tier is in use (not resting after an error).
+    fn available(&self) -> bool {
+        let mut r = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *r {
+            Some(t) if Instant::now() < t => false,
+            Some(_) => {
+                *r = None;
+                tracing::info!("retrying the shared cache store");
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Counts and logs a failed call and rests the tier.
+    fn failed(&self, op: Op, e: &StoreError) {
+        self.metrics.op(op, Res::Error);
+        tracing::warn!(
+            op = op.as_str(),
+            error = %e,
+            rest_s = REST_AFTER_ERROR.as_secs(),
+            "shared cache store failed; using upstream and the local cache only for a while"
+        );
+        *self.resting_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + REST_AFTER_ERROR);
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.op_timeout, f).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(self.op_timeout)),
+        }
+    }
+
+    /// HEAD: `None` when the store failed.
+    async fn exists(&self, key: &Path, op: Op) -> Option<bool> {
+        match self.timed(self.store.head(key)).await {
+            Ok(_) => Some(true),
+            Err(StoreError::Missing) => Some(false),
+            Err(e) => {
+                self.failed(op, &e);
+                None
+            }
+        }
+    }
+
+    async fn delete(&self, key: &Path) {
+        match self.timed(self.store.delete(key)).await {
+            Ok(()) | Err(StoreError::Missing) => {}
+            Err(e) => tracing::warn!(key = key.as_ref(), error = %e, "shared cache delete failed"),
+        }
+    }
+
+    /// Before a fill goes upstream: fills `file` from the bucket when the blob is there (and
+    /// matches its digest), else takes the lease, or waits for the replica holding it.
+    pub async fn before_upstream(self: &Arc<Self>, digest: &Digest, file: &Arc<File>) -> Before {
+        if !self.available() {
+            self.metrics.op(Op::GetBlob, Res::Skipped);
+            return Before::Upstream(None);
+        }
+        for _ in 0..ROUNDS {
+            match self.read_into(digest, file).await {
+                Read::Filled(n) => return Before::Filled(n),
+                Read::Missing => {}
+                Read::Corrupt(detail) => {
+                    self.metrics.corrupt();
+                    tracing::warn!(%digest, detail, "shared cache object is corrupt; deleted, fetching upstream");
+                    self.delete(&self.blob_key(digest)).await;
+                    if reset(file).await.is_err() {
+                        return Before::Upstream(None);
+                    }
+                }
+                Read::Failed => {
+                    // The file may hold part of a read; a fill needs it empty.
+                    let _ = reset(file).await;
+                    return Before::Upstream(None);
+                }
+            }
+            match lease::acquire(self, digest).await {
+                lease::Acquire::Held(l) => {
+                    // The blob may have landed between the GET and the lease.
+                    match self.exists(&self.blob_key(digest), Op::HeadBlob).await {
+                        Some(true) => l.release().await,
+                        Some(false) => return Before::Upstream(Some(l)),
+                        None => return Before::Upstream(Some(l)),
+                    }
+                }
+                lease::Acquire::Busy { expires_ms } => {
+                    match lease::wait(self, digest, expires_ms).await {
+                        WaitEnd::Landed | WaitEnd::Released => {}
+                        WaitEnd::Expired | WaitEnd::Error => return Before::Upstream(None),
+                    }
+                }
+                lease::Acquire::Stale => {}
+                lease::Acquire::Failed => return Before::Upstream(None),
+            }
+        }
+        Before::Upstream(None)
+    }
+
+    /// GETs the blob into `file` (from its start), hashing as bytes arrive.
+    async fn read_into(&self, digest: &Digest, file: &Arc<File>) -> Read {
+        let res = match self.timed(self.store.get(&self.blob_key(digest))).await {
+            Ok(r) => r,
+            Err(StoreError::Missing) => {
+                self.metrics.op(Op::GetBlob, Res::Miss);
+                return Read::Missing;
+            }
+            Err(e) => {
+                self.failed(Op::GetBlob, &e);
+                return Read::Failed;
+            }
+        };
+        let size = res.meta.size;
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut written: u64 = 0;
+        let mut chunks = res.into_stream().ready_chunks(64);
+        loop {
+            let batch = match tokio::time::timeout(self.op_timeout, chunks.next()).await {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(_) => {
+                    self.failed(Op::GetBlob, &StoreError::Timeout(self.op_timeout));
+                    return Read::Failed;
+                }
+            };
+            let mut data: Vec<Bytes> = Vec::with_capacity(batch.len());
+            for item in batch {
+                match item {
+                    Ok(b) => data.push(b),
+                    Err(e) => {
+                        self.failed(Op::GetBlob, &StoreError::from(e));
+                        return Read::Failed;
+                    }
+                }
+            }
+            let n: u64 = data.iter().map(|b| b.len() as u64).sum();
+            if written + n > size {
+                return Read::Corrupt(format!("body longer than its {size} bytes"));
+            }
+            for b in &data {
+                hasher.update(b);
+            }
+            let f = file.clone();
+            let w = tokio::task::spawn_blocking(move || write_chunks(&f, &data))
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r);
+            if let Err(e) = w {
+                tracing::warn!(%digest, error = %e, "cannot write a shared blob to the local cache");
+                return Read::Failed;
+            }
+            written += n;
+        }
+        if written != size {
+            return Read::Corrupt(format!("{written} of {size} bytes"));
+        }
+        if !hasher.matches(digest) {
+            return Read::Corrupt(format!("{written} bytes do not match the digest"));
+        }
+        self.metrics.op(Op::GetBlob, Res::Ok);
+        self.metrics.read(written);
+        tracing::info!(%digest, size = written, "filled from the shared cache store");
+        Read::Filled(written)
+    }
+
+    /// Uploads a committed, verified blob in the background (reading the open file, which
+    /// survives rename and eviction), then releases `lease`.
+    pub fn upload_blob(
+        self: &Arc<Self>,
+        digest: Digest,
+        file: Arc<File>,
+        size: u64,
+        lease: Option<Lease>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.put_blob(&digest, &file, size).await;
+            if let Some(l) = lease {
+                l.release().await;
+            }
+        });
+    }
+
+    async fn put_blob(&self, digest: &Digest, file: &Arc<File>, size: u64) {
+        if !self.available() {
+            self.metrics.op(Op::PutBlob, Res::Skipped);
+            return;
+        }
+        let key = self.blob_key(digest);
+        match self.exists(&key, Op::HeadBlob).await {
+            Some(true) => {
+                self.metrics.op(Op::PutBlob, Res::Exists);
+                return;
+            }
+            Some(false) => {}
+            None => return,
+        }
+        let res = if size <= SINGLE_PUT_MAX {
+            self.put_small(&key, file, size).await
+        } else {
+            self.put_parts(&key, file, size).await
+        };
+        match res {
+            Ok(()) => {
+                self.metrics.op(Op::PutBlob, Res::Ok);
+                self.metrics.uploaded(size);
+                tracing::info!(%digest, size, "uploaded to the shared cache store");
+            }
+            Err(StoreError::Exists) => self.metrics.op(Op::PutBlob, Res::Exists),
+            Err(e) => self.failed(Op::PutBlob, &e),
+        }
+    }
+
+    async fn read_part(file: &Arc<File>, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || read_exact_at(&f, offset, len))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| StoreError::Other(format!("reading the cached file: {e}")))
+    }
+
+    async fn put_small(&self, key: &Path, file: &Arc<File>, size: u64) -> Result<(), StoreError> {
+        let len = usize::try_from(size).map_err(|e| StoreError::Other(e.to_string()))?;
+        let bytes = Self::read_part(file, 0, len).await?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(key, PutPayload::from(bytes), opts)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::from)
+    }
+
+    async fn put_parts(&self, key: &Path, file: &Arc<File>, size: u64) -> Result<(), StoreError> {
+        let upload = self.store.put_multipart(key).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut offset = 0u64;
+        while offset < size {
+            let len = usize::try_from((size - offset).min(PART_SIZE as u64)).unwrap_or(PART_SIZE);
+            let part = match Self::read_part(file, offset, len).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = w.wait_for_capacity(2).await {
+                let _ = w.abort().await;
+                return Err(e.into());
+            }
+            w.put(part);
+            offset += len as u64;
+        }
+        w.finish().await.map(|_| ()).map_err(StoreError::from)
+    }
+
+    /// A verified manifest from the bucket: `(media type, bytes)`.
+    pub async fn get_manifest(&self, digest: &Digest) -> Option<(String, Bytes)> {
+        if !self.available() {
+            self.metrics.op(Op::GetManifest, Res::Skipped);
+            return None;
+        }
+        let got = match self.timed(self.store.get(&self.manifest_key(digest))).await {
+            Ok(r) if r.meta.size > MAX_MANIFEST_SIZE as u64 => Err(StoreError::Other(format!(
+                "manifest object of {} bytes",
+                r.meta.size
+            ))),
+            Ok(r) => {
+                let media_type = r
+                    .attributes
+                    .get(&Attribute::ContentType)
+                    .map(|v| v.as_ref().to_owned());
+                self.timed(r.bytes()).await.map(|b| (media_type, b))
+            }
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok((Some(mt), bytes)) if digest.verify(&bytes) => {
+                self.metrics.op(Op::GetManifest, Res::Ok);
+                Some((mt, bytes))
+            }
+            Ok(_) => {
+                self.metrics.corrupt();
+                tracing::warn!(%digest, "shared manifest object is corrupt; deleted");
+                self.delete(&self.manifest_key(digest)).await;
+                None
+            }
+            Err(StoreError::Missing) => {
+                self.metrics.op(Op::GetManifest, Res::Miss);
+                None
+            }
+            Err(e) => {
+                self.failed(Op::GetManifest, &e);
+                None
+            }
+        }
+    }
+
+    /// Uploads a verified manifest in the background.
+    pub fn put_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, bytes: Bytes) {
+        if !self.available() {
+            self.metrics.op(Op::PutManifest, Res::Skipped);
+            return;
+        }
+        let (me, key) = (self.clone(), self.manifest_key(digest));
+        let mut attributes = Attributes::new();
+        attributes.insert(
+            Attribute::ContentType,
+            AttributeValue::from(media_type.to_owned()),
+        );
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            attributes,
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            match me
+                .timed(me.store.put_opts(&key, PutPayload::from(bytes), opts))
+                .await
+            {
+                Ok(_) => me.metrics.op(Op::PutManifest, Res::Ok),
+                Err(StoreError::Exists) => me.metrics.op(Op::PutManifest, Res::Exists),
+                Err(e) => me.failed(Op::PutManifest, &e),
+            }
+        });
+    }
+
+    /// Whether a replica recorded that `repo_key` holds `digest`.
+    pub async fn has_link(&self, repo_key: &str, digest: &Digest) -> bool {
+        if !self.available() {
+            self.metrics.op(Op::HeadLink, Res::Skipped);
+            return false;
+        }
+        let found = self
+            .exists(&self.link_key(repo_key, digest), Op::HeadLink)
+            .await;
+        match found {
+            Some(true) => self.metrics.op(Op::HeadLink, Res::Ok),
+            Some(false) => self.metrics.op(Op::HeadLink, Res::Miss),
+            None => {}
+        }
+        found == Some(true)
+    }
+
+    /// Records a link in the bucket, in the background.
+    pub fn put_link(self: &Arc<Self>, repo_key: &str, digest: &Digest) {
+        if !self.available() {
+            self.metrics.op(Op::PutLink, Res::Skipped);
+            return;
+        }
+        let (me, key) = (self.clone(), self.link_key(repo_key, digest));
+        tokio::spawn(async move {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match me
+                .timed(me.store.put_opts(&key, PutPayload::new(), opts))
+                .await
+            {
+                Ok(_) => me.metrics.op(Op::PutLink, Res::Ok),
+                Err(StoreError::Exists) => me.metrics.op(Op::PutLink, Res::Exists),
+                Err(e) => me.failed(Op::PutLink, &e),
+            }
+        });
+    }
+}
+
+/// Empties a fill's temp file after a shared read that will not be committed.
+async fn reset(file: &Arc<File>) -> io::Result<()> {
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || {
+        f.set_len(0)?;
+        (&*f).seek(SeekFrom::Start(0)).map(|_| ())
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! Two caches (two "replicas", separate dirs) sharing one in-memory object store, and one
+//! whose store refuses connections.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+use tokio::sync::oneshot;
+
+use super::metrics::{Op, Res, WaitEnd};
+use super::Shared;
+use crate::cache::metrics::Tier;
+use crate::cache::{Cache, FetchFn, Outcome, UpstreamBody};
+use crate::config::CacheConfig;
+use crate::protocol::grammar::Digest;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Replica {
+    cache: Arc<Cache>,
+    shared: Arc<Shared>,
+    _dir: tempfile::TempDir,
+}
+
+async fn replica(store: Arc<dyn ObjectStore>) -> Replica {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    let shared = Shared::new(
+        store,
+        "/team/",
+        Duration::from_secs(5),
+        Duration::from_secs(2),
+        &registry,
+    )
+    .unwrap();
+    let cfg = CacheConfig {
+        dir: dir.path().to_path_buf(),
+        ..CacheConfig::default()
+    };
+    let cache = Cache::open_with(&cfg, &registry, Some(shared.clone()))
+        .await
+        .unwrap();
+    Replica {
+        cache,
+        shared,
+        _dir: dir,
+    }
+}
+
+fn data(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+/// A fetch answering `body` (after `gate` opens, when given); counts its calls.
+fn fetch(body: Vec<u8>, calls: Arc<AtomicUsize>, gate: Option<oneshot::Receiver<()>>) -> FetchFn {
+    Box::new(move || {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(g) = gate {
+                let _ = g.await;
+            }
+            let size = Some(body.len() as u64);
+            let chunks: Vec<Result<Bytes, std::io::Error>> = body
+                .chunks(64 * 1024)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            Ok(UpstreamBody {
+                size,
+                stream: stream::iter(chunks).boxed(),
+            })
+        })
+    })
+}
+
+async fn read(cache: &Cache, d: &Digest, f: FetchFn) -> (Outcome, Vec<u8>) {
+    let r = tokio::time::timeout(DEADLINE, cache.blob(d, f))
+        .await
+        .expect("deadline")
+        .unwrap();
+    let outcome = r.outcome();
+    let mut s = r.into_stream(None);
+    let mut out = Vec::new();
+    while let Some(b) = s.next().await {
+        out.extend_from_slice(&b.unwrap());
+    }
+    (outcome, out)
+}
+
+async fn wait_for_object(store: &dyn ObjectStore, key: &object_store::path::Path, want: &[u8]) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(r) = store.get(key).await {
+            if r.bytes().await.unwrap().as_ref() == want {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never held the blob"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_blob_filled_by_one_replica_is_served_by_another_without_upstream() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let (a, b) = (replica(store.clone()).await, replica(store.clone()).await);
+    let body = data(200_000, 1);
+    let d = Digest::sha256_of(&body);
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    let (o, got) = read(&a.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!((o, got.len()), (Outcome::Miss, body.len()));
+    let key = a.shared.blob_key(&d);
+    assert!(key.as_ref().starts_with("team/blobs/sha256/"), "{key}");
+    wait_for_object(&*store, &key, &body).await;
+    // The lease is gone once the upload is done.
+    let lease = a.shared.lease_key(&d);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while store.head(&lease).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lease never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let (o, got) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!(got, body);
+    assert_eq!(
+        o,
+        Outcome::Coalesced,
+        "a shared fill asks the caller to confirm the repository"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "B never went upstream");
+    assert_eq!(b.cache.inner.metrics.tier_count(Tier::Shared), 1);
+    assert_eq!(b.cache.inner.metrics.tier_count(Tier::Upstream), 0);
+    // Now local on B.
+    let (o, _) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!(o, Outcome::Hit);
+    assert_eq!(b.cache.inner.metrics.tier_count(Tier::Local), 1);
+}
+
+#[tokio::test]
+async fn a_corrupt_shared_object_is_never_served_and_is_replaced() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let b = replica(store.clone()).await;
+    let body = data(100_000, 2);
+    let d = Digest::sha256_of(&body);
+    let mut bad = body.clone();
+    bad[50_000] ^= 0xff;
+    let key = b.shared.blob_key(&d);
+    store.put(&key, bad.into()).await.unwrap();
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (o, got) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!(got, body, "the upstream's bytes, not the bucket's");
+    assert_eq!(o, Outcome::Miss);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(b.shared.metrics.corrupt_count(), 1);
+    wait_for_object(&*store, &key, &body).await;
+}
+
+#[tokio::test]
+async fn concurrent_cold_fills_on_two_replicas_go_upstream_once() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let (a, b) = (replica(store.clone()).await, replica(store.clone()).await);
+    let body = data(300_000, 3);
+    let d = Digest::sha256_of(&body);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (open, gate) = oneshot::channel();
+
+    // A takes the lease and blocks upstream until the gate opens.
+    let a_cache = a.cache.clone();
+    let (d2, body2, calls2) = (d.clone(), body.clone(), calls.clone());
+    let a_task =
+        tokio::spawn(async move { read(&a_cache, &d2, fetch(body2, calls2, Some(gate))).await });
+    let lease = a.shared.lease_key(&d);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while store.head(&lease).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b_cache = b.cache.clone();
+    let (d3, body3, calls3) = (d.clone(), body.clone(), calls.clone());
+    let b_task = tokio::spawn(async move { read(&b_cache, &d3, fetch(body3, calls3, None)).await });
+    let _ = open.send(());
+
+    let (oa, got_a) = a_task.await.unwrap();
+    let (ob, got_b) = b_task.await.unwrap();
+    assert_eq!((oa, ob), (Outcome::Miss, Outcome::Coalesced));
+    assert_eq!((got_a.len(), got_b.len()), (body.len(), body.len()));
+    assert_eq!(got_b, body);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one upstream GET across replicas"
+    );
+    assert_eq!(b.shared.metrics.lease_wait_count(WaitEnd::Landed), 1);
+}
+
+#[tokio::test]
+async fn manifests_and_links_cross_replicas() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let (a, b) = (replica(store.clone()).await, replica(store.clone()).await);
+    let m = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let d = Digest::sha256_of(&m);
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    a.cache.put_manifest(&d, mt, m.clone()).await.unwrap();
+    a.cache.link("r.io/team/app", &d).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while store
+        .head(&a.shared.link_key("r.io/team/app", &d))
+        .await
+        .is_err()
+        || store.head(&a.shared.manifest_key(&d)).await.is_err()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never uploaded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let got = b.cache.manifest(&d).await.expect("from the shared tier");
+    assert_eq!((got.media_type.as_str(), got.bytes), (mt, m));
+    assert!(!b.cache.is_linked("r.io/team/app", &d));
+    assert!(b.cache.is_linked_shared("r.io/team/app", &d).await);
+    assert!(b.cache.is_linked("r.io/team/app", &d), "kept locally");
+    assert!(!b.cache.is_linked_shared("r.io/team/other", &d).await);
+}
+
+#[tokio::test]
+async fn an_unreachable_store_degrades_to_upstream() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // closed again: connections are refused
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("b")
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_endpoint(format!("http://127.0.0.1:{port}"))
+        .with_allow_http(true)
+        .with_retry(object_store::RetryConfig {
+            max_retries: 0,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let r = replica(Arc::new(s3)).await;
+    let body = data(10_000, 4);
+    let d = Digest::sha256_of(&body);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (o, got) = read(&r.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!((o, got), (Outcome::Miss, body));
+    assert_eq!(r.shared.metrics.op_count(Op::GetBlob, Res::Error), 1);
+    // Resting: the next miss does not even try.
+    let body2 = data(10_000, 5);
+    let d2 = Digest::sha256_of(&body2);
+    let (_, got) = read(&r.cache, &d2, fetch(body2.clone(), calls.clone(), None)).await;
+    assert_eq!(got, body2);
+    assert_eq!(r.shared.metrics.op_count(Op::GetBlob, Res::Skipped), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -1,0 +1,287 @@
+//! Two oci-proxy replicas (separate cache dirs) sharing one bucket on a real S3-compatible
+//! server (moto, see `tests/support/s3.rs`) in front of a real distribution registry.
+//! Upstream GETs are counted in the registry's access log.
+//!
+//! Without moto installed these tests print why and pass, unless `CI` is set: then they fail.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use reqwest::StatusCode;
+use support::s3::Moto;
+use support::{
+    http_client, push_image, random_bytes, wait_until, ProxyProcess, PushedImage, Registry,
+    RegistryAuth,
+};
+
+const UPSTREAM: &str = "shared.test";
+const REPO: &str = "team/app";
+const BUCKET: &str = "oci-cache";
+const PREFIX: &str = "replicas/";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn config(reg: &Registry, moto: &Moto) -> String {
+    format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n  backend: s3\n  s3:\n    \
+         bucket: {BUCKET}\n    prefix: {PREFIX}\n    endpoint: {}\n    region: us-east-1\n    \
+         allow_http: true\n    lease_ttl: 30s\nupstreams:\n  - name: {UPSTREAM}\n    endpoint: {}\n",
+        moto.endpoint(),
+        reg.url()
+    )
+}
+
+struct Setup {
+    moto: Moto,
+    reg: Registry,
+    image: PushedImage,
+    a: ProxyProcess,
+    b: ProxyProcess,
+}
+
+async fn setup() -> Option<Setup> {
+    let moto = Moto::start().await?;
+    moto.create_bucket(BUCKET).await;
+    let reg = Registry::start(RegistryAuth::Anonymous).await;
+    let layers = vec![random_bytes(1_500_000, 11), random_bytes(200_000, 12)];
+    let image = push_image(&reg, None, REPO, "v1", &layers).await;
+    let cfg = config(&reg, &moto);
+    let a = ProxyProcess::start_with_env(&cfg, &moto.env()).await;
+    let b = ProxyProcess::start_with_env(&cfg, &moto.env()).await;
+    Some(Setup {
+        moto,
+        reg,
+        image,
+        a,
+        b,
+    })
+}
+
+/// Upstream GETs of `/v2/team/app/<kind>/<digest>` in the registry's access log.
+fn upstream_gets(reg: &Registry, kind: &str, digest: &str) -> usize {
+    let path = format!("/v2/{REPO}/{kind}/{digest}");
+    reg.logs()
+        .lines()
+        .filter(|l| l.contains(&format!("\"GET {path} ")) || l.contains(&format!("\"GET {path}\"")))
+        .count()
+}
+
+async fn get_blob(proxy: &ProxyProcess, digest: &str) -> (StatusCode, Bytes) {
+    let r = http_client()
+        .get(format!(
+            "{}/v2/{UPSTREAM}/{REPO}/blobs/{digest}",
+            proxy.url()
+        ))
+        .send()
+        .await
+        .expect("blob request");
+    let status = r.status();
+    (status, r.bytes().await.expect("blob body"))
+}
+
+fn sha256(b: &[u8]) -> String {
+    support::sha256_digest(b)
+}
+
+fn blob_key(digest: &str) -> Path {
+    let hex = digest.trim_start_matches("sha256:");
+    Path::from(format!("{PREFIX}blobs/sha256/{hex}"))
+}
+
+async fn wait_for_object(moto: &Moto, key: &Path) {
+    let store = moto.store(BUCKET);
+    wait_until(DEADLINE, &format!("{key} in the bucket"), || {
+        let store = &store;
+        async move { store.head(key).await.is_ok() }
+    })
+    .await;
+}
+
+async fn metric(proxy: &ProxyProcess, name_and_labels: &str) -> f64 {
+    let text = http_client()
+        .get(format!("{}/metrics", proxy.url()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_pulled_through_one_replica_is_served_by_the_other_without_an_upstream_get() {
+    let Some(s) = setup().await else { return };
+    let layer = s.image.layer_digests[0].clone();
+
+    let (st, body) = get_blob(&s.a, &layer).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256(&body), layer);
+    wait_for_object(&s.moto, &blob_key(&layer)).await;
+    assert_eq!(upstream_gets(&s.reg, "blobs", &layer), 1);
+
+    let (st, body) = get_blob(&s.b, &layer).await;
+    assert_eq!(st, StatusCode::OK, "{}", s.b.logs());
+    assert_eq!(sha256(&body), layer);
+    assert_eq!(
+        upstream_gets(&s.reg, "blobs", &layer),
+        1,
+        "replica B filled from the bucket"
+    );
+    assert_eq!(
+        metric(&s.b, "oci_proxy_cache_tier_total{tier=\"shared\"}").await,
+        1.0
+    );
+
+    // A manifest by digest, too: stored verified in the bucket by A, read from it by B.
+    let md = s.image.manifest_digest.clone();
+    let url = |p: &ProxyProcess| format!("{}/v2/{UPSTREAM}/{REPO}/manifests/{md}", p.url());
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let r = http_client()
+        .get(url(&s.a))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mkey = Path::from(format!(
+        "{PREFIX}manifests/sha256/{}",
+        md.trim_start_matches("sha256:")
+    ));
+    wait_for_object(&s.moto, &mkey).await;
+    let r = http_client()
+        .get(url(&s.b))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.bytes().await.unwrap().as_ref(),
+        s.image.manifest.as_slice()
+    );
+    assert_eq!(upstream_gets(&s.reg, "manifests", &md), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_pulls_through_both_replicas_cause_one_upstream_get() {
+    let Some(s) = setup().await else { return };
+    let layer = s.image.layer_digests[0].clone();
+    let ((sa, ba), (sb, bb)) = tokio::join!(get_blob(&s.a, &layer), get_blob(&s.b, &layer));
+    assert_eq!((sa, sb), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(sha256(&ba), layer);
+    assert_eq!(sha256(&bb), layer);
+    assert_eq!(
+        upstream_gets(&s.reg, "blobs", &layer),
+        1,
+        "one upstream GET across replicas; A:\n{}\nB:\n{}",
+        s.a.logs(),
+        s.b.logs()
+    );
+    // One replica went upstream, the other filled from the bucket (after waiting on the
+    // lease, unless the first was done before the second looked).
+    let tier = |t: &'static str| format!("oci_proxy_cache_tier_total{{tier=\"{t}\"}}");
+    let shared = metric(&s.a, &tier("shared")).await + metric(&s.b, &tier("shared")).await;
+    let upstream = metric(&s.a, &tier("upstream")).await + metric(&s.b, &tier("upstream")).await;
+    assert_eq!((shared, upstream), (1.0, 1.0));
+    let waits = |p: &'static str| format!("oci_proxy_cache_lease_waits_total{{result=\"{p}\"}}");
+    let landed = metric(&s.a, &waits("landed")).await + metric(&s.b, &waits("landed")).await;
+    eprintln!("lease waits that ended with the blob landing: {landed}");
+    for l in s.a.logs().lines().chain(s.b.logs().lines()) {
+        if l.contains("waited for another replica") {
+            eprintln!("{l}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_object_in_the_bucket_is_never_served() {
+    let Some(s) = setup().await else { return };
+    let layer = s.image.layer_digests[1].clone();
+    let (st, _) = get_blob(&s.a, &layer).await;
+    assert_eq!(st, StatusCode::OK);
+    let key = blob_key(&layer);
+    wait_for_object(&s.moto, &key).await;
+
+    // Same length, one byte flipped, written through the S3 API.
+    let store = s.moto.store(BUCKET);
+    let mut bad = store
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    bad[1000] ^= 0x5a;
+    store.put(&key, bad.into()).await.unwrap();
+
+    let (st, body) = get_blob(&s.b, &layer).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        sha256(&body),
+        layer,
+        "B served the upstream's bytes, not the bucket's"
+    );
+    assert_eq!(upstream_gets(&s.reg, "blobs", &layer), 2);
+    assert_eq!(
+        metric(&s.b, "oci_proxy_cache_shared_corrupt_total").await,
+        1.0
+    );
+    // B repaired the object after its verified upstream fill.
+    let (store, key, layer) = (&store, &key, &layer);
+    wait_until(DEADLINE, "the bucket object repaired", || async move {
+        match store.get(key).await {
+            Ok(r) => r.bytes().await.is_ok_and(|b| sha256(&b) == *layer),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_object_store_going_away_degrades_to_upstream_pass_through() {
+    let Some(mut s) = setup().await else { return };
+    let layer = s.image.layer_digests[0].clone();
+    let (st, _) = get_blob(&s.a, &layer).await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for_object(&s.moto, &blob_key(&layer)).await;
+
+    s.moto.stop();
+    // B misses locally, cannot reach the bucket: upstream.
+    let (st, body) = get_blob(&s.b, &layer).await;
+    assert_eq!(st, StatusCode::OK, "{}", s.b.logs());
+    assert_eq!(sha256(&body), layer);
+    assert_eq!(upstream_gets(&s.reg, "blobs", &layer), 2);
+    // A still serves its local copy, and the other layer from upstream.
+    let (st, body) = get_blob(&s.a, &layer).await;
+    assert_eq!((st, sha256(&body)), (StatusCode::OK, layer.clone()));
+    let other = s.image.layer_digests[1].clone();
+    let (st, body) = get_blob(&s.a, &other).await;
+    assert_eq!((st, sha256(&body)), (StatusCode::OK, other));
+    let md = s.image.manifest_digest.clone();
+    let r = http_client()
+        .get(format!("{}/v2/{UPSTREAM}/{REPO}/manifests/{md}", s.b.url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        metric(
+            &s.b,
+            "oci_proxy_cache_shared_ops_total{op=\"get_blob\",result=\"error\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
