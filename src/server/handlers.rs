@@ -15,7 +15,7 @@ use hyper::Request;
 
 use super::body::{self, Body, RequestRecord};
 use super::App;
-use crate::cache::{CacheError, FetchError, FetchFn, Outcome, UpstreamBody};
+use crate::cache::{CacheError, CachedManifest, FetchError, FetchFn, Outcome, UpstreamBody};
 use crate::credentials::Credential;
 use crate::error::{Error, Subject};
 use crate::protocol::range::{self, ByteRange};
@@ -243,7 +243,7 @@ async fn manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Response<Body>
         .collect();
     let found = match reference {
         Reference::Digest(d) => manifest_by_digest(ctx, d).await?,
-        Reference::Tag(t) => manifest_by_tag(ctx, t.as_str()).await?,
+        Reference::Tag(t) => manifest_by_tag(ctx, t).await?,
     };
     check_accept(&accept, &found.media_type)?;
     let mut resp = if ctx.head {
@@ -281,6 +281,20 @@ struct Found {
     warning: Option<String>,
 }
 
+impl Found {
+    /// A manifest served from the cache.
+    fn cached(digest: Digest, m: CachedManifest, cache: &'static str) -> Found {
+        Found {
+            cache,
+            len: m.bytes.len() as u64,
+            digest,
+            media_type: m.media_type,
+            bytes: Some(m.bytes),
+            warning: None,
+        }
+    }
+}
+
 impl From<Manifest> for Found {
     fn from(m: Manifest) -> Found {
         Found {
@@ -303,14 +317,7 @@ async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Err
             confirm_in_repository(ctx, &format!("manifests/{digest}"), Subject::Manifest).await?;
             cache.link(&key, digest).await;
         }
-        return Ok(Found {
-            cache: "hit",
-            len: m.bytes.len() as u64,
-            digest: digest.clone(),
-            media_type: m.media_type,
-            bytes: Some(m.bytes),
-            warning: None,
-        });
+        return Ok(Found::cached(digest.clone(), m, "hit"));
     }
     Ok(fetch_and_store(ctx, &Reference::Digest(digest.clone()))
         .await?
@@ -319,7 +326,9 @@ async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Err
 
 /// By tag: trusted for the upstream's tag TTL, then revalidated with an upstream HEAD; served
 /// stale (with a `Warning`) when the upstream is unreachable, failing or rate limiting.
-async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
+async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &crate::protocol::Tag) -> Result<Found, Error> {
+    let reference = Reference::Tag(tag.clone());
+    let tag = tag.as_str();
     let cache = &ctx.app.cache;
     let key = ctx.target.repo_key();
     let entry = cache.tag(&key, tag).await;
@@ -327,39 +336,16 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
         let age = e.checked_at.elapsed().unwrap_or_default();
         if age < ctx.target.upstream.tag_ttl {
             if let Some(m) = cache.manifest(&e.digest).await {
-                return Ok(Found {
-                    cache: "hit",
-                    len: m.bytes.len() as u64,
-                    digest: e.digest.clone(),
-                    media_type: m.media_type,
-                    bytes: Some(m.bytes),
-                    warning: None,
-                });
+                return Ok(Found::cached(e.digest.clone(), m, "hit"));
             }
         }
     }
-    let reference = Reference::Tag(match crate::protocol::Tag::parse(tag) {
-        Some(t) => t,
-        None => {
-            return Err(Error::Request(OciError::new(
-                crate::protocol::ErrorCode::ManifestUnknown,
-                "invalid tag",
-            )))
-        }
-    });
     match head_manifest(ctx, &reference).await {
         Ok(Some((digest, media_type, len))) => {
             cache.put_tag(&key, tag, &digest).await;
             if let Some(m) = cache.manifest(&digest).await {
                 cache.link(&key, &digest).await;
-                return Ok(Found {
-                    cache: "hit",
-                    len: m.bytes.len() as u64,
-                    digest,
-                    media_type: m.media_type,
-                    bytes: Some(m.bytes),
-                    warning: None,
-                });
+                return Ok(Found::cached(digest, m, "hit"));
             }
             if ctx.head {
                 return Ok(Found {
@@ -387,18 +373,13 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &str) -> Result<Found, Error> {
                 if let Some(e) = &entry {
                     if let Some(m) = cache.manifest(&e.digest).await {
                         tracing::warn!(repository = %key, tag, error = %source, "serving a cached tag: upstream failed");
-                        return Ok(Found {
-                            cache: "stale",
-                            len: m.bytes.len() as u64,
-                            digest: e.digest.clone(),
-                            media_type: m.media_type,
-                            bytes: Some(m.bytes),
-                            warning: Some(format!(
-                                "299 - \"stale: upstream {} failed ({}); serving the cached tag\"",
-                                ctx.target.upstream.name,
-                                source.metric_label()
-                            )),
-                        });
+                        let mut found = Found::cached(e.digest.clone(), m, "stale");
+                        found.warning = Some(format!(
+                            "299 - \"stale: upstream {} failed ({}); serving the cached tag\"",
+                            ctx.target.upstream.name,
+                            source.metric_label()
+                        ));
+                        return Ok(found);
                     }
                 }
             }
