@@ -23,8 +23,8 @@ pub struct BlobFile {
 /// 1 MiB at a time, hashing as it goes.
 pub fn generate(dir: &Path, name: &str, len: u64, seed: u64) -> BlobFile {
     let path = dir.join(name);
-    let file = std::fs::File::create(&path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let file =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     let mut out = std::io::BufWriter::with_capacity(GEN_CHUNK, file);
     let mut hasher = Sha256::new();
     let mut state = seed;

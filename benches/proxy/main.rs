@@ -33,18 +33,25 @@ const MIB: u64 = 1024 * 1024;
 const REPO: &str = "bench/blob";
 
 /// Sizes and repetitions of one run.
+#[derive(Clone, Copy)]
 struct Plan {
     /// Warm and cold throughput blob.
     stream_len: u64,
     /// Runs per throughput measurement (median reported).
     reps: usize,
-    /// Concurrency test: blob, clients, upstream pace, runs.
+    /// Concurrency test: blob, clients, upstream pace, runs. Followers tail the fill, so the
+    /// proxy must send `clients × upstream_rate` (800 MiB/s here): that has to stay below what
+    /// the machine can push through loopback with the clients on the same 2 cores (about
+    /// 1.1 GiB/s, see the RSS test's "MiB/s out"), or the test measures that limit instead of
+    /// coalescing.
     conc_len: u64,
     clients: usize,
     upstream_rate: u64,
     conc_reps: usize,
     /// RSS test blob.
     rss_len: u64,
+    /// Pace of the WAN-like upstream for the second cold fetch row (on `conc_len`).
+    wan_rate: u64,
 }
 
 impl Plan {
@@ -56,19 +63,21 @@ impl Plan {
                 reps: 3,
                 conc_len: 8 * MIB,
                 clients: 50,
-                upstream_rate: 32 * MIB,
+                upstream_rate: 16 * MIB,
                 conc_reps: 1,
                 rss_len: 64 * MIB,
+                wan_rate: 64 * MIB,
             }
         } else {
             Plan {
                 stream_len: 256 * MIB,
                 reps: 5,
-                conc_len: 64 * MIB,
+                conc_len: 32 * MIB,
                 clients: 50,
-                upstream_rate: 32 * MIB,
+                upstream_rate: 16 * MIB,
                 conc_reps: 3,
                 rss_len: 1024 * MIB,
+                wan_rate: 64 * MIB,
             }
         }
     }
@@ -100,7 +109,10 @@ async fn run() {
             .arg(format!("command -v {tool}"))
             .output()
             .is_ok_and(|o| o.status.success());
-        assert!(found, "`{tool}` is not installed: run scripts/bench, which installs it");
+        assert!(
+            found,
+            "`{tool}` is not installed: run scripts/bench, which installs it"
+        );
     }
     let plan = Plan::from_env();
     println!(
@@ -138,7 +150,35 @@ async fn run() {
     let http = client::client();
     let mut rows = Vec::new();
     rows.push(warm(&plan, &http, &registry, &nginx, &stream_blob).await);
-    rows.push(cold(&plan, &http, &registry, &stream_blob).await);
+    rows.push(
+        cold(
+            &plan,
+            &http,
+            &registry,
+            &registry.host(),
+            &stream_blob,
+            "loopback upstream",
+        )
+        .await,
+    );
+    let upstream: SocketAddr = registry.host().parse().expect("registry address");
+    let wan = relay::Relay::start(upstream, plan.wan_rate).await;
+    let wan_plan = Plan {
+        reps: plan.conc_reps,
+        ..plan
+    };
+    rows.push(
+        cold(
+            &wan_plan,
+            &http,
+            &registry,
+            &wan.host(),
+            &conc_blob,
+            &format!("upstream paced to {} MiB/s", plan.wan_rate / MIB),
+        )
+        .await,
+    );
+    drop(wan);
     rows.extend(concurrent(&plan, &http, &registry, &conc_blob).await);
     rows.push(rss(&plan, &http, &registry, &rss_blob).await);
     print_table(&rows);
@@ -162,10 +202,6 @@ fn proxy_blob_url(proxy: &ProxyProcess, upstream_host: &str, blob: &BlobFile) ->
     )
 }
 
-fn registry_blob_url(registry: &Registry, blob: &BlobFile) -> String {
-    format!("{}/v2/{REPO}/blobs/{}", registry.url(), blob.digest)
-}
-
 /// GETs of the blob the registry logged so far (its access log has one
 /// `"GET /v2/<repo>/blobs/<digest> HTTP/1.1"` line per request).
 fn upstream_gets(registry: &Registry, blob: &BlobFile) -> usize {
@@ -186,6 +222,21 @@ fn runs_line(name: &str, values: &[f64], unit: &str) {
     );
 }
 
+/// CPU seconds used so far by `pid` (NaN when it could not be found).
+fn cpu(pid: Option<u32>) -> f64 {
+    pid.map_or(f64::NAN, procfs::cpu_seconds)
+}
+
+/// Prints CPU seconds per GiB delivered for each named process.
+fn cpu_line(what: &str, bytes: u64, used: &[(&str, f64)]) {
+    let gib = bytes as f64 / (1024.0 * MIB as f64);
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(name, secs)| format!("{name} {:.2}", secs / gib))
+        .collect();
+    println!("  CPU s per GiB {what}: {}", parts.join(", "));
+}
+
 async fn warm(
     plan: &Plan,
     http: &reqwest::Client,
@@ -195,6 +246,8 @@ async fn warm(
 ) -> Row {
     println!("warm hit, {} MiB blob:", blob.len / MIB);
     let proxy = start_proxy(&registry.host()).await;
+    let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
+    let me = Some(std::process::id());
     let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
     let via_nginx = format!("{}/stream.bin", nginx.url());
     // Fill the cache, then one untimed pass each to settle connections and page cache.
@@ -202,18 +255,28 @@ async fn warm(
     client::fetch(http, &via_proxy, blob.len).await;
     client::fetch(http, &via_nginx, blob.len).await;
     let (mut p, mut r) = (Vec::new(), Vec::new());
+    let (mut p_cpu, mut r_cpu, mut c_p, mut c_r) = (0.0, 0.0, 0.0, 0.0);
     for _ in 0..plan.reps {
-        p.push(client::mib_per_sec(
-            blob.len,
-            client::fetch(http, &via_proxy, blob.len).await,
-        ));
-        r.push(client::mib_per_sec(
-            blob.len,
-            client::fetch(http, &via_nginx, blob.len).await,
-        ));
+        let (s0, c0) = (cpu(proxy_pid), cpu(me));
+        let t = client::fetch(http, &via_proxy, blob.len).await;
+        p_cpu += cpu(proxy_pid) - s0;
+        c_p += cpu(me) - c0;
+        p.push(client::mib_per_sec(blob.len, t));
+        let (s0, c0) = (cpu(nginx.pid()), cpu(me));
+        let t = client::fetch(http, &via_nginx, blob.len).await;
+        r_cpu += cpu(nginx.pid()) - s0;
+        c_r += cpu(me) - c0;
+        r.push(client::mib_per_sec(blob.len, t));
     }
     runs_line("oci-proxy (hit)", &p, "MiB/s");
     runs_line("nginx sendfile", &r, "MiB/s");
+    let total = blob.len * plan.reps as u64;
+    cpu_line(
+        "via oci-proxy",
+        total,
+        &[("oci-proxy", p_cpu), ("client", c_p)],
+    );
+    cpu_line("via nginx", total, &[("nginx", r_cpu), ("client", c_r)]);
     throughput_row(
         format!("warm hit {} MiB (MiB/s)", blob.len / MIB),
         &p,
@@ -222,33 +285,51 @@ async fn warm(
     )
 }
 
+/// Cold fetches of `blob` from the upstream at `upstream_host` (the registry itself or a
+/// relay in front of it): each through a fresh proxy, each followed by a direct GET.
 async fn cold(
     plan: &Plan,
     http: &reqwest::Client,
     registry: &Registry,
+    upstream_host: &str,
     blob: &BlobFile,
+    label: &str,
 ) -> Row {
-    println!("cold fetch, {} MiB blob:", blob.len / MIB);
-    let direct = registry_blob_url(registry, blob);
+    println!("cold fetch, {} MiB blob, {label}:", blob.len / MIB);
+    let registry_pid = procfs::pid_listening_on(registry.port());
+    let me = Some(std::process::id());
+    let direct = format!("http://{upstream_host}/v2/{REPO}/blobs/{}", blob.digest);
     client::fetch(http, &direct, blob.len).await; // settle the registry's page cache
     let (mut p, mut r) = (Vec::new(), Vec::new());
+    let (mut p_cpu, mut up_p, mut up_r, mut c_p, mut c_r) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for _ in 0..plan.reps {
-        let proxy = start_proxy(&registry.host()).await;
-        let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
-        p.push(client::mib_per_sec(
-            blob.len,
-            client::fetch(http, &via_proxy, blob.len).await,
-        ));
+        let proxy = start_proxy(upstream_host).await;
+        let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
+        let via_proxy = proxy_blob_url(&proxy, upstream_host, blob);
+        let (s0, u0, c0) = (cpu(proxy_pid), cpu(registry_pid), cpu(me));
+        let t = client::fetch(http, &via_proxy, blob.len).await;
+        p_cpu += cpu(proxy_pid) - s0;
+        up_p += cpu(registry_pid) - u0;
+        c_p += cpu(me) - c0;
+        p.push(client::mib_per_sec(blob.len, t));
         drop(proxy);
-        r.push(client::mib_per_sec(
-            blob.len,
-            client::fetch(http, &direct, blob.len).await,
-        ));
+        let (u0, c0) = (cpu(registry_pid), cpu(me));
+        let t = client::fetch(http, &direct, blob.len).await;
+        up_r += cpu(registry_pid) - u0;
+        c_r += cpu(me) - c0;
+        r.push(client::mib_per_sec(blob.len, t));
     }
     runs_line("oci-proxy (miss)", &p, "MiB/s");
     runs_line("registry direct", &r, "MiB/s");
+    let total = blob.len * plan.reps as u64;
+    cpu_line(
+        "via oci-proxy",
+        total,
+        &[("oci-proxy", p_cpu), ("registry", up_p), ("client", c_p)],
+    );
+    cpu_line("direct", total, &[("registry", up_r), ("client", c_r)]);
     throughput_row(
-        format!("cold fetch {} MiB (MiB/s)", blob.len / MIB),
+        format!("cold fetch {} MiB, {label} (MiB/s)", blob.len / MIB),
         &p,
         &r,
         0.9,
@@ -375,7 +456,14 @@ async fn rss(plan: &Plan, http: &reqwest::Client, registry: &Registry, blob: &Bl
 }
 
 fn print_table(rows: &[Row]) {
-    let header = ["metric", "oci-proxy", "reference", "ratio", "goal", "result"];
+    let header = [
+        "metric",
+        "oci-proxy",
+        "reference",
+        "ratio",
+        "goal",
+        "result",
+    ];
     let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {

@@ -26,9 +26,7 @@ impl Relay {
     /// Listens on 127.0.0.1:<free port> and forwards to `upstream`, sending at most
     /// `bytes_per_sec` per connection towards the client.
     pub async fn start(upstream: SocketAddr, bytes_per_sec: u64) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind relay");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay addr");
         let connections = Arc::new(AtomicU64::new(0));
         let count = connections.clone();
