@@ -1,0 +1,501 @@
+//! `cargo bench --bench proxy` (or `scripts/bench`): oci-proxy's blob path measured side by
+//! side with references on the same machine in the same run, printed as ratios. Nothing
+//! here asserts a time: goals are printed as pass/fail, and the run only fails when
+//! something is functionally wrong (a status, a body length, a missing tool).
+//!
+//! 1. warm hit throughput of a 256 MiB blob: oci-proxy vs nginx (sendfile) serving the same
+//!    file from a temp root;
+//! 2. cold fetch throughput of the same blob through a fresh proxy vs a GET straight from
+//!    the upstream (Debian's docker-registry, distribution 2.8);
+//! 3. 50 concurrent cold clients of one blob vs one cold client, with the upstream behind a
+//!    paced relay (a WAN-like link), and the number of upstream GETs (registry log);
+//! 4. peak RSS (`VmHWM`) of the proxy while 50 cold clients stream a 1 GiB blob.
+//!
+//! Payloads are generated to disk and pushed with a streaming upload; clients stream and
+//! discard bodies. `OCI_PROXY_BENCH_QUICK=1` shrinks everything for a smoke run.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod blobs;
+mod client;
+mod nginx;
+mod procfs;
+mod relay;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use blobs::BlobFile;
+use support::{ProxyProcess, Registry, RegistryAuth};
+
+const MIB: u64 = 1024 * 1024;
+const REPO: &str = "bench/blob";
+
+/// Sizes and repetitions of one run.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// Warm and cold throughput blob.
+    stream_len: u64,
+    /// Runs per throughput measurement (median reported).
+    reps: usize,
+    /// Concurrency test: blob, clients, upstream pace, runs. Followers tail the fill, so the
+    /// proxy must send `clients × upstream_rate` (800 MiB/s here): that has to stay below what
+    /// the machine can push through loopback with the clients on the same 2 cores (about
+    /// 1.1 GiB/s, see the RSS test's "MiB/s out"), or the test measures that limit instead of
+    /// coalescing.
+    conc_len: u64,
+    clients: usize,
+    upstream_rate: u64,
+    conc_reps: usize,
+    /// RSS test blob.
+    rss_len: u64,
+    /// Pace of the WAN-like upstream for the second cold fetch row (on `conc_len`).
+    wan_rate: u64,
+}
+
+impl Plan {
+    fn from_env() -> Plan {
+        let quick = std::env::var_os("OCI_PROXY_BENCH_QUICK").is_some_and(|v| v != "0");
+        if quick {
+            Plan {
+                stream_len: 32 * MIB,
+                reps: 3,
+                conc_len: 8 * MIB,
+                clients: 50,
+                upstream_rate: 16 * MIB,
+                conc_reps: 1,
+                rss_len: 64 * MIB,
+                wan_rate: 64 * MIB,
+            }
+        } else {
+            Plan {
+                stream_len: 256 * MIB,
+                reps: 5,
+                conc_len: 32 * MIB,
+                clients: 50,
+                upstream_rate: 16 * MIB,
+                conc_reps: 3,
+                rss_len: 1024 * MIB,
+                wan_rate: 64 * MIB,
+            }
+        }
+    }
+}
+
+/// One line of the result table.
+struct Row {
+    metric: String,
+    proxy: String,
+    reference: String,
+    ratio: String,
+    goal: String,
+    pass: bool,
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(run());
+}
+
+async fn run() {
+    for tool in [nginx::NGINX_BIN, support::registry::REGISTRY_BIN] {
+        let found = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` is not installed: run scripts/bench, which installs it"
+        );
+    }
+    let plan = Plan::from_env();
+    println!(
+        "oci-proxy bench: {} cores, load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+
+    let work = tempfile::tempdir().expect("bench temp dir");
+    let root = work.path().join("root");
+    std::fs::create_dir_all(&root).expect("create nginx root");
+    let stream_blob = blobs::generate(&root, "stream.bin", plan.stream_len, 1);
+    let conc_blob = blobs::generate(&root, "conc.bin", plan.conc_len, 2);
+    let rss_blob = blobs::generate(work.path(), "rss.bin", plan.rss_len, 3);
+
+    let registry = Registry::start(RegistryAuth::Anonymous).await;
+    for b in [&stream_blob, &conc_blob, &rss_blob] {
+        blobs::push_streaming(&registry.url(), REPO, b).await;
+    }
+    // Only the RSS test needed the file: the registry holds its copy.
+    std::fs::remove_file(&rss_blob.path).expect("remove rss blob file");
+    let nginx = nginx::Nginx::start(&root, "stream.bin").await;
+    println!(
+        "registry {}, nginx {} (pid {:?}); blobs pushed\n",
+        registry.url(),
+        nginx.url(),
+        nginx.pid()
+    );
+
+    let http = client::client();
+    let mut rows = Vec::new();
+    rows.push(warm(&plan, &http, &registry, &nginx, &stream_blob).await);
+    rows.push(
+        cold(
+            &plan,
+            &http,
+            &registry,
+            &registry.host(),
+            &stream_blob,
+            "loopback upstream",
+        )
+        .await,
+    );
+    let upstream: SocketAddr = registry.host().parse().expect("registry address");
+    let wan = relay::Relay::start(upstream, plan.wan_rate).await;
+    let wan_plan = Plan {
+        reps: plan.conc_reps,
+        ..plan
+    };
+    rows.push(
+        cold(
+            &wan_plan,
+            &http,
+            &registry,
+            &wan.host(),
+            &conc_blob,
+            &format!("upstream paced to {} MiB/s", plan.wan_rate / MIB),
+        )
+        .await,
+    );
+    drop(wan);
+    rows.extend(concurrent(&plan, &http, &registry, &conc_blob).await);
+    rows.push(rss(&plan, &http, &registry, &rss_blob).await);
+    print_table(&rows);
+}
+
+fn proxy_config(upstream_host: &str) -> String {
+    format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\nupstreams:\n  - name: \"{upstream_host}\"\n    endpoint: \"http://{upstream_host}\"\n"
+    )
+}
+
+async fn start_proxy(upstream_host: &str) -> ProxyProcess {
+    ProxyProcess::start(&proxy_config(upstream_host)).await
+}
+
+fn proxy_blob_url(proxy: &ProxyProcess, upstream_host: &str, blob: &BlobFile) -> String {
+    format!(
+        "{}/v2/{upstream_host}/{REPO}/blobs/{}",
+        proxy.url(),
+        blob.digest
+    )
+}
+
+/// GETs of the blob the registry logged so far (its access log has one
+/// `"GET /v2/<repo>/blobs/<digest> HTTP/1.1"` line per request).
+fn upstream_gets(registry: &Registry, blob: &BlobFile) -> usize {
+    let needle = format!("\"GET /v2/{REPO}/blobs/{} ", blob.digest);
+    registry
+        .logs()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+fn runs_line(name: &str, values: &[f64], unit: &str) {
+    let list: Vec<String> = values.iter().map(|v| format!("{v:.1}")).collect();
+    println!(
+        "  {name:<28} runs [{}] {unit}, median {:.1}",
+        list.join(", "),
+        client::median(values)
+    );
+}
+
+/// CPU seconds used so far by `pid` (NaN when it could not be found).
+fn cpu(pid: Option<u32>) -> f64 {
+    pid.map_or(f64::NAN, procfs::cpu_seconds)
+}
+
+/// Prints CPU seconds per GiB delivered for each named process.
+fn cpu_line(what: &str, bytes: u64, used: &[(&str, f64)]) {
+    let gib = bytes as f64 / (1024.0 * MIB as f64);
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(name, secs)| format!("{name} {:.2}", secs / gib))
+        .collect();
+    println!("  CPU s per GiB {what}: {}", parts.join(", "));
+}
+
+async fn warm(
+    plan: &Plan,
+    http: &reqwest::Client,
+    registry: &Registry,
+    nginx: &nginx::Nginx,
+    blob: &BlobFile,
+) -> Row {
+    println!("warm hit, {} MiB blob:", blob.len / MIB);
+    let proxy = start_proxy(&registry.host()).await;
+    let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
+    let me = Some(std::process::id());
+    let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
+    let via_nginx = format!("{}/stream.bin", nginx.url());
+    // Fill the cache, then one untimed pass each to settle connections and page cache.
+    client::fetch(http, &via_proxy, blob.len).await;
+    client::fetch(http, &via_proxy, blob.len).await;
+    client::fetch(http, &via_nginx, blob.len).await;
+    let (mut p, mut r) = (Vec::new(), Vec::new());
+    let (mut p_cpu, mut r_cpu, mut c_p, mut c_r) = (0.0, 0.0, 0.0, 0.0);
+    for _ in 0..plan.reps {
+        let (s0, c0) = (cpu(proxy_pid), cpu(me));
+        let t = client::fetch(http, &via_proxy, blob.len).await;
+        p_cpu += cpu(proxy_pid) - s0;
+        c_p += cpu(me) - c0;
+        p.push(client::mib_per_sec(blob.len, t));
+        let (s0, c0) = (cpu(nginx.pid()), cpu(me));
+        let t = client::fetch(http, &via_nginx, blob.len).await;
+        r_cpu += cpu(nginx.pid()) - s0;
+        c_r += cpu(me) - c0;
+        r.push(client::mib_per_sec(blob.len, t));
+    }
+    runs_line("oci-proxy (hit)", &p, "MiB/s");
+    runs_line("nginx sendfile", &r, "MiB/s");
+    let total = blob.len * plan.reps as u64;
+    cpu_line(
+        "via oci-proxy",
+        total,
+        &[("oci-proxy", p_cpu), ("client", c_p)],
+    );
+    cpu_line("via nginx", total, &[("nginx", r_cpu), ("client", c_r)]);
+    throughput_row(
+        format!("warm hit {} MiB (MiB/s)", blob.len / MIB),
+        &p,
+        &r,
+        0.8,
+    )
+}
+
+/// Cold fetches of `blob` from the upstream at `upstream_host` (the registry itself or a
+/// relay in front of it): each through a fresh proxy, each followed by a direct GET.
+async fn cold(
+    plan: &Plan,
+    http: &reqwest::Client,
+    registry: &Registry,
+    upstream_host: &str,
+    blob: &BlobFile,
+    label: &str,
+) -> Row {
+    println!("cold fetch, {} MiB blob, {label}:", blob.len / MIB);
+    let registry_pid = procfs::pid_listening_on(registry.port());
+    let me = Some(std::process::id());
+    let direct = format!("http://{upstream_host}/v2/{REPO}/blobs/{}", blob.digest);
+    client::fetch(http, &direct, blob.len).await; // settle the registry's page cache
+    let (mut p, mut r) = (Vec::new(), Vec::new());
+    let (mut p_cpu, mut up_p, mut up_r, mut c_p, mut c_r) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for _ in 0..plan.reps {
+        let proxy = start_proxy(upstream_host).await;
+        let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
+        let via_proxy = proxy_blob_url(&proxy, upstream_host, blob);
+        let (s0, u0, c0) = (cpu(proxy_pid), cpu(registry_pid), cpu(me));
+        let t = client::fetch(http, &via_proxy, blob.len).await;
+        p_cpu += cpu(proxy_pid) - s0;
+        up_p += cpu(registry_pid) - u0;
+        c_p += cpu(me) - c0;
+        p.push(client::mib_per_sec(blob.len, t));
+        drop(proxy);
+        let (u0, c0) = (cpu(registry_pid), cpu(me));
+        let t = client::fetch(http, &direct, blob.len).await;
+        up_r += cpu(registry_pid) - u0;
+        c_r += cpu(me) - c0;
+        r.push(client::mib_per_sec(blob.len, t));
+    }
+    runs_line("oci-proxy (miss)", &p, "MiB/s");
+    runs_line("registry direct", &r, "MiB/s");
+    let total = blob.len * plan.reps as u64;
+    cpu_line(
+        "via oci-proxy",
+        total,
+        &[("oci-proxy", p_cpu), ("registry", up_p), ("client", c_p)],
+    );
+    cpu_line("direct", total, &[("registry", up_r), ("client", c_r)]);
+    throughput_row(
+        format!("cold fetch {} MiB, {label} (MiB/s)", blob.len / MIB),
+        &p,
+        &r,
+        0.9,
+    )
+}
+
+fn throughput_row(metric: String, proxy: &[f64], reference: &[f64], goal: f64) -> Row {
+    let (p, r) = (client::median(proxy), client::median(reference));
+    let ratio = p / r;
+    Row {
+        metric,
+        proxy: format!("{p:.0}"),
+        reference: format!("{r:.0}"),
+        ratio: format!("{ratio:.2}"),
+        goal: format!(">= {goal}"),
+        pass: ratio >= goal,
+    }
+}
+
+async fn concurrent(
+    plan: &Plan,
+    http: &reqwest::Client,
+    registry: &Registry,
+    blob: &BlobFile,
+) -> Vec<Row> {
+    let rate_mib = plan.upstream_rate / MIB;
+    println!(
+        "{} concurrent cold clients, {} MiB blob, upstream paced to {rate_mib} MiB/s:",
+        plan.clients,
+        blob.len / MIB
+    );
+    let upstream: SocketAddr = registry.host().parse().expect("registry address");
+    let relay = relay::Relay::start(upstream, plan.upstream_rate).await;
+    let (mut many, mut one, mut gets) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..plan.conc_reps {
+        let proxy = start_proxy(&relay.host()).await;
+        let url = proxy_blob_url(&proxy, &relay.host(), blob);
+        one.push(client::fetch(http, &url, blob.len).await.as_secs_f64());
+        drop(proxy);
+
+        let proxy = start_proxy(&relay.host()).await;
+        let url = proxy_blob_url(&proxy, &relay.host(), blob);
+        let before = upstream_gets(registry, blob);
+        let t = client::fetch_concurrent(http, &url, blob.len, plan.clients).await;
+        many.push(t.as_secs_f64());
+        // The registry logs a request when it completes: wait for the line.
+        let wanted = before + 1;
+        support::wait_until(Duration::from_secs(10), "the registry's log line", || {
+            let n = upstream_gets(registry, blob);
+            async move { n >= wanted }
+        })
+        .await;
+        gets.push(upstream_gets(registry, blob) - before);
+        drop(proxy);
+    }
+    runs_line(&format!("{} clients (s)", plan.clients), &many, "s");
+    runs_line("1 client (s)", &one, "s");
+    println!(
+        "  upstream GETs per {}-client run: {gets:?} (relay connections in total: {})",
+        plan.clients,
+        relay.connections()
+    );
+    let (m, o) = (client::median(&many), client::median(&one));
+    let ratio = m / o;
+    let max_gets = gets.iter().copied().max().unwrap_or(0);
+    vec![
+        Row {
+            metric: format!(
+                "{} cold clients {} MiB @{rate_mib} MiB/s (s)",
+                plan.clients,
+                blob.len / MIB
+            ),
+            proxy: format!("{m:.2}"),
+            reference: format!("{o:.2} (1 client)"),
+            ratio: format!("{ratio:.2}"),
+            goal: "<= 1.3".into(),
+            pass: ratio <= 1.3,
+        },
+        Row {
+            metric: format!("upstream GETs for {} cold clients", plan.clients),
+            proxy: format!("{max_gets} (max of {})", gets.len()),
+            reference: "-".into(),
+            ratio: "-".into(),
+            goal: "== 1".into(),
+            pass: gets.iter().all(|g| *g == 1),
+        },
+    ]
+}
+
+async fn rss(plan: &Plan, http: &reqwest::Client, registry: &Registry, blob: &BlobFile) -> Row {
+    println!(
+        "peak RSS, {} cold clients of a {} MiB blob:",
+        plan.clients,
+        blob.len / MIB
+    );
+    let proxy = start_proxy(&registry.host()).await;
+    let pid = procfs::pid_with_arg(&proxy.dir().join("config.yaml"));
+    let idle = procfs::status_bytes(pid, "VmHWM");
+    let url = proxy_blob_url(&proxy, &registry.host(), blob);
+    let t = client::fetch_concurrent(http, &url, blob.len, plan.clients).await;
+    let peak = procfs::status_bytes(pid, "VmHWM");
+    println!(
+        "  {} x {} MiB in {:.1} s ({:.0} MiB/s out); VmHWM after start {:.1} MiB, after run {:.1} MiB",
+        plan.clients,
+        blob.len / MIB,
+        t.as_secs_f64(),
+        client::mib_per_sec(blob.len * plan.clients as u64, t),
+        idle as f64 / MIB as f64,
+        peak as f64 / MIB as f64
+    );
+    let peak_mib = peak as f64 / MIB as f64;
+    Row {
+        metric: format!(
+            "peak RSS, {} clients x {} MiB cold (MiB)",
+            plan.clients,
+            blob.len / MIB
+        ),
+        proxy: format!("{peak_mib:.1}"),
+        reference: "-".into(),
+        ratio: "-".into(),
+        goal: "< 100".into(),
+        pass: peak_mib < 100.0,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "metric",
+        "oci-proxy",
+        "reference",
+        "ratio",
+        "goal",
+        "result",
+    ];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.metric.clone(),
+                r.proxy.clone(),
+                r.reference.clone(),
+                r.ratio.clone(),
+                r.goal.clone(),
+                if r.pass { "pass" } else { "FAIL" }.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cols: &[String]| {
+        let parts: Vec<String> = cols
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("| {} |", parts.join(" | "))
+    };
+    println!();
+    println!("{}", line(&header.map(String::from)));
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    println!("|-{}-|", rule.join("-|-"));
+    for row in &cells {
+        println!("{}", line(row));
+    }
+}

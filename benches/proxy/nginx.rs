@@ -1,0 +1,117 @@
+//! The reference file server: Debian's nginx (sendfile on) in a temp prefix on
+//! 127.0.0.1:<free port>, one process in the foreground, killed on drop.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::process::LoggedChild;
+use crate::support::{free_port, POLL_INTERVAL};
+
+/// Path of the nginx binary (Debian package `nginx`).
+pub const NGINX_BIN: &str = "nginx";
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running nginx serving a temp root, killed on drop.
+pub struct Nginx {
+    // Declared first so the process dies before its directory is removed.
+    child: LoggedChild,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx serving the files in `root` (read-only) with sendfile, and waits
+    /// until `GET /<probe>` answers 200.
+    pub async fn start(root: &Path, probe: &str) -> Nginx {
+        let dir = tempfile::tempdir().expect("nginx temp dir");
+        for _attempt in 0..5 {
+            let port = free_port();
+            let conf = config(dir.path(), root, port);
+            let conf_path = dir.path().join("nginx.conf");
+            std::fs::write(&conf_path, conf).expect("write nginx.conf");
+            let error_log = dir.path().join("error.log");
+            let mut cmd = Command::new(NGINX_BIN);
+            cmd.arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("-e")
+                .arg(&error_log);
+            let mut child = LoggedChild::spawn(&mut cmd, &dir.path().join("stdout.log"));
+            let url = format!("http://127.0.0.1:{port}/{probe}");
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            let end = Instant::now() + START_DEADLINE;
+            loop {
+                if let Some(status) = child.exited() {
+                    let logs = std::fs::read_to_string(&error_log).unwrap_or_default();
+                    if logs.contains("Address already in use") {
+                        break; // port race: try another
+                    }
+                    panic!("nginx exited during startup ({status}): {logs}");
+                }
+                // HEAD: the probe file may be large.
+                if let Ok(resp) = client.head(&url).send().await {
+                    if resp.status() == reqwest::StatusCode::OK {
+                        return Nginx {
+                            child,
+                            _dir: dir,
+                            port,
+                        };
+                    }
+                }
+                if Instant::now() >= end {
+                    panic!("nginx did not serve {url} within {START_DEADLINE:?}");
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+        panic!("nginx could not bind a free port after 5 attempts");
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// OS process id (the single nginx process: `master_process off`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// One foreground process (`master_process off`), so it stays as the user that started it
+/// and dies with its handle; sendfile for the body, no access log.
+fn config(prefix: &Path, root: &Path, port: u16) -> String {
+    let p = prefix.display();
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    default_type application/octet-stream;
+    client_body_temp_path {p}/client_body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+",
+        root = root.display()
+    )
+}
