@@ -632,6 +632,7 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
     let repository = ctx.target.repository.clone();
     let credential = ctx.credential.clone();
     let path = format!("blobs/{digest}");
+    let (cache, key, digest) = (ctx.app.cache.clone(), ctx.target.repo_key(), digest.clone());
     Box::new(move || {
         Box::pin(async move {
             let req = UpstreamRequest {
@@ -643,10 +644,15 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
                 range: None,
             };
             match upstream.send(&req, &credential).await {
-                Ok(resp) if resp.response.status() == StatusCode::OK => Ok(UpstreamBody {
-                    size: resp.response.content_length(),
-                    stream: upstream_stream(resp),
-                }),
+                Ok(resp) if resp.response.status() == StatusCode::OK => {
+                    // The upstream just showed this repository holds the blob: link it now, so
+                    // requests of the same repository that join this fill need no HEAD.
+                    cache.link(&key, &digest).await;
+                    Ok(UpstreamBody {
+                        size: resp.response.content_length(),
+                        stream: upstream_stream(resp),
+                    })
+                }
                 Ok(resp) => Err(FetchError::new(
                     502,
                     format!("unexpected status {}", resp.response.status()),
