@@ -143,6 +143,10 @@ pub struct S3Config {
     /// Timeout of small object-store requests (HEAD, leases, links, manifests).
     #[serde(default = "default_s3_op_timeout")]
     pub op_timeout: Duration,
+    /// Bound on the bytes under `<prefix>blobs/` that `oci-proxy gc-shared` enforces (least
+    /// recently uploaded first); no bound (and no eviction by the proxy) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
 }
 
 fn default_lease_ttl() -> Duration {
@@ -389,6 +393,9 @@ impl Config {
             if s3.lease_ttl.0.is_zero() {
                 return Err(invalid("cache.s3.lease_ttl", "must be more than 0"));
             }
+            if s3.max_size.is_some_and(|m| m.0 == 0) {
+                return Err(invalid("cache.s3.max_size", "must be more than 0"));
+            }
         }
         if let Some(ds) = &self.catalog.default_secret {
             if ds.name.is_empty() || ds.namespace.is_empty() {
@@ -595,6 +602,25 @@ mod tests {
         assert_eq!("20GiB".parse::<ByteSize>().unwrap().to_string(), "20GiB");
         assert!("20 potatoes".parse::<ByteSize>().is_err());
         assert_eq!("5m".parse::<Duration>().unwrap().to_string(), "5m");
+    }
+
+    #[test]
+    fn s3_max_size_is_optional_and_positive() {
+        let base = "cache:\n  backend: s3\n  s3:\n    bucket: b\n";
+        let cfg = Config::parse(base).unwrap();
+        assert_eq!(cfg.cache.s3.unwrap().max_size, None);
+        let cfg = Config::parse(&format!("{base}    max_size: 100GiB\n")).unwrap();
+        let s3 = cfg.cache.s3.as_ref().unwrap();
+        assert_eq!(s3.max_size, Some(ByteSize(100 << 30)));
+        assert!(
+            cfg.to_yaml().contains("max_size: 100GiB"),
+            "{}",
+            cfg.to_yaml()
+        );
+        let e = Config::parse(&format!("{base}    max_size: 0\n")).unwrap_err();
+        assert!(e.to_string().starts_with("cache.s3.max_size"), "{e}");
+        let e = Config::parse(&format!("{base}    max_size: lots\n")).unwrap_err();
+        assert!(e.to_string().contains("max_size"), "{e}");
     }
 
     #[test]

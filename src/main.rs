@@ -1,4 +1,4 @@
-//! The `oci-proxy` command line: `serve`, `check-config`, `resolve`.
+//! The `oci-proxy` command line: `serve`, `check-config`, `resolve`, `gc-shared`.
 //!
 //! `serve` wires the process around [`server::serve`]: the listener, TLS, the config reloader
 //! (SIGHUP and file changes) and SIGTERM/SIGINT as the graceful shutdown trigger.
@@ -42,6 +42,18 @@ enum Command {
         config: PathBuf,
         repository: String,
     },
+    /// Evict from the shared S3 cache: delete the oldest blobs until `<prefix>blobs/` holds at
+    /// most the bound, and expired leases. Prints every deleted key and size, then totals.
+    GcShared {
+        #[arg(long)]
+        config: PathBuf,
+        /// The bound (e.g. 200GiB); defaults to `cache.s3.max_size`.
+        #[arg(long)]
+        max_size: Option<oci_proxy::config::ByteSize>,
+        /// Print what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() {
@@ -81,6 +93,18 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", app.explain(&repository).await);
                 Ok(())
             })
+        }
+        Command::GcShared {
+            config,
+            max_size,
+            dry_run,
+        } => {
+            let cfg = Config::load(&config)?;
+            server::init_logging(cfg.log_format);
+            let report =
+                runtime()?.block_on(oci_proxy::cache::gc::run(&cfg.cache, max_size, dry_run))?;
+            print!("{report}");
+            Ok(report.into_result()?)
         }
     }
 }

@@ -285,3 +285,89 @@ async fn the_object_store_going_away_degrades_to_upstream_pass_through() {
     }
     assert!(errors >= 1.0, "no shared-store error was counted");
 }
+
+/// Runs `oci-proxy gc-shared --config <the proxy's config> <args>` with moto's credentials.
+async fn gc_shared(proxy: &ProxyProcess, moto: &Moto, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_oci-proxy"))
+        .arg("gc-shared")
+        .arg("--config")
+        .arg(proxy.dir().join("config.yaml"))
+        .args(args)
+        .envs(moto.env())
+        .output()
+        .await
+        .expect("run oci-proxy gc-shared");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sizes of the objects under `<PREFIX>blobs/`, by key.
+async fn bucket_blobs(moto: &Moto) -> Vec<(String, u64)> {
+    use futures_util::TryStreamExt;
+    let store = moto.store(BUCKET);
+    let mut v: Vec<(String, u64)> = store
+        .list(Some(&Path::from(format!("{PREFIX}blobs"))))
+        .map_ok(|m| (m.location.to_string(), m.size))
+        .try_collect()
+        .await
+        .expect("list blobs");
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_shared_evicts_the_oldest_blobs_down_to_the_bound_and_the_proxies_still_serve() {
+    let Some(s) = setup().await else { return };
+    let (big, small) = (
+        s.image.layer_digests[0].clone(),
+        s.image.layer_digests[1].clone(),
+    );
+    // Two pulls through A; the big layer is uploaded (and so last modified) first.
+    for layer in [&big, &small] {
+        let (st, _) = get_blob(&s.a, layer).await;
+        assert_eq!(st, StatusCode::OK);
+        wait_for_object(&s.moto, &blob_key(layer)).await;
+    }
+    let before = bucket_blobs(&s.moto).await;
+    let total: u64 = before.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 1_700_000, "{before:?}");
+    let bound: u64 = 300_000;
+
+    // A dry run names the big blob and deletes nothing.
+    let (ok, out, err) = gc_shared(&s.a, &s.moto, &["--max-size", "300000", "--dry-run"]).await;
+    assert!(ok, "gc-shared --dry-run failed:\n{out}\n{err}");
+    let big_key = blob_key(&big).to_string();
+    assert!(
+        out.contains(&format!("would delete blob {big_key} 1500000 bytes")),
+        "{out}"
+    );
+    assert_eq!(bucket_blobs(&s.moto).await, before);
+
+    let (ok, out, err) = gc_shared(&s.a, &s.moto, &["--max-size", "300000"]).await;
+    assert!(ok, "gc-shared failed:\n{out}\n{err}");
+    assert!(
+        out.contains(&format!("deleted blob {big_key} 1500000 bytes")),
+        "{out}"
+    );
+    assert!(out.contains("1700000 bytes before"), "{out}");
+    assert!(!out.contains(support::s3::SECRET_KEY) && !err.contains(support::s3::SECRET_KEY));
+    let after = bucket_blobs(&s.moto).await;
+    let left: u64 = after.iter().map(|(_, n)| n).sum();
+    assert!(left <= bound, "{left} bytes left: {after:?}");
+    assert!(after.iter().all(|(k, _)| *k != big_key), "{after:?}");
+
+    // A serves the evicted blob from its local cache, B (local miss, bucket miss) from
+    // upstream.
+    let (st, body) = get_blob(&s.a, &big).await;
+    assert_eq!((st, sha256(&body)), (StatusCode::OK, big.clone()));
+    assert_eq!(upstream_gets(&s.reg, "blobs", &big), 1);
+    let (st, body) = get_blob(&s.b, &big).await;
+    assert_eq!(st, StatusCode::OK, "{}", s.b.logs());
+    assert_eq!(sha256(&body), big);
+    assert_eq!(upstream_gets(&s.reg, "blobs", &big), 2);
+    // ... and uploads it again.
+    wait_for_object(&s.moto, &blob_key(&big)).await;
+}

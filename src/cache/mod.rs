@@ -52,6 +52,7 @@ use store::Store;
 pub use manifests::{CachedManifest, TagEntry};
 pub use metrics::FailReason;
 pub use reader::BlobReader;
+pub use shared::gc;
 
 /// Starts the upstream GET for a blob; called at most once per [`Cache::blob`] call.
 pub type FetchFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<UpstreamBody, FetchError>> + Send>;

@@ -16,10 +16,11 @@
 //! rest for [`REST_AFTER_ERROR`]: the proxy then works as upstream pass-through plus local
 //! cache. Uploads run in the background after the local commit, off the client's path.
 //!
-//! Eviction: none here. Use a bucket lifecycle rule on the prefix (expire `blobs/` and
-//! `manifests/` objects some days after creation, `leases/` after a day); a replica that
-//! misses an expired object fetches it upstream again and uploads it anew.
+//! Eviction: not by the proxy itself; `oci-proxy gc-shared` ([`gc`]) bounds `blobs/` (oldest
+//! upload first) and deletes expired leases, or a bucket lifecycle rule on the prefix does; a
+//! replica that misses an evicted object fetches it upstream again and uploads it anew.
 
+pub mod gc;
 mod lease;
 mod metrics;
 
