@@ -246,7 +246,11 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_followers_stream_early()
         1.0
     );
     // Followers of the same repository join on the fill's own upstream 200: no HEADs.
-    assert_eq!(reg.heads(&path), 0, "same-repository followers need no HEAD");
+    assert_eq!(
+        reg.heads(&path),
+        0,
+        "same-repository followers need no HEAD"
+    );
 }
 
 /// The same against distribution 2.8, counting the blob GETs in its access log.
