@@ -1016,3 +1016,53 @@ async fn cached_blob_needs_the_users_access_to_the_other_repository_on_distribut
         1
     );
 }
+
+/// A Range request for a blob not cached yet is answered from the upstream with the same
+/// Range at once, while one background fill lands the whole blob; later requests are hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_on_a_cold_blob_is_prompt_and_the_whole_blob_is_cached_once() {
+    let reg = Registry::start(RegistryAuth::Anonymous).await;
+    let data = random_bytes(3 * MIB, 141);
+    let digest = push_blob(&reg, None, "team/app", &data).await;
+    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
+    let url = blob_url(&proxy, "team/app", &digest);
+    let resp = http_client()
+        .get(&url)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes 1000-1999/{}", 3 * MIB).as_str()
+    );
+    assert_eq!(
+        resp.bytes().await.expect("body").as_ref(),
+        &data[1000..2000]
+    );
+    wait_until(DEADLINE, "the background fill commits", || {
+        let proxy = &proxy;
+        async move {
+            let m = metrics(proxy).await;
+            metric(&m, "oci_proxy_cache_fills_committed_total", &[]) == 1.0
+        }
+    })
+    .await;
+    let path = format!("/v2/team/app/blobs/{digest}");
+    // One full GET for the fill (the ranged GET is answered 206, not counted as 200).
+    assert_eq!(registry_requests(&reg, "GET", &path), 1);
+    let resp = http_client()
+        .get(&url)
+        .header("Range", "bytes=5-9")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), &data[5..10]);
+    assert_eq!(
+        registry_requests(&reg, "GET", &path),
+        1,
+        "the second range is a hit"
+    );
+}

@@ -551,6 +551,22 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
         cache.link(&key, digest).await;
     }
+    if cached_size.is_none() {
+        if let Some(range) = ctx.headers.get(RANGE) {
+            // A range of a blob not cached yet: the client gets its range from the upstream
+            // at once (a fill's bytes are released only once the whole blob is verified),
+            // while a background fill lands the whole blob in the cache once.
+            let (cache, fetch, digest_owned) =
+                (cache.clone(), blob_fetch(ctx, digest), digest.clone());
+            tokio::spawn(async move {
+                if let Err(e) = cache.blob(&digest_owned, fetch).await {
+                    tracing::debug!(digest = %digest_owned, error = %e, "background fill for a range request failed");
+                }
+            });
+            let resp = blob_upstream(ctx, digest, Method::GET, Some(range)).await?;
+            return Ok(with_cache_status(resp, "upstream"));
+        }
+    }
     let reader = cache
         .blob(digest, blob_fetch(ctx, digest))
         .await
