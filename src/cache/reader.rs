@@ -20,7 +20,7 @@ use super::{Inner, Outcome};
 use crate::protocol::grammar::Digest;
 
 /// Largest read from a cache file.
-pub const CHUNK: usize = 256 << 10;
+pub const CHUNK: usize = 512 << 10;
 
 /// A blob for one client.
 pub struct BlobReader {
