@@ -1066,3 +1066,25 @@ async fn range_on_a_cold_blob_is_prompt_and_the_whole_blob_is_cached_once() {
         "the second range is a hit"
     );
 }
+
+/// A manifest fetched by digest is verified before it is served or cached: an upstream that
+/// serves other bytes for the digest gets a 502, and nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_with_wrong_bytes_for_its_digest_is_refused() {
+    let reg = FaultyRegistry::start().await;
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    let digest = reg.add_manifest("team/app", "v1", OCI_MANIFEST, manifest);
+    reg.set_behaviour(&digest, Behaviour::WrongBytes);
+    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
+    let resp = get_manifest(&proxy, "team/app", &digest).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = resp.json().await.expect("json error body");
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("does not match digest"), "{message}");
+    // Nothing was cached: once the upstream serves the right bytes they are fetched again.
+    reg.set_behaviour(&digest, Behaviour::Correct);
+    let resp = get_manifest(&proxy, "team/app", &digest).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.expect("body").as_ref(), &manifest[..]);
+    assert_eq!(reg.gets(&manifest_path("team/app", &digest)), 2);
+}
