@@ -42,6 +42,15 @@ enum Command {
         config: PathBuf,
         repository: String,
     },
+    /// Health check for exec probes (the sidecar listens on 127.0.0.1, which kubelet HTTP
+    /// probes cannot reach): GET the URL, exit 0 on a 2xx answer, 1 otherwise.
+    Probe {
+        /// e.g. http://127.0.0.1:5000/readyz
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "2s")]
+        timeout: oci_proxy::config::Duration,
+    },
     /// Evict from the shared S3 cache: delete the oldest blobs until `<prefix>blobs/` holds at
     /// most the bound, and expired leases. Prints every deleted key and size, then totals.
     GcShared {
@@ -94,6 +103,20 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             })
         }
+        Command::Probe { url, timeout } => runtime()?.block_on(async move {
+            let client = reqwest::Client::builder()
+                .timeout(timeout.0)
+                .no_proxy()
+                .build()
+                .context("cannot build the HTTP client")?;
+            let resp = client
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("{url}: no answer"))?;
+            anyhow::ensure!(resp.status().is_success(), "{url}: {}", resp.status());
+            Ok(())
+        }),
         Command::GcShared {
             config,
             max_size,

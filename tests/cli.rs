@@ -85,6 +85,23 @@ async fn serve_without_config_runs_the_embedded_default() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+    // The exec-probe helper: 0 for a live endpoint, 1 for a closed port.
+    let probe = bin()
+        .args(["probe", "--url", &format!("{url}/readyz")])
+        .output()
+        .unwrap();
+    assert!(probe.status.success(), "{probe:?}");
     let _ = child.kill();
     let _ = child.wait();
+    let dead = bin()
+        .args([
+            "probe",
+            "--url",
+            &format!("{url}/healthz"),
+            "--timeout",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(dead.status.code(), Some(1));
 }

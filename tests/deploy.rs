@@ -1092,11 +1092,27 @@ fn sidecar_joins_lifecycle_manager_on_loopback_over_plain_http() {
             s(v, "name")
         );
     }
-    // Kubelet probes target the pod IP, which a loopback listener does not serve.
-    for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+    // Kubelet HTTP probes target the pod IP, which a loopback listener does not serve: the
+    // sidecar's probes are `oci-proxy probe` exec probes against 127.0.0.1.
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let p = &containers[0][probe];
         assert!(
-            containers[0][probe].is_null(),
-            "sidecar {probe} could never succeed on 127.0.0.1"
+            p["httpGet"].is_null(),
+            "sidecar {probe} could never succeed over HTTP"
+        );
+        let command: Vec<&str> = seq(&p["exec"]["command"])
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(
+            command,
+            [
+                "oci-proxy",
+                "probe",
+                "--url",
+                &format!("http://127.0.0.1:5000{path}")
+            ],
+            "sidecar {probe}"
         );
     }
 
