@@ -39,10 +39,10 @@ impl Metrics {
         let request_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "oci_proxy_http_request_duration_seconds",
-                "Time to the end of the response body, by route class.",
+                "Time to the end of the response body, by route class and status.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route"],
+            &["route", "status"],
         )?;
         let response_bytes = IntCounterVec::new(
             Opts::new(
@@ -113,11 +113,10 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, status: u16, elapsed: Duration, bytes: u64) {
-        self.requests
-            .with_label_values(&[route, &status.to_string()])
-            .inc();
+        let status = status.to_string();
+        self.requests.with_label_values(&[route, &status]).inc();
         self.request_seconds
-            .with_label_values(&[route])
+            .with_label_values(&[route, &status])
             .observe(elapsed.as_secs_f64());
         self.response_bytes
             .with_label_values(&[route])

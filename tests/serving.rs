@@ -612,9 +612,19 @@ async fn sighup_and_file_changes_reload_the_config() {
     // The connection opened before the reloads still works.
     assert_eq!(raw_get(&mut kept, "/healthz").await.0, 200);
     // Metrics carried over: the counters were not reset by the reloads.
+    // The reload is counted right after the swap: wait for the count, not just the effect.
+    wait_until(
+        Duration::from_secs(15),
+        "two applied reloads counted",
+        || async {
+            let m = client.get(proxy.url("/metrics")).send().await.unwrap();
+            let m = m.text().await.unwrap();
+            metric(&m, "oci_proxy_config_reloads_total", &[("result", "ok")]) >= 2.0
+        },
+    )
+    .await;
     let m = client.get(proxy.url("/metrics")).send().await.unwrap();
     let m = m.text().await.unwrap();
-    assert!(metric(&m, "oci_proxy_config_reloads_total", &[("result", "ok")]) >= 2.0);
     assert!(metric(&m, "oci_proxy_config_reloads_total", &[("result", "error")]) >= 1.0);
     assert!(
         metric(
@@ -774,13 +784,13 @@ async fn metrics_expose_the_documented_series_after_a_pull() {
     assert!(
         has(
             "oci_proxy_http_request_duration_seconds_count",
-            &[("route", "blob")]
+            &[("route", "blob"), ("status", "200")]
         ) >= 2.0 * blobs
     );
     assert!(
         has(
             "oci_proxy_http_request_duration_seconds_bucket",
-            &[("route", "manifest"), ("le", "+Inf")]
+            &[("route", "manifest"), ("status", "200"), ("le", "+Inf")]
         ) >= 2.0
     );
     assert!(
