@@ -87,6 +87,33 @@ use std::time::{Duration, Instant};
 
 use process::LoggedChild;
 
+/// Every password the fixtures hand to an upstream (htpasswd users, token server users), so
+/// that every proxy log of the whole test run is checked for them.
+static TEST_SECRETS: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Registers a secret that must never appear in a proxy log (short strings are skipped: they
+/// would match ordinary log text).
+pub fn register_secret(secret: &str) {
+    if secret.len() >= 8 {
+        if let Ok(mut s) = TEST_SECRETS.lock() {
+            s.insert(secret.to_string());
+        }
+    }
+}
+
+/// Panics if `log` contains a registered secret or a JWT (every test token is one).
+pub fn assert_no_secrets(log: &str, what: &str) {
+    let secrets = TEST_SECRETS.lock().map(|s| s.clone()).unwrap_or_default();
+    for secret in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "{what} contains a test password"
+        );
+    }
+    assert!(!log.contains("eyJ"), "{what} contains a JWT");
+}
+
 /// Interval between polls of [`wait_until`] and the process launchers.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -135,6 +162,15 @@ pub struct ProxyProcess {
     dir: tempfile::TempDir,
     port: u16,
     child: LoggedChild,
+}
+
+/// Every proxy's log is checked for credentials when its handle goes away.
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_secrets(&self.logs(), "a proxy log");
+        }
+    }
 }
 
 impl ProxyProcess {

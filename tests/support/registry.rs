@@ -57,6 +57,7 @@ struct PortInUse;
 impl Registry {
     /// Starts a registry with `auth` and waits until `GET /v2/` answers 200 or 401.
     pub async fn start(auth: RegistryAuth) -> Registry {
+        register_passwords(&auth);
         let dir = tempfile::tempdir().expect("registry temp dir");
         std::fs::create_dir_all(dir.path().join("data")).expect("create registry data dir");
         for _attempt in 0..5 {
@@ -77,6 +78,7 @@ impl Registry {
     /// new `auth` (e.g. switch auth modes, or rotate a password with a restart; for a
     /// live htpasswd change see [`Registry::set_htpasswd`]).
     pub async fn restart_with(&mut self, auth: RegistryAuth) {
+        register_passwords(&auth);
         self.stop();
         self.auth = auth;
         for _attempt in 0..5 {
@@ -124,6 +126,7 @@ impl Registry {
     /// Basic-authenticated request), so this takes effect with the next request.
     /// Panics unless the registry runs with `RegistryAuth::Htpasswd`.
     pub fn set_htpasswd(&mut self, users: &[(&str, &str)]) {
+        users.iter().for_each(|(_, p)| super::register_secret(p));
         assert!(
             matches!(self.auth, RegistryAuth::Htpasswd { .. }),
             "set_htpasswd needs a registry started with RegistryAuth::Htpasswd"
@@ -247,5 +250,12 @@ async fn launch(dir: &Path, port: u16, auth: &RegistryAuth) -> Result<LoggedChil
             );
         }
         tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Records the passwords of `auth` so that every proxy log is checked for them.
+fn register_passwords(auth: &RegistryAuth) {
+    if let RegistryAuth::Htpasswd { users } = auth {
+        users.iter().for_each(|(_, p)| super::register_secret(p));
     }
 }

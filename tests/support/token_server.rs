@@ -196,6 +196,10 @@ impl TokenServer {
     /// Generates a P-256 key and self-signed certificate, binds 127.0.0.1:0 and serves
     /// `GET /token` and `POST /token`.
     pub async fn start(policy: TokenPolicy) -> TokenServer {
+        policy
+            .users
+            .values()
+            .for_each(|p| super::register_secret(p));
         let dir = tempfile::tempdir().expect("token server temp dir");
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .expect("generate P-256 key");
@@ -272,7 +276,12 @@ impl TokenServer {
 
     /// Arbitrary policy change, effective for the next request.
     pub fn update_policy(&self, f: impl FnOnce(&mut TokenPolicy)) {
-        f(&mut self.inner.policy.lock().expect("policy lock"));
+        let mut policy = self.inner.policy.lock().expect("policy lock");
+        f(&mut policy);
+        policy
+            .users
+            .values()
+            .for_each(|p| super::register_secret(p));
     }
 
     /// All requests received since start / the last [`TokenServer::reset_counts`].
