@@ -34,6 +34,15 @@ fn proxy_config(upstreams: &[(&str, &str)], docker_config: Option<&str>) -> Stri
     yaml
 }
 
+/// GETs `url`, asserts the status and the OCI error code, and returns the error body.
+async fn expect_error(url: &str, status: StatusCode, code: &str) -> Value {
+    let resp = http_client().get(url).send().await.unwrap();
+    assert_eq!(resp.status(), status, "{url}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], code, "{url}");
+    body
+}
+
 fn layers() -> Vec<Vec<u8>> {
     vec![
         random_bytes(300_000, 1),
@@ -98,17 +107,12 @@ async fn wrong_basic_credentials_are_unauthorized() {
     let dc = docker_config(tmp.path(), "basic.test", USER, "not-the-password");
     let proxy = ProxyProcess::start(&proxy_config(&[("basic.test", &reg.url())], Some(&dc))).await;
 
-    let resp = http_client()
-        .get(format!(
-            "{}/v2/basic.test/team/app/manifests/v1",
-            proxy.url()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+    let body = expect_error(
+        &format!("{}/v2/basic.test/team/app/manifests/v1", proxy.url()),
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+    )
+    .await;
     let msg = body["errors"][0]["message"].as_str().unwrap();
     assert!(
         msg.contains("basic.test"),
@@ -211,17 +215,12 @@ async fn anonymous_public_pull_and_denied_private_pull() {
         "anonymous token requests only"
     );
 
-    let resp = http_client()
-        .get(format!(
-            "{}/v2/token.test/private/app/manifests/v1",
-            proxy.url()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+    expect_error(
+        &format!("{}/v2/token.test/private/app/manifests/v1", proxy.url()),
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,17 +244,12 @@ async fn wrong_token_credentials_are_unauthorized() {
     let dc = docker_config(tmp.path(), "token.test", USER, "wrong-password");
     let proxy = ProxyProcess::start(&proxy_config(&[("token.test", &reg.url())], Some(&dc))).await;
 
-    let resp = http_client()
-        .get(format!(
-            "{}/v2/token.test/private/app/manifests/v1",
-            proxy.url()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+    expect_error(
+        &format!("{}/v2/token.test/private/app/manifests/v1", proxy.url()),
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+    )
+    .await;
 }
 
 /// A cached token the registry no longer accepts (its signing key was rotated) is dropped and
@@ -546,17 +540,12 @@ async fn unreachable_upstream_is_a_bad_gateway() {
         None,
     ))
     .await;
-    let resp = http_client()
-        .get(format!(
-            "{}/v2/down.test/team/app/manifests/v1",
-            proxy.url()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    let body = expect_error(
+        &format!("{}/v2/down.test/team/app/manifests/v1", proxy.url()),
+        StatusCode::BAD_GATEWAY,
+        "UNAVAILABLE",
+    )
+    .await;
     assert!(body["errors"][0]["message"]
         .as_str()
         .unwrap()
