@@ -172,6 +172,97 @@ async fn a_blob_pulled_through_one_replica_is_served_by_the_other_without_an_ups
     assert_eq!(upstream_gets(&s.reg, "manifests", &md), 1);
 }
 
+/// Upstream requests of any method for `/v2/team/app/blobs/<digest>`.
+fn upstream_blob_requests(reg: &Registry, digest: &str) -> usize {
+    let path = format!("/v2/{REPO}/blobs/{digest}");
+    reg.logs()
+        .lines()
+        .filter(|l| l.contains(&format!(" {path} ")) || l.contains(&format!(" {path}\"")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_and_ranges_of_a_blob_only_in_the_bucket_are_answered_from_the_bucket() {
+    let Some(s) = setup().await else { return };
+    let layer = s.image.layer_digests[0].clone();
+    let (st, body) = get_blob(&s.a, &layer).await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for_object(&s.moto, &blob_key(&layer)).await;
+    // A's link of the repository to the blob, which B needs to answer without upstream.
+    let repo = sha256(format!("{UPSTREAM}/{REPO}").as_bytes());
+    let link = Path::from(format!(
+        "{PREFIX}links/{}/sha256/{}",
+        repo.trim_start_matches("sha256:"),
+        layer.trim_start_matches("sha256:")
+    ));
+    wait_for_object(&s.moto, &link).await;
+    let before = upstream_blob_requests(&s.reg, &layer);
+    let url = format!("{}/v2/{UPSTREAM}/{REPO}/blobs/{layer}", s.b.url());
+
+    let r = http_client().head(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", s.b.logs());
+    assert_eq!(
+        r.headers()["content-length"].to_str().unwrap(),
+        body.len().to_string()
+    );
+    assert_eq!(
+        r.headers()["docker-content-digest"].to_str().unwrap(),
+        layer
+    );
+
+    let r = http_client()
+        .get(&url)
+        .header("range", "bytes=1000-200999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 1000-200999/{}", body.len())
+    );
+    assert_eq!(r.bytes().await.unwrap(), body.slice(1000..201_000));
+
+    let r = http_client()
+        .get(&url)
+        .header("range", format!("bytes={}-", body.len() + 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        r.headers()["content-range"].to_str().unwrap(),
+        format!("bytes */{}", body.len())
+    );
+
+    assert_eq!(
+        upstream_blob_requests(&s.reg, &layer),
+        before,
+        "no upstream HEAD or GET for B; B:\n{}",
+        s.b.logs()
+    );
+    assert!(
+        metric(
+            &s.b,
+            "oci_proxy_cache_shared_ops_total{op=\"get_range\",result=\"ok\"}"
+        )
+        .await
+            >= 1.0
+    );
+    // The range requests also started a verified fill from the bucket: B now has it locally.
+    let (b, layer2) = (&s.b, &layer);
+    wait_until(
+        DEADLINE,
+        "B filled the blob from the bucket",
+        || async move {
+            metric(b, "oci_proxy_cache_tier_total{tier=\"shared\"}").await >= 2.0
+                && get_blob(b, layer2).await.0 == StatusCode::OK
+        },
+    )
+    .await;
+    assert_eq!(upstream_blob_requests(&s.reg, &layer), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_pulls_through_both_replicas_cause_one_upstream_get() {
     let Some(s) = setup().await else { return };

@@ -14,8 +14,9 @@
 //! a bounded channel ([`Direct`]); followers get an error at the point the file stops.
 //!
 //! With a shared tier, the fill first asks it ([`super::shared::Shared::before_upstream`]):
-//! verified bytes from the bucket are committed like upstream ones (followers wait until
-//! then), otherwise the upstream fill commits and then uploads in the background.
+//! verified bytes from the bucket are committed like upstream ones (small blobs are verified
+//! before readers see them, large ones stream to readers as they arrive), otherwise the
+//! upstream fill commits and then uploads in the background.
 
 use std::fs::File;
 use std::io;
@@ -211,11 +212,26 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
 
     let mut lease = None;
     if let (Some(shared), Some(f)) = (inner.shared.clone(), &file) {
-        match shared.before_upstream(&digest, f).await {
+        // A large blob read from the bucket streams to readers like an upstream body; they
+        // learn it came from the bucket first (see `Cache::join`).
+        let announce = |size: u64, written: u64| {
+            fill.from_shared.store(true, Ordering::Release);
+            fill.phase.send_replace(Phase::Streaming {
+                size: Some(size),
+                written,
+            });
+        };
+        match shared.before_upstream(&digest, f, &announce).await {
             Before::Filled(size) => {
                 fill.from_shared.store(true, Ordering::Release);
                 inner.metrics.tier(Tier::Shared);
                 commit(&inner, &fill, &mut g, f, size).await;
+                return;
+            }
+            Before::Failed(reason, message) => {
+                inner.metrics.tier(Tier::Shared);
+                let _ = leader.send(Direct::Failed(message.clone())).await;
+                g.fail(reason, message, None);
                 return;
             }
             Before::Upstream(l) => lease = l,

@@ -19,6 +19,8 @@ pub enum FailReason {
     WriteError,
     /// The fill task died (panicked or was aborted) before finishing.
     Aborted,
+    /// A read from the shared tier broke off after bytes were streamed to readers.
+    StoreError,
 }
 
 impl FailReason {
@@ -29,6 +31,7 @@ impl FailReason {
             FailReason::UpstreamError => "upstream_error",
             FailReason::WriteError => "write_error",
             FailReason::Aborted => "aborted",
+            FailReason::StoreError => "store_error",
         }
     }
 }

@@ -593,6 +593,32 @@ impl Cache {
         }))
     }
 
+    /// Size of a blob only the shared tier holds (a HEAD of its object); `None` without a
+    /// shared tier, or when the bucket does not have it (or cannot say now).
+    pub async fn shared_blob_size(&self, digest: &Digest) -> Option<u64> {
+        self.inner.shared.as_ref()?.blob_size(digest).await
+    }
+
+    /// Bytes `[start, end]` of a blob from the shared tier, with a ranged GET, streamed as they
+    /// arrive; `None` when the tier cannot serve them (go upstream). These bytes are not
+    /// verified on their own (a range cannot be): start a whole fill beside them, which
+    /// verifies the object and deletes it if corrupt.
+    pub async fn shared_blob_range(
+        &self,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Option<BoxStream<'static, io::Result<bytes::Bytes>>> {
+        let body = self
+            .inner
+            .shared
+            .as_ref()?
+            .get_range(digest, start, end)
+            .await?;
+        self.inner.metrics.tier(metrics::Tier::Shared);
+        Some(body)
+    }
+
     /// Whether `repo_key` was shown to hold `digest`. In memory.
     pub fn is_linked(&self, repo_key: &str, digest: &Digest) -> bool {
         self.inner.links.is_linked(repo_key, digest)

@@ -529,16 +529,19 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     let linked = cache.is_linked_shared(&key, digest).await;
     let cached_size = cache.blob_size(digest);
     if ctx.head {
-        return match cached_size {
-            Some(size) if linked => Ok(blob_response(
-                digest,
-                StatusCode::OK,
-                Some(size),
-                None,
-                body::empty(),
+        // Known to this repository: the size from the local tier, else from the bucket.
+        let known = match cached_size {
+            Some(size) if linked => Some((size, "hit")),
+            None if linked => cache.shared_blob_size(digest).await.map(|s| (s, "shared")),
+            _ => None,
+        };
+        return match known {
+            Some((size, status)) => Ok(with_cache_status(
+                blob_response(digest, StatusCode::OK, Some(size), None, body::empty()),
+                status,
             )),
             // Cold or not yet linked: an upstream HEAD only, never a download.
-            _ => {
+            None => {
                 let resp = blob_upstream(ctx, digest, Method::HEAD, None).await?;
                 if cached_size.is_some() && resp.status().is_success() {
                     cache.link(&key, digest).await;
@@ -553,16 +556,22 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     }
     if cached_size.is_none() {
         if let Some(range) = ctx.headers.get(RANGE) {
-            // A range of a blob not cached yet: the client gets its range from the upstream
-            // at once (a fill's bytes are released only once the whole blob is verified),
-            // while a background fill lands the whole blob in the cache once.
-            let (cache, fetch, digest_owned) =
+            // A range of a blob not cached locally: the client gets its range at once, from
+            // the bucket (a ranged GET) when this repository is known to hold the blob, else
+            // from the upstream (a fill's bytes are released only once the whole blob is
+            // verified), while a background fill lands the whole blob in the cache once.
+            let (cache_owned, fetch, digest_owned) =
                 (cache.clone(), blob_fetch(ctx, digest), digest.clone());
             tokio::spawn(async move {
-                if let Err(e) = cache.blob(&digest_owned, fetch).await {
+                if let Err(e) = cache_owned.blob(&digest_owned, fetch).await {
                     tracing::debug!(digest = %digest_owned, error = %e, "background fill for a range request failed");
                 }
             });
+            if linked {
+                if let Some(resp) = shared_range(cache, digest, range).await {
+                    return Ok(with_cache_status(resp, "shared"));
+                }
+            }
             let resp = blob_upstream(ctx, digest, Method::GET, Some(range)).await?;
             return Ok(with_cache_status(resp, "upstream"));
         }
@@ -616,6 +625,36 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         ),
     };
     Ok(with_cache_status(resp, outcome))
+}
+
+/// A Range request answered from the shared tier: `None` when the bucket cannot serve it (or
+/// the header asks for no valid range: the caller passes it upstream as it is).
+async fn shared_range(
+    cache: &crate::cache::Cache,
+    digest: &Digest,
+    range: &HeaderValue,
+) -> Option<Response<Body>> {
+    let size = cache.shared_blob_size(digest).await?;
+    match range::parse_range(range.to_str().ok(), size) {
+        ByteRange::Full => None,
+        ByteRange::Partial { start, end } => {
+            let body = cache.shared_blob_range(digest, start, end).await?;
+            Some(blob_response(
+                digest,
+                StatusCode::PARTIAL_CONTENT,
+                Some(end - start + 1),
+                Some(range::content_range(start, end, size)),
+                body::stream(body),
+            ))
+        }
+        ByteRange::Unsatisfiable => Some(blob_response(
+            digest,
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            None,
+            Some(range::unsatisfied_content_range(size)),
+            body::empty(),
+        )),
+    }
 }
 
 fn blob_response(

@@ -9,6 +9,8 @@ use prometheus::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     GetBlob,
+    /// A ranged GET for a client's Range request.
+    GetRange,
     PutBlob,
     HeadBlob,
     GetManifest,
@@ -22,6 +24,7 @@ impl Op {
     pub fn as_str(self) -> &'static str {
         match self {
             Op::GetBlob => "get_blob",
+            Op::GetRange => "get_range",
             Op::PutBlob => "put_blob",
             Op::HeadBlob => "head_blob",
             Op::GetManifest => "get_manifest",

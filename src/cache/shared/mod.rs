@@ -27,20 +27,23 @@ mod metrics;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, Seek, SeekFrom};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::{self, BoxStream};
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
-    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, ObjectStore, PutMode,
-    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, GetRange,
+    ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
 
 use super::fill::Hasher;
 use super::manifests::MAX_MANIFEST_SIZE;
+use super::metrics::FailReason;
 use super::store::{read_exact_at, write_chunks};
 use crate::config::S3Config;
 use crate::protocol::grammar::Digest;
@@ -55,6 +58,12 @@ const PART_SIZE: usize = 8 << 20;
 pub const REST_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// Rounds of "look in the bucket, else take or wait for the lease" per fill.
 const ROUNDS: usize = 3;
+/// Blobs up to this size are read from the bucket and verified whole before any client sees
+/// a byte, so a corrupt object costs nothing but a detour upstream. Larger ones stream to the
+/// fill's readers as they arrive (a client's first byte must not wait for gigabytes); a
+/// corrupt one then fails the fill like a bad upstream body (readers never get a clean end
+/// of unverified bytes), and the retry goes upstream because the object was deleted.
+pub const VERIFY_BEFORE_STREAMING_MAX: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -94,6 +103,8 @@ pub enum Before {
     Filled(u64),
     /// Go upstream (the temp file is empty); holding the lease when `Some`.
     Upstream(Option<Lease>),
+    /// A read streamed to the fill's readers broke off or did not verify: fail the fill.
+    Failed(FailReason, String),
 }
 
 enum Read {
@@ -102,6 +113,9 @@ enum Read {
     Corrupt(String),
     Failed,
 }
+
+/// Told of the bytes a streamed bucket read put in the temp file: `(size, written)`.
+pub type Announce<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
 pub struct Shared {
     store: Arc<dyn ObjectStore>,
@@ -280,23 +294,44 @@ impl Shared {
     }
 
     /// Before a fill goes upstream: fills `file` from the bucket when the blob is there (and
-    /// matches its digest), else takes the lease, or waits for the replica holding it.
-    pub async fn before_upstream(self: &Arc<Self>, digest: &Digest, file: &Arc<File>) -> Before {
+    /// matches its digest), else takes the lease, or waits for the replica holding it. A read
+    /// of a blob above [`VERIFY_BEFORE_STREAMING_MAX`] reports its progress to `announce`.
+    pub async fn before_upstream(
+        self: &Arc<Self>,
+        digest: &Digest,
+        file: &Arc<File>,
+        announce: Announce<'_>,
+    ) -> Before {
         if !self.available() {
             self.metrics.op(Op::GetBlob, Res::Skipped);
             return Before::Upstream(None);
         }
         for _ in 0..ROUNDS {
-            match self.read_into(digest, file).await {
+            let streamed = AtomicBool::new(false);
+            let tell = |size: u64, written: u64| {
+                streamed.store(true, Ordering::Relaxed);
+                announce(size, written);
+            };
+            let read = self.read_into(digest, file, &tell).await;
+            let streamed = streamed.load(Ordering::Relaxed);
+            match read {
                 Read::Filled(n) => return Before::Filled(n),
                 Read::Missing => {}
                 Read::Corrupt(detail) => {
                     self.metrics.corrupt();
                     tracing::warn!(%digest, detail, "shared cache object is corrupt; deleted, fetching upstream");
                     self.delete(&self.blob_key(digest)).await;
+                    if streamed {
+                        let msg = format!("shared cache object is corrupt: {detail}");
+                        return Before::Failed(FailReason::DigestMismatch, msg);
+                    }
                     if reset(file).await.is_err() {
                         return Before::Upstream(None);
                     }
+                }
+                Read::Failed if streamed => {
+                    let msg = "reading the shared cache store broke off".to_owned();
+                    return Before::Failed(FailReason::StoreError, msg);
                 }
                 Read::Failed => {
                     // The file may hold part of a read; a fill needs it empty.
@@ -326,8 +361,10 @@ impl Shared {
         Before::Upstream(None)
     }
 
-    /// GETs the blob into `file` (from its start), hashing as bytes arrive.
-    async fn read_into(&self, digest: &Digest, file: &Arc<File>) -> Read {
+    /// GETs the blob into `file` (from its start), hashing as bytes arrive; above
+    /// [`VERIFY_BEFORE_STREAMING_MAX`], tells `announce` of every write. (`object_store` resumes
+    /// a body that breaks off with a ranged GET from where it stopped, once.)
+    async fn read_into(&self, digest: &Digest, file: &Arc<File>, announce: Announce<'_>) -> Read {
         let res = match self.timed(self.store.get(&self.blob_key(digest))).await {
             Ok(r) => r,
             Err(StoreError::Missing) => {
@@ -340,6 +377,10 @@ impl Shared {
             }
         };
         let size = res.meta.size;
+        let stream_it = size > VERIFY_BEFORE_STREAMING_MAX;
+        if stream_it {
+            announce(size, 0);
+        }
         let mut hasher = Hasher::new(digest.algorithm());
         let mut written: u64 = 0;
         let mut chunks = res.into_stream().ready_chunks(64);
@@ -379,6 +420,9 @@ impl Shared {
                 return Read::Failed;
             }
             written += n;
+            if stream_it {
+                announce(size, written);
+            }
         }
         if written != size {
             return Read::Corrupt(format!("{written} of {size} bytes"));
@@ -390,6 +434,110 @@ impl Shared {
         self.metrics.read(written);
         tracing::info!(%digest, size = written, "filled from the shared cache store");
         Read::Filled(written)
+    }
+
+    /// Size of the blob's object in the bucket (a HEAD); `None` when it is not there or the
+    /// store cannot say now.
+    pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        if !self.available() {
+            self.metrics.op(Op::HeadBlob, Res::Skipped);
+            return None;
+        }
+        match self.timed(self.store.head(&self.blob_key(digest))).await {
+            Ok(meta) => {
+                self.metrics.op(Op::HeadBlob, Res::Ok);
+                Some(meta.size)
+            }
+            Err(StoreError::Missing) => {
+                self.metrics.op(Op::HeadBlob, Res::Miss);
+                None
+            }
+            Err(e) => {
+                self.failed(Op::HeadBlob, &e);
+                None
+            }
+        }
+    }
+
+    /// Bytes `[start, end]` (inclusive) of the blob's object with one ranged GET, streamed as
+    /// they arrive. `None` when the store cannot start the read (nothing was sent yet: the
+    /// caller goes upstream); a failure later ends the stream with an `Err`, and a body longer
+    /// or shorter than the range too. A range cannot be checked against the digest on its
+    /// own: the caller starts a whole-blob fill, which verifies the object (and deletes it
+    /// when corrupt) as it lands in the local tier.
+    pub async fn get_range(
+        self: &Arc<Self>,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Option<BoxStream<'static, io::Result<Bytes>>> {
+        if !self.available() {
+            self.metrics.op(Op::GetRange, Res::Skipped);
+            return None;
+        }
+        let want = end.checked_add(1)?.checked_sub(start)?;
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(start..end + 1)),
+            ..Default::default()
+        };
+        let res = match self
+            .timed(self.store.get_opts(&self.blob_key(digest), opts))
+            .await
+        {
+            Ok(r) if r.range == (start..end + 1) => r,
+            Ok(r) => {
+                let e =
+                    StoreError::Other(format!("asked for bytes {start}-{end}, got {:?}", r.range));
+                self.failed(Op::GetRange, &e);
+                return None;
+            }
+            Err(StoreError::Missing) => {
+                self.metrics.op(Op::GetRange, Res::Miss);
+                return None;
+            }
+            Err(e) => {
+                self.failed(Op::GetRange, &e);
+                return None;
+            }
+        };
+        self.metrics.op(Op::GetRange, Res::Ok);
+        struct St {
+            body: BoxStream<'static, object_store::Result<Bytes>>,
+            got: u64,
+            shared: Arc<Shared>,
+        }
+        let st = St {
+            body: res.into_stream(),
+            got: 0,
+            shared: self.clone(),
+        };
+        let body = stream::unfold(Some(st), move |st| async move {
+            let mut st = st?;
+            let timeout = st.shared.op_timeout;
+            let fail = |st: &St, e: StoreError| {
+                st.shared.failed(Op::GetRange, &e);
+                Some((Err(io::Error::other(e.to_string())), None))
+            };
+            match tokio::time::timeout(timeout, st.body.next()).await {
+                Err(_) => fail(&st, StoreError::Timeout(timeout)),
+                Ok(Some(Err(e))) => fail(&st, StoreError::from(e)),
+                Ok(Some(Ok(b))) if st.got + b.len() as u64 > want => fail(
+                    &st,
+                    StoreError::Other("ranged body longer than asked".into()),
+                ),
+                Ok(Some(Ok(b))) => {
+                    st.got += b.len() as u64;
+                    st.shared.metrics.read(b.len() as u64);
+                    Some((Ok(b), Some(st)))
+                }
+                Ok(None) if st.got < want => {
+                    let e = format!("ranged body ended after {} of {want} bytes", st.got);
+                    fail(&st, StoreError::Other(e))
+                }
+                Ok(None) => None,
+            }
+        });
+        Some(body.boxed())
     }
 
     /// Uploads a committed, verified blob in the background (reading the open file, which

@@ -272,3 +272,224 @@ async fn an_unreachable_store_degrades_to_upstream() {
     assert_eq!(r.shared.metrics.op_count(Op::GetBlob, Res::Skipped), 1);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// An in-memory store whose blob GETs hand out 64KiB chunks and stop after `pause_after`
+/// bytes until the gate opens (a slow bucket, so a test can look at a read mid-way).
+#[derive(Debug)]
+struct Gated {
+    inner: InMemory,
+    pause_after: usize,
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Display for Gated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gated({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Gated {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        let r = self.inner.get_opts(location, options).await?;
+        if !location.as_ref().contains("/blobs/") {
+            return Ok(r);
+        }
+        let (meta, range, attributes) = (r.meta.clone(), r.range.clone(), r.attributes.clone());
+        let all = r.bytes().await?;
+        let (pause_after, open) = (self.pause_after, self.gate.subscribe());
+        let chunks: Vec<Bytes> = all.chunks(64 << 10).map(Bytes::copy_from_slice).collect();
+        let body = stream::iter(chunks.into_iter().scan(0usize, |pos, c| {
+            let at = *pos;
+            *pos += c.len();
+            Some((at, c))
+        }))
+        .then(move |(at, c)| {
+            let mut open = open.clone();
+            async move {
+                if at >= pause_after {
+                    let _ = open.wait_for(|o| *o).await;
+                }
+                Ok(c)
+            }
+        })
+        .boxed();
+        Ok(object_store::GetResult {
+            payload: object_store::GetResultPayload::Stream(body),
+            meta,
+            range,
+            attributes,
+        })
+    }
+
+    async fn delete(&self, location: &object_store::path::Path) -> object_store::Result<()> {
+        self.inner.delete(location).await
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+    {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+    ) -> object_store::Result<()> {
+        self.inner.copy(from, to).await
+    }
+
+    async fn copy_if_not_exists(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+    ) -> object_store::Result<()> {
+        self.inner.copy_if_not_exists(from, to).await
+    }
+}
+
+#[tokio::test]
+async fn a_large_blob_streams_from_the_bucket_before_it_is_all_read() {
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let gated = Arc::new(Gated {
+        inner: InMemory::new(),
+        pause_after: 1 << 20,
+        gate,
+    });
+    let b = replica(gated.clone()).await;
+    let body = data(super::VERIFY_BEFORE_STREAMING_MAX as usize + (1 << 20), 6);
+    let d = Digest::sha256_of(&body);
+    gated
+        .put(&b.shared.blob_key(&d), body.clone().into())
+        .await
+        .unwrap();
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The bucket holds back all but the first MiB: a reader still gets bytes.
+    let r = tokio::time::timeout(
+        DEADLINE,
+        b.cache.blob(&d, fetch(body.clone(), calls.clone(), None)),
+    )
+    .await
+    .expect("the reader starts before the bucket read ends")
+    .unwrap();
+    assert_eq!(r.outcome(), Outcome::Coalesced);
+    assert_eq!(r.size(), Some(body.len() as u64));
+    let mut s = r.into_stream(None);
+    let first = tokio::time::timeout(DEADLINE, s.next())
+        .await
+        .expect("first bytes while the bucket read is paused")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_ref(), &body[..first.len()]);
+
+    gated.gate.send_replace(true);
+    let mut got = first.to_vec();
+    while let Some(c) = tokio::time::timeout(DEADLINE, s.next()).await.unwrap() {
+        got.extend_from_slice(&c.unwrap());
+    }
+    assert!(got == body, "the whole blob, in order");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "never upstream");
+    assert_eq!(b.cache.inner.metrics.tier_count(Tier::Shared), 1);
+    let (o, _) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!(o, Outcome::Hit, "committed after verification");
+}
+
+#[tokio::test]
+async fn a_large_corrupt_object_cuts_the_stream_and_the_retry_goes_upstream() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let b = replica(store.clone()).await;
+    let body = data(super::VERIFY_BEFORE_STREAMING_MAX as usize + 4096, 7);
+    let d = Digest::sha256_of(&body);
+    let mut bad = body.clone();
+    bad[body.len() - 10] ^= 0x01;
+    let key = b.shared.blob_key(&d);
+    store.put(&key, bad.into()).await.unwrap();
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let r = tokio::time::timeout(
+        DEADLINE,
+        b.cache.blob(&d, fetch(body.clone(), calls.clone(), None)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut s = r.into_stream(None);
+    let mut got = 0usize;
+    let ended = loop {
+        match tokio::time::timeout(DEADLINE, s.next()).await.unwrap() {
+            Some(Ok(c)) => got += c.len(),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    assert!(ended.is_err(), "a corrupt body never ends cleanly");
+    assert!(got < body.len(), "the last bytes are held back: {got}");
+    assert_eq!(b.shared.metrics.corrupt_count(), 1);
+    assert!(
+        store.head(&key).await.is_err(),
+        "the corrupt object is deleted"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    let (o, got) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert!(got == body);
+    assert_eq!(o, Outcome::Miss);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the retry went upstream");
+}
+
+#[tokio::test]
+async fn sizes_and_ranges_come_from_the_bucket() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let b = replica(store.clone()).await;
+    let body = data(300_000, 8);
+    let d = Digest::sha256_of(&body);
+    assert_eq!(b.cache.shared_blob_size(&d).await, None);
+    assert!(b.cache.shared_blob_range(&d, 0, 9).await.is_none());
+    store
+        .put(&b.shared.blob_key(&d), body.clone().into())
+        .await
+        .unwrap();
+
+    assert_eq!(b.cache.shared_blob_size(&d).await, Some(300_000));
+    let mut s = b.cache.shared_blob_range(&d, 1000, 200_999).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(c) = s.next().await {
+        got.extend_from_slice(&c.unwrap());
+    }
+    assert!(got == body[1000..201_000]);
+    assert_eq!(b.shared.metrics.op_count(Op::GetRange, Res::Ok), 1);
+    assert_eq!(b.shared.metrics.op_count(Op::GetRange, Res::Miss), 1);
+    assert_eq!(b.cache.blob_size(&d), None, "a range read commits nothing");
+}
