@@ -133,9 +133,14 @@ pub struct S3Config {
     /// Allows an `http://` endpoint.
     #[serde(default)]
     pub allow_http: bool,
-    /// How long a replica filling a blob holds its lease; others wait at most this long.
+    /// A fill lease not renewed for this long is dead (its holder renews it every third of
+    /// this while filling); then another replica may fetch the blob upstream.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl: Duration,
+    /// The longest a replica waits for another replica's fill (however often that one renews
+    /// its lease) before fetching upstream itself.
+    #[serde(default = "default_lease_wait")]
+    pub lease_wait: Duration,
     /// Connect timeout for the object store (kept small: an unreachable store must not
     /// delay clients).
     #[serde(default = "default_s3_connect_timeout")]
@@ -150,7 +155,11 @@ pub struct S3Config {
 }
 
 fn default_lease_ttl() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_secs(30)
+}
+
+fn default_lease_wait() -> Duration {
+    Duration::from_secs(120)
 }
 
 fn default_s3_connect_timeout() -> Duration {
@@ -393,6 +402,9 @@ impl Config {
             if s3.lease_ttl.0.is_zero() {
                 return Err(invalid("cache.s3.lease_ttl", "must be more than 0"));
             }
+            if s3.lease_wait.0.is_zero() {
+                return Err(invalid("cache.s3.lease_wait", "must be more than 0"));
+            }
             if s3.max_size.is_some_and(|m| m.0 == 0) {
                 return Err(invalid("cache.s3.max_size", "must be more than 0"));
             }
@@ -624,6 +636,30 @@ mod tests {
     }
 
     #[test]
+    fn s3_lease_keys() {
+        let base = "cache:\n  backend: s3\n  s3:\n    bucket: b\n";
+        let cfg =
+            Config::parse(&format!("{base}    lease_ttl: 10s\n    lease_wait: 5m\n")).unwrap();
+        let s3 = cfg.cache.s3.as_ref().unwrap();
+        assert_eq!(
+            (s3.lease_ttl, s3.lease_wait),
+            (Duration::from_secs(10), Duration::from_secs(300))
+        );
+        assert!(cfg.to_yaml().contains("lease_wait: "), "{}", cfg.to_yaml());
+        let s3 = Config::parse(base).unwrap().cache.s3.unwrap();
+        assert_eq!(
+            (s3.lease_ttl, s3.lease_wait),
+            (Duration::from_secs(30), Duration::from_secs(120))
+        );
+        let e = Config::parse(&format!("{base}    lease_wait: 0s\n")).unwrap_err();
+        assert_eq!(e.to_string(), "cache.s3.lease_wait: must be more than 0");
+        let e = Config::parse(&format!("{base}    lease_ttl: 0s\n")).unwrap_err();
+        assert_eq!(e.to_string(), "cache.s3.lease_ttl: must be more than 0");
+        let e = Config::parse(&format!("{base}    lease_wait: forever\n")).unwrap_err();
+        assert!(e.to_string().contains("lease_wait"), "{e}");
+    }
+
+    #[test]
     fn cache_backend_keys() {
         let cfg = Config::parse("cache:\n  dir: /x\n  max_size: 1GiB\n").unwrap();
         assert_eq!(cfg.cache.backend, CacheBackend::Disk);
@@ -638,7 +674,8 @@ mod tests {
         assert_eq!(cfg.cache.local_limit(), Some(ByteSize(2 << 30)));
         let s3 = cfg.cache.s3.unwrap();
         assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "p/"));
-        assert_eq!(s3.lease_ttl, Duration::from_secs(60));
+        assert_eq!(s3.lease_ttl, Duration::from_secs(30));
+        assert_eq!(s3.lease_wait, Duration::from_secs(120));
 
         let e = Config::parse("cache:\n  backend: s3\n").unwrap_err();
         assert_eq!(e.to_string(), "cache.s3: required when cache.backend is s3");

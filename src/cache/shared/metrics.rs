@@ -1,5 +1,6 @@
-//! Metrics of the shared tier: object-store operations by result, corrupt objects, bytes moved
-//! and lease waits. Labels are bounded: `op` is one of [`Op`], `result` one of [`Res`].
+//! Metrics of the shared tier: object-store operations by result, corrupt objects, bytes moved,
+//! lease waits and lease renewals. Labels are bounded: `op` is one of [`Op`], `result` one of
+//! [`Res`], [`WaitEnd`] or [`Renewal`].
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, DEFAULT_BUCKETS,
@@ -74,6 +75,8 @@ pub enum WaitEnd {
     Expired,
     /// The store failed while waiting.
     Error,
+    /// `lease_wait` passed with the lease still live; this replica goes upstream itself.
+    TimedOut,
 }
 
 impl WaitEnd {
@@ -83,6 +86,28 @@ impl WaitEnd {
             WaitEnd::Released => "released",
             WaitEnd::Expired => "expired",
             WaitEnd::Error => "error",
+            WaitEnd::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// How a renewal of a held lease ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// The expiry was pushed out.
+    Ok,
+    /// The lease was gone or named another owner: renewal stopped.
+    Lost,
+    /// The store failed; tried again next period.
+    Error,
+}
+
+impl Renewal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Renewal::Ok => "ok",
+            Renewal::Lost => "lost",
+            Renewal::Error => "error",
         }
     }
 }
@@ -95,6 +120,7 @@ pub struct SharedMetrics {
     uploaded_bytes: IntCounter,
     lease_waits: IntCounterVec,
     lease_wait_seconds: Histogram,
+    lease_renewals: IntCounterVec,
 }
 
 impl SharedMetrics {
@@ -138,6 +164,14 @@ impl SharedMetrics {
             .buckets(DEFAULT_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(lease_wait_seconds.clone()))?;
+        let lease_renewals = IntCounterVec::new(
+            Opts::new(
+                "oci_proxy_cache_lease_renewals_total",
+                "Renewals of fill leases this replica holds, by result.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(lease_renewals.clone()))?;
         Ok(SharedMetrics {
             ops,
             corrupt,
@@ -145,6 +179,7 @@ impl SharedMetrics {
             uploaded_bytes,
             lease_waits,
             lease_wait_seconds,
+            lease_renewals,
         })
     }
 
@@ -171,6 +206,10 @@ impl SharedMetrics {
         self.lease_wait_seconds.observe(seconds);
     }
 
+    pub fn lease_renewal(&self, res: Renewal) {
+        self.lease_renewals.with_label_values(&[res.as_str()]).inc();
+    }
+
     #[cfg(test)]
     pub fn op_count(&self, op: Op, res: Res) -> u64 {
         self.ops
@@ -181,6 +220,11 @@ impl SharedMetrics {
     #[cfg(test)]
     pub fn lease_wait_count(&self, end: WaitEnd) -> u64 {
         self.lease_waits.with_label_values(&[end.as_str()]).get()
+    }
+
+    #[cfg(test)]
+    pub fn lease_renewal_count(&self, res: Renewal) -> u64 {
+        self.lease_renewals.with_label_values(&[res.as_str()]).get()
     }
 
     #[cfg(test)]

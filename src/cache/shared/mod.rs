@@ -122,6 +122,7 @@ pub struct Shared {
     /// Empty or ending in `/`.
     prefix: String,
     lease_ttl: Duration,
+    lease_wait: Duration,
     op_timeout: Duration,
     metrics: SharedMetrics,
     resting_until: Mutex<Option<Instant>>,
@@ -189,6 +190,7 @@ impl Shared {
             Arc::new(store),
             &cfg.prefix,
             cfg.lease_ttl.0,
+            cfg.lease_wait.0,
             cfg.op_timeout.0,
             registry,
         )
@@ -198,6 +200,7 @@ impl Shared {
         store: Arc<dyn ObjectStore>,
         prefix: &str,
         lease_ttl: Duration,
+        lease_wait: Duration,
         op_timeout: Duration,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Shared>, SharedError> {
@@ -205,6 +208,7 @@ impl Shared {
             store,
             prefix: normalize_prefix(prefix),
             lease_ttl,
+            lease_wait,
             op_timeout,
             metrics: SharedMetrics::register(registry)?,
             resting_until: Mutex::new(None),
@@ -351,7 +355,9 @@ impl Shared {
                 lease::Acquire::Busy { expires_ms } => {
                     match lease::wait(self, digest, expires_ms).await {
                         WaitEnd::Landed | WaitEnd::Released => {}
-                        WaitEnd::Expired | WaitEnd::Error => return Before::Upstream(None),
+                        WaitEnd::Expired | WaitEnd::TimedOut | WaitEnd::Error => {
+                            return Before::Upstream(None)
+                        }
                     }
                 }
                 lease::Acquire::Stale => {}

@@ -33,6 +33,7 @@ async fn replica(store: Arc<dyn ObjectStore>) -> Replica {
         store,
         "/team/",
         Duration::from_secs(5),
+        Duration::from_secs(10),
         Duration::from_secs(2),
         &registry,
     )
