@@ -225,10 +225,7 @@ pub async fn collect(
         };
         let expires_ms = match body {
             // Unreadable as a number: expired, as replicas read it.
-            Ok(b) => std::str::from_utf8(&b)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .unwrap_or(0),
+            Ok(b) => super::lease::Body::parse(&b).map_or(0, |b| b.expires_ms),
             Err(object_store::Error::NotFound { .. }) => continue, // released meanwhile
             Err(e) => return Err(e.into()),
         };
@@ -350,7 +347,8 @@ mod tests {
     }
 
     /// Blobs `p/blobs/sha256/{1,2,3}` (100 bytes each, uploaded in that order), a manifest,
-    /// a link, a live and an expired lease, and an object of another prefix.
+    /// a link, live and expired leases (in the current `<expires_ms> <owner>` format and the
+    /// old bare one), and an object of another prefix.
     async fn seeded(now: u64) -> InMemory {
         let s = InMemory::new();
         for k in ["1", "2", "3"] {
@@ -368,6 +366,18 @@ mod tests {
             &s,
             "p/leases/sha256/dead",
             (now - 1).to_string().into_bytes(),
+        )
+        .await;
+        put(
+            &s,
+            "p/leases/sha256/owned",
+            format!("{} 0123456789abcdef", now + 1000).into_bytes(),
+        )
+        .await;
+        put(
+            &s,
+            "p/leases/sha256/owned-dead",
+            format!("{} 0123456789abcdef", now - 1).into_bytes(),
         )
         .await;
         put(&s, "p/leases/sha256/junk", b"not a time".to_vec()).await;
@@ -402,10 +412,20 @@ mod tests {
         assert_eq!(r.bytes_after(), 100);
         assert!(r.failed.is_empty());
         assert_eq!(listed(&s, "p/blobs").await, ["p/blobs/sha256/3"]);
-        assert_eq!(listed(&s, "p/leases").await, ["p/leases/sha256/live"]);
+        assert_eq!(
+            listed(&s, "p/leases").await,
+            ["p/leases/sha256/live", "p/leases/sha256/owned"]
+        );
         let mut gone: Vec<_> = r.deleted_leases.iter().map(|d| d.key.as_str()).collect();
         gone.sort();
-        assert_eq!(gone, ["p/leases/sha256/dead", "p/leases/sha256/junk"]);
+        assert_eq!(
+            gone,
+            [
+                "p/leases/sha256/dead",
+                "p/leases/sha256/junk",
+                "p/leases/sha256/owned-dead"
+            ]
+        );
         // Other kinds and other prefixes are untouched.
         assert_eq!(listed(&s, "p/manifests").await.len(), 1);
         assert_eq!(listed(&s, "p/links").await.len(), 1);
@@ -441,11 +461,11 @@ mod tests {
         };
         let r = collect(&s, "p/", opts).await.unwrap();
         assert_eq!(r.deleted_blobs.len(), 2);
-        assert_eq!(r.deleted_leases.len(), 2);
+        assert_eq!(r.deleted_leases.len(), 3);
         assert!(r.to_string().contains("would delete blob p/blobs/sha256/1"));
         assert!(r.to_string().contains("(dry run)"));
         assert_eq!(listed(&s, "p/blobs").await.len(), 3);
-        assert_eq!(listed(&s, "p/leases").await.len(), 3);
+        assert_eq!(listed(&s, "p/leases").await.len(), 5);
     }
 
     #[tokio::test]
