@@ -734,3 +734,168 @@ fn http_client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Clie
     b.build()
         .map_err(|e| format!("cannot build HTTP client: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new().unwrap())
+    }
+
+    fn config(yaml: &str) -> Config {
+        Config::parse(yaml).unwrap()
+    }
+
+    const TWO: &str = "upstreams:\n  - name: a.test\n    endpoint: http://127.0.0.1:1\n  \
+                       - name: b.test\n    endpoint: http://127.0.0.1:2\n";
+
+    fn same_session(a: &Upstreams, b: &Upstreams, name: &str) -> bool {
+        Arc::ptr_eq(&a.get(name).unwrap().session, &b.get(name).unwrap().session)
+    }
+
+    #[test]
+    fn an_unrelated_change_keeps_every_session_and_the_pool() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        old.get("a.test").unwrap().learn(Some(Challenge::Basic {
+            realm: Some("r".into()),
+        }));
+        let cfg = config(&format!("cache:\n  tag_ttl: 5m\n{TWO}"));
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!(
+            s,
+            RebuildSummary {
+                kept: 2,
+                fetch_pool_kept: true,
+                ..Default::default()
+            }
+        );
+        assert!(same_session(&old, &new, "a.test") && same_session(&old, &new, "b.test"));
+        assert!(matches!(
+            new.get("a.test").unwrap().current_scheme(),
+            Scheme::Basic
+        ));
+        assert!(Arc::ptr_eq(&old.fetch_slots, &new.fetch_slots));
+        // The kept upstream still takes the new tag_ttl.
+        assert_eq!(new.get("a.test").unwrap().tag_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn changed_added_and_removed_upstreams() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let cfg = config(
+            "upstreams:\n  - name: a.test\n    endpoint: http://127.0.0.1:1\n    \
+             token_realm_hosts: [auth.test]\n  - name: c.test\n    endpoint: http://127.0.0.1:3\n",
+        );
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!((s.kept, s.rebuilt, s.added, s.removed), (0, 1, 1, 1));
+        assert!(!same_session(&old, &new, "a.test"));
+        assert!(new.get("b.test").is_none());
+        assert!(matches!(
+            new.get("a.test").unwrap().current_scheme(),
+            Scheme::Unknown
+        ));
+    }
+
+    #[test]
+    fn a_changed_timeout_or_fetch_limit_starts_fresh() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let cfg = config(&format!("limits:\n  upstream_timeout: 61s\n{TWO}"));
+        let (new, s) = old.rebuild(&cfg, m.clone()).unwrap();
+        assert_eq!((s.kept, s.rebuilt), (0, 2));
+        assert!(s.fetch_pool_kept);
+        assert!(!same_session(&old, &new, "b.test"));
+
+        let cfg = config(&format!("limits:\n  max_concurrent_upstream_fetches: 3\n{TWO}"));
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!(s.kept, 2, "the pool is not part of an upstream's session");
+        assert!(!s.fetch_pool_kept);
+        assert!(!Arc::ptr_eq(&old.fetch_slots, &new.fetch_slots));
+        assert_eq!(new.fetch_slots.available_permits(), 3);
+        assert!(Arc::ptr_eq(
+            &new.get("a.test").unwrap().fetch_slots,
+            &new.fetch_slots
+        ));
+    }
+
+    #[test]
+    fn a_rotated_ca_bundle_under_the_same_path_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let pem = |cn: &str| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            p.self_signed(&rcgen::KeyPair::generate().unwrap())
+                .unwrap()
+                .pem()
+        };
+        std::fs::write(&ca, pem("one")).unwrap();
+        let yaml = format!(
+            "upstreams:\n  - name: a.test\n    endpoint: https://127.0.0.1:1\n    ca_file: {}\n",
+            ca.display()
+        );
+        let m = metrics();
+        let old = Upstreams::new(&config(&yaml), m.clone()).unwrap();
+        let (same, s) = old.rebuild(&config(&yaml), m.clone()).unwrap();
+        assert_eq!(s.kept, 1);
+        assert!(same_session(&old, &same, "a.test"));
+        std::fs::write(&ca, pem("two")).unwrap();
+        let (new, s) = old.rebuild(&config(&yaml), m.clone()).unwrap();
+        assert_eq!(s.rebuilt, 1);
+        assert!(!same_session(&old, &new, "a.test"));
+        // An unreadable bundle rejects the reload.
+        std::fs::remove_file(&ca).unwrap();
+        assert!(old.rebuild(&config(&yaml), m).is_err());
+    }
+
+    #[test]
+    fn catalog_hosts_are_kept_unless_now_configured() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let x = old.ensure_host("x.test", false);
+        old.ensure_host("c.test", true);
+        let cfg = config(&format!("{TWO}  - name: c.test\n"));
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!(s.dynamic_kept, 1);
+        assert!(Arc::ptr_eq(&new.get("x.test").unwrap().session, &x.session));
+        assert_eq!(new.get("c.test").unwrap().endpoint.as_str(), "https://c.test/");
+    }
+
+    #[tokio::test]
+    async fn a_kept_session_keeps_its_tokens() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let key = TokenKey::new(
+            &Url::parse("http://127.0.0.1:9/token").unwrap(),
+            None,
+            ["repository:r:pull"],
+            Credential::Anonymous.id(),
+        );
+        let token = || async {
+            Ok(Token {
+                value: crate::credentials::secret::Secret::new("t".to_owned()),
+                expires_at: std::time::Instant::now() + Duration::from_secs(300),
+            })
+        };
+        let a = old.get("a.test").unwrap();
+        a.session.tokens.get_or_fetch(key.clone(), token).await.unwrap();
+        let (new, _) = old.rebuild(&config(TWO), m).unwrap();
+        let fetched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fetched.clone();
+        new.get("a.test")
+            .unwrap()
+            .session
+            .tokens
+            .get_or_fetch(key, move || {
+                f.store(true, std::sync::atomic::Ordering::SeqCst);
+                token()
+            })
+            .await
+            .unwrap();
+        assert!(!fetched.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
