@@ -237,7 +237,9 @@ impl Upstream {
     fn current_scheme(&self) -> Scheme {
         self.session
             .scheme
-            .read().map(|s| s.clone()).unwrap_or_default()
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// Records the challenge; returns whether the scheme changed.
@@ -285,7 +287,7 @@ impl Upstream {
                     &self.endpoint,
                     &self.session.settings.upstream.token_realm_hosts,
                 )
-                    .map_err(|e| self.token_error(e))?;
+                .map_err(|e| self.token_error(e))?;
                 let credential = match trust {
                     RealmTrust::WithCredentials => credential.clone(),
                     RealmTrust::AnonymousOnly => {
@@ -681,12 +683,13 @@ fn setup_error(u: &UpstreamConfig, message: String) -> UpstreamSetupError {
 
 /// The settings of a configured upstream; reads its `ca_file`.
 fn settings_for(u: &UpstreamConfig, timeout: Duration) -> Result<Settings, UpstreamSetupError> {
-    let ca_pem = match &u.ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|e| {
-            setup_error(u, format!("cannot read ca_file {}: {e}", path.display()))
-        })?),
-        None => None,
-    };
+    let ca_pem =
+        match &u.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                setup_error(u, format!("cannot read ca_file {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
     let mut upstream = u.clone();
     upstream.tag_ttl = None;
     Ok(Settings {
@@ -809,7 +812,9 @@ mod tests {
         assert!(s.fetch_pool_kept);
         assert!(!same_session(&old, &new, "b.test"));
 
-        let cfg = config(&format!("limits:\n  max_concurrent_upstream_fetches: 3\n{TWO}"));
+        let cfg = config(&format!(
+            "limits:\n  max_concurrent_upstream_fetches: 3\n{TWO}"
+        ));
         let (new, s) = old.rebuild(&cfg, m).unwrap();
         assert_eq!(s.kept, 2, "the pool is not part of an upstream's session");
         assert!(!s.fetch_pool_kept);
@@ -862,7 +867,10 @@ mod tests {
         let (new, s) = old.rebuild(&cfg, m).unwrap();
         assert_eq!(s.dynamic_kept, 1);
         assert!(Arc::ptr_eq(&new.get("x.test").unwrap().session, &x.session));
-        assert_eq!(new.get("c.test").unwrap().endpoint.as_str(), "https://c.test/");
+        assert_eq!(
+            new.get("c.test").unwrap().endpoint.as_str(),
+            "https://c.test/"
+        );
     }
 
     #[tokio::test]
@@ -882,7 +890,11 @@ mod tests {
             })
         };
         let a = old.get("a.test").unwrap();
-        a.session.tokens.get_or_fetch(key.clone(), token).await.unwrap();
+        a.session
+            .tokens
+            .get_or_fetch(key.clone(), token)
+            .await
+            .unwrap();
         let (new, _) = old.rebuild(&config(TWO), m).unwrap();
         let fetched = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let f = fetched.clone();
