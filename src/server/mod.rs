@@ -288,9 +288,11 @@ impl App {
         App::assemble(config, None).await
     }
 
-    /// The app for a reloaded config. Carries over the metrics registry and the open cache
-    /// (a cache directory is opened once per process; `cache.dir` and `cache.max_size` need a
-    /// restart) and the catalog when `catalog` is unchanged. Everything else is built anew.
+    /// The app for a reloaded config. Carries over the metrics registry, the open cache (a
+    /// cache is opened once per process, so every `cache` key but `tag_ttl` needs a restart),
+    /// the catalog when `catalog` is unchanged, and each upstream's client, learned challenge
+    /// and tokens while its settings are unchanged (see [`Upstreams::rebuild`]). Everything
+    /// else is built anew.
     pub async fn rebuild(&self, config: Config) -> Result<App, BuildError> {
         App::assemble(config, Some(self)).await
     }
@@ -300,7 +302,22 @@ impl App {
             Some(p) => p.metrics.clone(),
             None => Arc::new(Metrics::new()?),
         };
-        let upstreams = Upstreams::new(&config, metrics.clone())?;
+        let upstreams = match previous {
+            Some(p) => {
+                let (upstreams, s) = p.upstreams.rebuild(&config, metrics.clone())?;
+                tracing::info!(
+                    kept = s.kept,
+                    rebuilt = s.rebuilt,
+                    added = s.added,
+                    removed = s.removed,
+                    catalog_hosts_kept = s.dynamic_kept,
+                    fetch_pool_kept = s.fetch_pool_kept,
+                    "config reload: upstreams"
+                );
+                upstreams
+            }
+            None => Upstreams::new(&config, metrics.clone())?,
+        };
         let cache = match previous {
             Some(p) => p.cache.clone(),
             None => crate::cache::Cache::open(&config.cache, &metrics.registry).await?,

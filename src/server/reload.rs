@@ -7,10 +7,15 @@
 //! An invalid config is logged and counted, and the old one stays.
 //!
 //! Keys that only take effect at start (a reload keeps their running values and warns):
-//! `listen`, `log_format`, `cache.dir`, `cache.max_size`, and switching `tls` on or off.
-//! Everything else is live, including `tls.cert`/`tls.key` paths, `limits` (for new
-//! connections; `max_concurrent_upstream_fetches` gets a fresh pool), `shutdown_grace`,
-//! upstreams, credentials and the catalog.
+//! `listen`, `log_format`, switching `tls` on or off, and every `cache` key but `tag_ttl`
+//! (`cache.dir`, `cache.max_size`, `cache.local_max_size`, `cache.backend`, `cache.s3`; the open
+//! cache is reused and reads them only when it opens). `cache.s3.max_size` is pinned silently:
+//! only `oci-proxy gc-shared` reads it.
+//! Everything else is live, including `tls.cert`/`tls.key` paths, `cache.tag_ttl`, `limits`
+//! (for new connections; a changed `max_concurrent_upstream_fetches` gets a fresh pool, an
+//! unchanged one keeps its pool), `shutdown_grace`, upstreams, credentials and the catalog.
+//! Upstreams whose own settings are unchanged keep their client, learned challenge and
+//! tokens (see `Upstreams::rebuild`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -175,9 +180,36 @@ fn pin_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
         new.cache.dir = running.cache.dir.clone();
         changed.push("cache.dir");
     }
-    if new.cache.max_size != running.cache.max_size {
-        new.cache.max_size = running.cache.max_size;
-        changed.push("cache.max_size");
+    // The open cache is reused across reloads, and it reads every `cache` key but `tag_ttl`
+    // only when it opens (`Cache::open`).
+    let (old_cache, new_cache) = (&running.cache, &mut new.cache);
+    // `local_max_size` is an alias of `max_size`: only a different bound is a change.
+    if new_cache.local_limit() != old_cache.local_limit() {
+        if new_cache.max_size != old_cache.max_size {
+            changed.push("cache.max_size");
+        }
+        if new_cache.local_max_size != old_cache.local_max_size {
+            changed.push("cache.local_max_size");
+        }
+    }
+    new_cache.max_size = old_cache.max_size;
+    new_cache.local_max_size = old_cache.local_max_size;
+    if new_cache.backend != old_cache.backend {
+        new_cache.backend = old_cache.backend;
+        changed.push("cache.backend");
+    }
+    if new_cache.s3 != old_cache.s3 {
+        // `cache.s3.max_size` is read by `gc-shared`, never by the server: no restart needed.
+        let serving_part = |s: &Option<crate::config::S3Config>| {
+            s.clone().map(|mut s| {
+                s.max_size = None;
+                s
+            })
+        };
+        if serving_part(&new_cache.s3) != serving_part(&old_cache.s3) {
+            changed.push("cache.s3");
+        }
+        new_cache.s3 = old_cache.s3.clone();
     }
     if new.tls.is_some() != running.tls.is_some() {
         new.tls = running.tls.clone();
@@ -205,6 +237,52 @@ mod tests {
         assert!(new.tls.is_none());
         // Live keys are kept.
         assert_eq!(new.cache.tag_ttl, crate::config::Duration::from_secs(300));
+    }
+
+    #[test]
+    fn cache_keys_read_at_open_are_pinned() {
+        let running = Config::parse("cache:\n  dir: /a\n  max_size: 10GiB\n").unwrap();
+        let mut new = Config::parse(
+            "cache:\n  dir: /a\n  local_max_size: 20GiB\n  tag_ttl: 5m\n  backend: s3\n\
+             \x20 s3:\n    bucket: b\n",
+        )
+        .unwrap();
+        let changed = pin_restart_only(&running, &mut new);
+        assert_eq!(
+            changed,
+            [
+                "cache.max_size",
+                "cache.local_max_size",
+                "cache.backend",
+                "cache.s3"
+            ]
+        );
+        let mut expected = running.cache.clone();
+        expected.tag_ttl = crate::config::Duration::from_secs(300);
+        assert_eq!(new.cache, expected, "only tag_ttl is live");
+    }
+
+    #[test]
+    fn a_respelled_cache_bound_or_a_gc_only_key_needs_no_restart() {
+        let running = Config::parse(
+            "cache:\n  max_size: 10GiB\n  backend: s3\n  s3:\n    bucket: b\n    max_size: 1TiB\n",
+        )
+        .unwrap();
+        let mut new = Config::parse(
+            "cache:\n  local_max_size: 10GiB\n  backend: s3\n  s3:\n    bucket: b\n    max_size: 2TiB\n",
+        )
+        .unwrap();
+        assert!(pin_restart_only(&running, &mut new).is_empty());
+        // Pinned all the same, so an otherwise unchanged config compares equal (no rebuild).
+        assert_eq!(new, running);
+
+        // A changed bucket is a change.
+        let mut new = Config::parse(
+            "cache:\n  max_size: 10GiB\n  backend: s3\n  s3:\n    bucket: c\n    max_size: 1TiB\n",
+        )
+        .unwrap();
+        assert_eq!(pin_restart_only(&running, &mut new), ["cache.s3"]);
+        assert_eq!(new, running);
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! it announced, and access to the shared token cache. [`Upstream::send`] performs one
 //! authenticated request: it learns the challenge from the first 401, exchanges credentials
 //! for a token (cached), and retries once with a fresh token when a cached one is refused.
+//!
+//! [`Upstreams::rebuild`] (on a config reload) carries each upstream's client, learned
+//! challenge and token cache over to the new config while that upstream's own settings are
+//! unchanged, so a reload does not cause a burst of challenge round-trips and token exchanges.
 
 pub mod challenge;
 pub mod token;
@@ -108,13 +112,40 @@ pub struct Upstream {
     pub name: String,
     pub endpoint: Url,
     pub tag_ttl: Duration,
-    realm_hosts: Vec<String>,
-    http: reqwest::Client,
-    scheme: RwLock<Scheme>,
-    tokens: TokenCache,
+    /// Client, learned challenge and tokens; shared with the previous config's `Upstream` when
+    /// a reload left this upstream's settings unchanged.
+    session: Arc<Session>,
     fetch_slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
+
+/// What an upstream builds or learns while running: its HTTP client (and connection pool),
+/// the auth scheme it announced, and the tokens it handed out. It depends only on
+/// [`Settings`], so a reload that leaves those equal carries it over.
+struct Session {
+    settings: Settings,
+    http: reqwest::Client,
+    scheme: RwLock<Scheme>,
+    /// Keyed by realm, service, scopes and the credential's fingerprint ([`Credential::id`],
+    /// a hash over the secret itself): a rotated credential never matches a token fetched with
+    /// the old one, so keeping this cache across reloads cannot hand out a stale identity.
+    tokens: TokenCache,
+}
+
+/// Everything an upstream's [`Session`] is built from. `tag_ttl` is not part of it: it only
+/// changes how long the server trusts a tag, not how the upstream is talked to.
+#[derive(Clone, Debug, PartialEq)]
+struct Settings {
+    /// The upstream's config entry with `tag_ttl` cleared.
+    upstream: UpstreamConfig,
+    /// The contents of `ca_file` (a rotated CA bundle under the same path is a change).
+    ca_pem: Option<Vec<u8>>,
+    /// `limits.upstream_timeout`.
+    timeout: Duration,
+}
+
+/// Token cache entries per upstream.
+const TOKENS_PER_UPSTREAM: u64 = 10_000;
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,7 +219,7 @@ impl Upstream {
             let learned = challenge::pick(&challenge::parse(&values));
             let changed = self.learn(learned);
             if let Some(key) = used_token.take() {
-                self.tokens.invalidate(&key).await;
+                self.session.tokens.invalidate(&key).await;
             } else if !changed && attempt == 0 && matches!(credential, Credential::Anonymous) {
                 // Anonymous and nothing new learned: retrying cannot help.
                 break;
@@ -204,7 +235,11 @@ impl Upstream {
     }
 
     fn current_scheme(&self) -> Scheme {
-        self.scheme.read().map(|s| s.clone()).unwrap_or_default()
+        self.session
+            .scheme
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// Records the challenge; returns whether the scheme changed.
@@ -217,7 +252,7 @@ impl Upstream {
             },
             _ => return false,
         };
-        let Ok(mut guard) = self.scheme.write() else {
+        let Ok(mut guard) = self.session.scheme.write() else {
             return false;
         };
         let changed = !same_scheme(&guard, &next);
@@ -247,8 +282,12 @@ impl Upstream {
                 _ => None,
             }),
             Scheme::Bearer { realm, service } => {
-                let trust = token::check_realm(realm, &self.endpoint, &self.realm_hosts)
-                    .map_err(|e| self.token_error(e))?;
+                let trust = token::check_realm(
+                    realm,
+                    &self.endpoint,
+                    &self.session.settings.upstream.token_realm_hosts,
+                )
+                .map_err(|e| self.token_error(e))?;
                 let credential = match trust {
                     RealmTrust::WithCredentials => credential.clone(),
                     RealmTrust::AnonymousOnly => {
@@ -265,11 +304,12 @@ impl Upstream {
                     scopes: vec![scope.to_owned()],
                     credential: credential.id(),
                 };
-                let http = self.http.clone();
+                let http = self.session.http.clone();
                 let (realm, service, scopes) = (realm.clone(), service.clone(), key.scopes.clone());
                 let metrics = self.metrics.clone();
                 let upstream = self.name.clone();
                 let token = self
+                    .session
                     .tokens
                     .get_or_fetch(key.clone(), move || async move {
                         let r = token::fetch_token(
@@ -307,7 +347,7 @@ impl Upstream {
         url: &Url,
         auth: Option<HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut builder = self.http.request(req.method.clone(), url.clone());
+        let mut builder = self.session.http.request(req.method.clone(), url.clone());
         if let Some(accept) = req.accept {
             builder = builder.header(ACCEPT, accept);
         }
@@ -428,9 +468,13 @@ pub struct Upstreams {
     dynamic: RwLock<HashMap<String, Arc<Upstream>>>,
     /// Host names that config upstreams are also known by (their endpoint's `host[:port]`).
     default_upstream: Option<String>,
+    /// The client of upstreams without a `ca_file`.
     default_http: reqwest::Client,
-    tokens: TokenCache,
+    /// `limits.upstream_timeout`, which `default_http` was built with.
+    timeout: Duration,
+    /// One pool of `limits.max_concurrent_upstream_fetches` slots shared by every upstream.
     fetch_slots: Arc<Semaphore>,
+    fetch_limit: usize,
     tag_ttl: Duration,
     metrics: Arc<Metrics>,
 }
@@ -443,33 +487,137 @@ pub struct UpstreamSetupError {
     pub message: String,
 }
 
+/// What [`Upstreams::rebuild`] carried over from the previous upstreams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RebuildSummary {
+    /// Configured upstreams whose settings were unchanged: client, challenge and tokens kept.
+    pub kept: usize,
+    /// Configured upstreams whose settings changed: fresh state.
+    pub rebuilt: usize,
+    /// Configured upstreams that are new.
+    pub added: usize,
+    /// Configured upstreams that are gone.
+    pub removed: usize,
+    /// Catalog-added upstreams carried over (those are re-added on demand otherwise).
+    pub dynamic_kept: usize,
+    /// Whether the fetch pool was kept (`limits.max_concurrent_upstream_fetches` unchanged).
+    pub fetch_pool_kept: bool,
+}
+
 impl Upstreams {
+    /// Builds every configured upstream with fresh state.
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, UpstreamSetupError> {
-        let tokens = TokenCache::new(10_000);
-        let fetch_slots = Arc::new(Semaphore::new(cfg.limits.max_concurrent_upstream_fetches));
+        Self::assemble(cfg, metrics, None).map(|(u, _)| u)
+    }
+
+    /// The upstreams for a reloaded config. An upstream whose settings (its config entry apart
+    /// from `tag_ttl`, the contents of its `ca_file`, and `limits.upstream_timeout`) are
+    /// unchanged keeps its HTTP client, learned challenge and token cache, so the next pull
+    /// pays no new challenge or token exchange; a changed or new one starts fresh; a removed
+    /// one is dropped (requests still running on it finish). Catalog-added upstreams are kept
+    /// the same way. The fetch pool is kept while its limit is unchanged (in-flight fetches
+    /// keep counting against it); a changed limit gets a fresh pool.
+    pub fn rebuild(
+        &self,
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, RebuildSummary), UpstreamSetupError> {
+        Self::assemble(cfg, metrics, Some(self))
+    }
+
+    fn assemble(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        previous: Option<&Upstreams>,
+    ) -> Result<(Self, RebuildSummary), UpstreamSetupError> {
+        let mut summary = RebuildSummary::default();
         let timeout = cfg.limits.upstream_timeout.0;
-        let default_http = http_client(None, timeout).map_err(|message| UpstreamSetupError {
-            name: "default".into(),
-            message,
-        })?;
+        let fetch_limit = cfg.limits.max_concurrent_upstream_fetches;
+        let fetch_slots = match previous {
+            Some(p) if p.fetch_limit == fetch_limit => {
+                summary.fetch_pool_kept = true;
+                p.fetch_slots.clone()
+            }
+            _ => Arc::new(Semaphore::new(fetch_limit)),
+        };
+        let default_http = match previous {
+            Some(p) if p.timeout == timeout => p.default_http.clone(),
+            _ => http_client(None, timeout).map_err(|message| UpstreamSetupError {
+                name: "default".into(),
+                message,
+            })?,
+        };
         let mut configured = HashMap::new();
         for u in &cfg.upstreams {
-            let up = build_upstream(u, cfg, &default_http, &tokens, &fetch_slots, &metrics)?;
-            configured.insert(u.name.to_ascii_lowercase(), Arc::new(up));
+            let name = u.name.to_ascii_lowercase();
+            let settings = settings_for(u, timeout)?;
+            let old = previous.and_then(|p| p.configured.get(&name));
+            let session = match old {
+                Some(old) if old.session.settings == settings => {
+                    summary.kept += 1;
+                    old.session.clone()
+                }
+                _ => {
+                    if old.is_some() {
+                        summary.rebuilt += 1;
+                    } else {
+                        summary.added += 1;
+                    }
+                    Arc::new(new_session(settings, &default_http)?)
+                }
+            };
+            let up = Upstream {
+                name: name.clone(),
+                endpoint: u.endpoint().map_err(|e| setup_error(u, e.to_string()))?,
+                tag_ttl: u.tag_ttl.unwrap_or(cfg.cache.tag_ttl).0,
+                session,
+                fetch_slots: fetch_slots.clone(),
+                metrics: metrics.clone(),
+            };
+            configured.insert(name, Arc::new(up));
         }
-        Ok(Upstreams {
+        let tag_ttl = cfg.cache.tag_ttl.0;
+        let mut dynamic = HashMap::new();
+        if let Some(p) = previous {
+            summary.removed = p
+                .configured
+                .keys()
+                .filter(|name| !configured.contains_key(*name))
+                .count();
+            let old_dynamic = p.dynamic.read().map(|m| m.clone()).unwrap_or_default();
+            for (name, old) in old_dynamic {
+                if configured.contains_key(&name) || old.session.settings.timeout != timeout {
+                    continue;
+                }
+                let up = Upstream {
+                    name: name.clone(),
+                    endpoint: old.endpoint.clone(),
+                    tag_ttl,
+                    session: old.session.clone(),
+                    fetch_slots: fetch_slots.clone(),
+                    metrics: metrics.clone(),
+                };
+                dynamic.insert(name, Arc::new(up));
+            }
+            summary.dynamic_kept = dynamic.len();
+        } else {
+            summary.added = configured.len();
+        }
+        let upstreams = Upstreams {
             configured,
-            dynamic: RwLock::new(HashMap::new()),
+            dynamic: RwLock::new(dynamic),
             default_upstream: cfg
                 .default_upstream
                 .as_ref()
                 .map(|s| s.to_ascii_lowercase()),
             default_http,
-            tokens,
+            timeout,
             fetch_slots,
-            tag_ttl: cfg.cache.tag_ttl.0,
+            fetch_limit,
+            tag_ttl,
             metrics,
-        })
+        };
+        Ok((upstreams, summary))
     }
 
     /// A configured upstream by name, or a catalog-added one by host.
@@ -495,14 +643,27 @@ impl Upstreams {
         let scheme = if insecure { "http" } else { "https" };
         let endpoint = Url::parse(&format!("{scheme}://{host}"))
             .unwrap_or_else(|_| Url::parse("https://invalid.invalid").expect("static URL"));
+        let settings = Settings {
+            upstream: UpstreamConfig {
+                name: key.clone(),
+                endpoint: Some(endpoint.clone()),
+                ca_file: None,
+                tag_ttl: None,
+                token_realm_hosts: Vec::new(),
+            },
+            ca_pem: None,
+            timeout: self.timeout,
+        };
         let up = Arc::new(Upstream {
             name: key.clone(),
             endpoint,
             tag_ttl: self.tag_ttl,
-            realm_hosts: Vec::new(),
-            http: self.default_http.clone(),
-            scheme: RwLock::new(Scheme::Unknown),
-            tokens: self.tokens.clone(),
+            session: Arc::new(Session {
+                settings,
+                http: self.default_http.clone(),
+                scheme: RwLock::new(Scheme::Unknown),
+                tokens: TokenCache::new(TOKENS_PER_UPSTREAM),
+            }),
             fetch_slots: self.fetch_slots.clone(),
             metrics: self.metrics.clone(),
         });
@@ -511,44 +672,48 @@ impl Upstreams {
             Err(_) => up,
         }
     }
+}
 
-    /// The shared token cache (exposed for metrics and tests).
-    pub fn tokens(&self) -> &TokenCache {
-        &self.tokens
+fn setup_error(u: &UpstreamConfig, message: String) -> UpstreamSetupError {
+    UpstreamSetupError {
+        name: u.name.clone(),
+        message,
     }
 }
 
-fn build_upstream(
-    u: &UpstreamConfig,
-    cfg: &Config,
+/// The settings of a configured upstream; reads its `ca_file`.
+fn settings_for(u: &UpstreamConfig, timeout: Duration) -> Result<Settings, UpstreamSetupError> {
+    let ca_pem =
+        match &u.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                setup_error(u, format!("cannot read ca_file {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+    let mut upstream = u.clone();
+    upstream.tag_ttl = None;
+    Ok(Settings {
+        upstream,
+        ca_pem,
+        timeout,
+    })
+}
+
+/// A fresh session: nothing learned, no tokens.
+fn new_session(
+    settings: Settings,
     default_http: &reqwest::Client,
-    tokens: &TokenCache,
-    fetch_slots: &Arc<Semaphore>,
-    metrics: &Arc<Metrics>,
-) -> Result<Upstream, UpstreamSetupError> {
-    let err = |message: String| UpstreamSetupError {
-        name: u.name.clone(),
-        message,
-    };
-    let endpoint = u.endpoint().map_err(|e| err(e.to_string()))?;
-    let http = match &u.ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| err(format!("cannot read ca_file {}: {e}", path.display())))?;
-            http_client(Some(&pem), cfg.limits.upstream_timeout.0).map_err(err)?
-        }
+) -> Result<Session, UpstreamSetupError> {
+    let http = match &settings.ca_pem {
+        Some(pem) => http_client(Some(pem), settings.timeout)
+            .map_err(|m| setup_error(&settings.upstream, m))?,
         None => default_http.clone(),
     };
-    Ok(Upstream {
-        name: u.name.to_ascii_lowercase(),
-        endpoint,
-        tag_ttl: u.tag_ttl.unwrap_or(cfg.cache.tag_ttl).0,
-        realm_hosts: u.token_realm_hosts.clone(),
+    Ok(Session {
+        settings,
         http,
         scheme: RwLock::new(Scheme::Unknown),
-        tokens: tokens.clone(),
-        fetch_slots: fetch_slots.clone(),
-        metrics: metrics.clone(),
+        tokens: TokenCache::new(TOKENS_PER_UPSTREAM),
     })
 }
 
@@ -571,4 +736,178 @@ fn http_client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Clie
     }
     b.build()
         .map_err(|e| format!("cannot build HTTP client: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new().unwrap())
+    }
+
+    fn config(yaml: &str) -> Config {
+        Config::parse(yaml).unwrap()
+    }
+
+    const TWO: &str = "upstreams:\n  - name: a.test\n    endpoint: http://127.0.0.1:1\n  \
+                       - name: b.test\n    endpoint: http://127.0.0.1:2\n";
+
+    fn same_session(a: &Upstreams, b: &Upstreams, name: &str) -> bool {
+        Arc::ptr_eq(&a.get(name).unwrap().session, &b.get(name).unwrap().session)
+    }
+
+    #[test]
+    fn an_unrelated_change_keeps_every_session_and_the_pool() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        old.get("a.test").unwrap().learn(Some(Challenge::Basic {
+            realm: Some("r".into()),
+        }));
+        let cfg = config(&format!("cache:\n  tag_ttl: 5m\n{TWO}"));
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!(
+            s,
+            RebuildSummary {
+                kept: 2,
+                fetch_pool_kept: true,
+                ..Default::default()
+            }
+        );
+        assert!(same_session(&old, &new, "a.test") && same_session(&old, &new, "b.test"));
+        assert!(matches!(
+            new.get("a.test").unwrap().current_scheme(),
+            Scheme::Basic
+        ));
+        assert!(Arc::ptr_eq(&old.fetch_slots, &new.fetch_slots));
+        // The kept upstream still takes the new tag_ttl.
+        assert_eq!(new.get("a.test").unwrap().tag_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn changed_added_and_removed_upstreams() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let cfg = config(
+            "upstreams:\n  - name: a.test\n    endpoint: http://127.0.0.1:1\n    \
+             token_realm_hosts: [auth.test]\n  - name: c.test\n    endpoint: http://127.0.0.1:3\n",
+        );
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!((s.kept, s.rebuilt, s.added, s.removed), (0, 1, 1, 1));
+        assert!(!same_session(&old, &new, "a.test"));
+        assert!(new.get("b.test").is_none());
+        assert!(matches!(
+            new.get("a.test").unwrap().current_scheme(),
+            Scheme::Unknown
+        ));
+    }
+
+    #[test]
+    fn a_changed_timeout_or_fetch_limit_starts_fresh() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let cfg = config(&format!("limits:\n  upstream_timeout: 61s\n{TWO}"));
+        let (new, s) = old.rebuild(&cfg, m.clone()).unwrap();
+        assert_eq!((s.kept, s.rebuilt), (0, 2));
+        assert!(s.fetch_pool_kept);
+        assert!(!same_session(&old, &new, "b.test"));
+
+        let cfg = config(&format!(
+            "limits:\n  max_concurrent_upstream_fetches: 3\n{TWO}"
+        ));
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!(s.kept, 2, "the pool is not part of an upstream's session");
+        assert!(!s.fetch_pool_kept);
+        assert!(!Arc::ptr_eq(&old.fetch_slots, &new.fetch_slots));
+        assert_eq!(new.fetch_slots.available_permits(), 3);
+        assert!(Arc::ptr_eq(
+            &new.get("a.test").unwrap().fetch_slots,
+            &new.fetch_slots
+        ));
+    }
+
+    #[test]
+    fn a_rotated_ca_bundle_under_the_same_path_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let pem = |cn: &str| {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            p.self_signed(&rcgen::KeyPair::generate().unwrap())
+                .unwrap()
+                .pem()
+        };
+        std::fs::write(&ca, pem("one")).unwrap();
+        let yaml = format!(
+            "upstreams:\n  - name: a.test\n    endpoint: https://127.0.0.1:1\n    ca_file: {}\n",
+            ca.display()
+        );
+        let m = metrics();
+        let old = Upstreams::new(&config(&yaml), m.clone()).unwrap();
+        let (same, s) = old.rebuild(&config(&yaml), m.clone()).unwrap();
+        assert_eq!(s.kept, 1);
+        assert!(same_session(&old, &same, "a.test"));
+        std::fs::write(&ca, pem("two")).unwrap();
+        let (new, s) = old.rebuild(&config(&yaml), m.clone()).unwrap();
+        assert_eq!(s.rebuilt, 1);
+        assert!(!same_session(&old, &new, "a.test"));
+        // An unreadable bundle rejects the reload.
+        std::fs::remove_file(&ca).unwrap();
+        assert!(old.rebuild(&config(&yaml), m).is_err());
+    }
+
+    #[test]
+    fn catalog_hosts_are_kept_unless_now_configured() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let x = old.ensure_host("x.test", false);
+        old.ensure_host("c.test", true);
+        let cfg = config(&format!("{TWO}  - name: c.test\n"));
+        let (new, s) = old.rebuild(&cfg, m).unwrap();
+        assert_eq!(s.dynamic_kept, 1);
+        assert!(Arc::ptr_eq(&new.get("x.test").unwrap().session, &x.session));
+        assert_eq!(
+            new.get("c.test").unwrap().endpoint.as_str(),
+            "https://c.test/"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kept_session_keeps_its_tokens() {
+        let m = metrics();
+        let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
+        let key = TokenKey::new(
+            &Url::parse("http://127.0.0.1:9/token").unwrap(),
+            None,
+            ["repository:r:pull"],
+            Credential::Anonymous.id(),
+        );
+        let token = || async {
+            Ok(Token {
+                value: crate::credentials::secret::Secret::new("t".to_owned()),
+                expires_at: std::time::Instant::now() + Duration::from_secs(300),
+            })
+        };
+        let a = old.get("a.test").unwrap();
+        a.session
+            .tokens
+            .get_or_fetch(key.clone(), token)
+            .await
+            .unwrap();
+        let (new, _) = old.rebuild(&config(TWO), m).unwrap();
+        let fetched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fetched.clone();
+        new.get("a.test")
+            .unwrap()
+            .session
+            .tokens
+            .get_or_fetch(key, move || {
+                f.store(true, std::sync::atomic::Ordering::SeqCst);
+                token()
+            })
+            .await
+            .unwrap();
+        assert!(!fetched.load(std::sync::atomic::Ordering::SeqCst));
+    }
 }

@@ -54,7 +54,10 @@ pub const CLIENT_ID: &str = "oci-proxy";
 const IDENTITY_TOKEN_USER: &str = "<token>";
 
 /// What a token is cached under: a token is only valid for the realm, service and scopes it
-/// was requested for, and only reusable by the same credential.
+/// was requested for, and only reusable by the same credential. `credential` is a hash over the
+/// secret itself (see [`Credential::id`](crate::credentials::Credential::id)), so a rotated
+/// password or token never finds a token fetched with the old one, even in a cache that
+/// outlives config reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TokenKey {
     pub realm: String,
