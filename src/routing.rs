@@ -40,7 +40,7 @@ pub fn resolve(
     let find = |host: &str| -> Option<Arc<Upstream>> {
         upstreams.get(host).or_else(|| {
             let insecure = hosts?.lookup_host(host)?;
-            Some(upstreams.ensure_host(host, insecure))
+            upstreams.ensure_host(host, insecure)
         })
     };
     if let Some(ns) = ns {

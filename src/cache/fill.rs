@@ -373,11 +373,15 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
     }
 }
 
+/// What a batch's blocking task hands back: the hasher, the batch, and the write's result
+/// (`None` when not written).
+type Hashed = (Hasher, Vec<Bytes>, Option<io::Result<()>>);
+
 /// A batch being hashed, and written while the fill is cached, on the blocking pool: it hands
 /// back the hasher, the batch (for the first client of an uncached fill) and the write's
 /// result (`None` when not written).
 struct Pending {
-    task: JoinHandle<(Hasher, Vec<Bytes>, Option<io::Result<()>>)>,
+    task: JoinHandle<Hashed>,
     /// Offsets of the batch's first byte and one past its last.
     start: u64,
     end: u64,
@@ -402,7 +406,7 @@ async fn settle(
     hasher: &mut Option<Hasher>,
     start: u64,
     end: u64,
-    done: Result<(Hasher, Vec<Bytes>, Option<io::Result<()>>), tokio::task::JoinError>,
+    done: Result<Hashed, tokio::task::JoinError>,
 ) -> bool {
     let (h, data, wrote) = match done {
         Ok(done) => done,

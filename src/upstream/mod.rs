@@ -634,15 +634,15 @@ impl Upstreams {
     }
 
     /// Adds (once) an upstream for a registry host named by a module: `https://<host>`, or
-    /// `http://<host>` when the module's baseUrl said so. Configured upstreams win.
-    pub fn ensure_host(&self, host: &str, insecure: bool) -> Arc<Upstream> {
+    /// `http://<host>` when the module's baseUrl said so. Configured upstreams win. `None` when
+    /// `host` does not make a URL.
+    pub fn ensure_host(&self, host: &str, insecure: bool) -> Option<Arc<Upstream>> {
         let key = host.to_ascii_lowercase();
         if let Some(u) = self.get(&key) {
-            return u;
+            return Some(u);
         }
         let scheme = if insecure { "http" } else { "https" };
-        let endpoint = Url::parse(&format!("{scheme}://{host}"))
-            .unwrap_or_else(|_| Url::parse("https://invalid.invalid").expect("static URL"));
+        let endpoint = Url::parse(&format!("{scheme}://{host}")).ok()?;
         let settings = Settings {
             upstream: UpstreamConfig {
                 name: key.clone(),
@@ -668,8 +668,8 @@ impl Upstreams {
             metrics: self.metrics.clone(),
         });
         match self.dynamic.write() {
-            Ok(mut map) => map.entry(key).or_insert(up).clone(),
-            Err(_) => up,
+            Ok(mut map) => Some(map.entry(key).or_insert(up).clone()),
+            Err(_) => Some(up),
         }
     }
 }
@@ -861,8 +861,8 @@ mod tests {
     fn catalog_hosts_are_kept_unless_now_configured() {
         let m = metrics();
         let old = Upstreams::new(&config(TWO), m.clone()).unwrap();
-        let x = old.ensure_host("x.test", false);
-        old.ensure_host("c.test", true);
+        let x = old.ensure_host("x.test", false).unwrap();
+        old.ensure_host("c.test", true).unwrap();
         let cfg = config(&format!("{TWO}  - name: c.test\n"));
         let (new, s) = old.rebuild(&cfg, m).unwrap();
         assert_eq!(s.dynamic_kept, 1);
