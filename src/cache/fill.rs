@@ -27,7 +27,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use super::metrics::{FailReason, Tier};
 use super::shared::Before;
@@ -44,8 +43,8 @@ pub enum Phase {
     /// A write failed: the file stops at `written`; the rest of the body (and the verdict)
     /// goes to the first client only, by its [`Direct`] channel. Final for followers.
     Uncached { size: Option<u64>, written: u64 },
-    /// All `size` bytes are in the file and verified (committed, unless the final rename
-    /// failed: the bytes are still good for readers holding the file).
+    /// All `size` bytes are in the file and verified (committed, unless the final fsync or
+    /// rename failed: the bytes are still good for readers holding the file).
     Complete { size: u64 },
     /// The fill ended without a verified blob.
     Failed {
@@ -249,7 +248,7 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         }
     };
     let size = body.size;
-    let cached = file.is_some();
+    let mut cached = file.is_some();
     if !cached {
         inner.forget_fill(&fill);
     }
@@ -259,43 +258,10 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         Phase::Uncached { size, written: 0 }
     });
 
-    // Each batch is hashed (and written, while cached) on the blocking pool while the next
-    // batch arrives; at most one batch is in flight, and batches settle in order.
-    let mut hasher = Some(Hasher::new(digest.algorithm()));
-    let mut pending: Option<Pending> = None;
-    let mut out = Out {
-        inner: &inner,
-        fill: &fill,
-        leader: &leader,
-        size,
-        cached,
-    };
+    let mut hasher = Hasher::new(digest.algorithm());
     let mut received: u64 = 0;
     let mut chunks = body.stream.ready_chunks(64);
-    loop {
-        // A batch that finished hashing and writing is published at once, even while the
-        // upstream is slow to send the next one.
-        let next = match pending.as_mut() {
-            Some(p) => tokio::select! {
-                done = &mut p.task => {
-                    let (start, end) = (p.start, p.end);
-                    pending = None;
-                    if !settle(&mut out, &mut g, &mut hasher, start, end, done).await {
-                        return;
-                    }
-                    continue;
-                }
-                next = chunks.next() => next,
-            },
-            None => chunks.next().await,
-        };
-        if let Some(p) = pending.take() {
-            let done = p.task.await;
-            if !settle(&mut out, &mut g, &mut hasher, p.start, p.end, done).await {
-                return;
-            }
-        }
-        let Some(batch) = next else { break };
+    while let Some(batch) = chunks.next().await {
         let mut data = Vec::with_capacity(batch.len());
         let mut upstream_err = None;
         for item in batch {
@@ -308,12 +274,6 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
                 }
             }
         }
-        if let Some(e) = upstream_err {
-            let msg = format!("upstream body failed: {e}");
-            let _ = leader.send(Direct::Failed(msg.clone())).await;
-            g.fail(FailReason::UpstreamError, msg, None);
-            return;
-        }
         let n: u64 = data.iter().map(|b| b.len() as u64).sum();
         if let Some(limit) = size.filter(|s| received + n > *s) {
             let msg = format!("body longer than its Content-Length {limit}");
@@ -321,31 +281,68 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
             g.fail(FailReason::DigestMismatch, msg, None);
             return;
         }
-        let Some(mut h) = hasher.take() else {
-            break; // not reached: the previous batch settled above
-        };
-        let target = if out.cached { file.clone() } else { None };
+        // Hashing and writing a batch both run on the blocking pool, in one call.
+        let target = if cached { file.clone() } else { None };
         let fault = inner.fault_before(received + n);
-        let task = tokio::task::spawn_blocking(move || {
+        let mut h = hasher;
+        let done = tokio::task::spawn_blocking(move || {
             for b in &data {
                 h.update(b);
             }
             let wrote = target.map(|f| fault.and_then(|()| super::store::write_chunks(&f, &data)));
             (h, data, wrote)
-        });
-        pending = Some(Pending {
-            task,
-            start: received,
-            end: received + n,
-        });
+        })
+        .await;
+        let (h, data, wrote) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                let msg = format!("hashing task failed: {e}");
+                let _ = leader.send(Direct::Failed(msg.clone())).await;
+                g.fail(FailReason::Aborted, msg, None);
+                return;
+            }
+        };
+        hasher = h;
+        if let Some(write) = wrote {
+            match write {
+                Ok(()) => {
+                    fill.phase.send_modify(|p| {
+                        if let Phase::Streaming { written, .. } = p {
+                            *written = received + n;
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Counted once; the first client keeps streaming from upstream.
+                    cached = false;
+                    g.counted = true;
+                    inner
+                        .metrics
+                        .fill_failed(&digest, FailReason::WriteError, &e.to_string());
+                    inner.forget_fill(&fill);
+                    fill.phase.send_replace(Phase::Uncached {
+                        size,
+                        written: received,
+                    });
+                }
+            }
+        }
+        if !cached {
+            for b in data {
+                if leader.send(Direct::Data(b)).await.is_err() {
+                    g.fail(FailReason::WriteError, "first client gone".into(), None);
+                    return;
+                }
+            }
+        }
         received += n;
+        if let Some(e) = upstream_err {
+            let msg = format!("upstream body failed: {e}");
+            let _ = leader.send(Direct::Failed(msg.clone())).await;
+            g.fail(FailReason::UpstreamError, msg, None);
+            return;
+        }
     }
-    let Some(hasher) = hasher else {
-        let msg = "fill lost its hasher".to_owned();
-        let _ = leader.send(Direct::Failed(msg.clone())).await;
-        g.fail(FailReason::Aborted, msg, None);
-        return;
-    };
 
     if let Some(s) = size.filter(|s| received < *s) {
         let msg = format!("body ended after {received} of {s} bytes");
@@ -359,7 +356,7 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         g.fail(FailReason::DigestMismatch, msg, None);
         return;
     }
-    match (out.cached, &file) {
+    match (cached, &file) {
         (true, Some(f)) => {
             if commit(&inner, &fill, &mut g, f, received).await {
                 if let Some(shared) = &inner.shared {
@@ -371,85 +368,6 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
             let _ = leader.send(Direct::End).await;
         }
     }
-}
-
-/// What a batch's blocking task hands back: the hasher, the batch, and the write's result
-/// (`None` when not written).
-type Hashed = (Hasher, Vec<Bytes>, Option<io::Result<()>>);
-
-/// A batch being hashed, and written while the fill is cached, on the blocking pool: it hands
-/// back the hasher, the batch (for the first client of an uncached fill) and the write's
-/// result (`None` when not written).
-struct Pending {
-    task: JoinHandle<Hashed>,
-    /// Offsets of the batch's first byte and one past its last.
-    start: u64,
-    end: u64,
-}
-
-/// Where a fill's settled batches go.
-struct Out<'a> {
-    inner: &'a Arc<Inner>,
-    fill: &'a Arc<Fill>,
-    leader: &'a mpsc::Sender<Direct>,
-    size: Option<u64>,
-    /// Still writing to the temp file (false after a write error, or without a file).
-    cached: bool,
-}
-
-/// Settles the batch `[start, end)` once hashed (and written): announces its bytes to the
-/// readers, or, once the fill is uncached, sends them to the first client. `false`: the fill
-/// failed and was ended.
-async fn settle(
-    out: &mut Out<'_>,
-    g: &mut Guard,
-    hasher: &mut Option<Hasher>,
-    start: u64,
-    end: u64,
-    done: Result<Hashed, tokio::task::JoinError>,
-) -> bool {
-    let (h, data, wrote) = match done {
-        Ok(done) => done,
-        Err(e) => {
-            let msg = format!("hashing task failed: {e}");
-            let _ = out.leader.send(Direct::Failed(msg.clone())).await;
-            g.fail(FailReason::Aborted, msg, None);
-            return false;
-        }
-    };
-    *hasher = Some(h);
-    match wrote {
-        Some(Ok(())) => {
-            out.fill.phase.send_modify(|p| {
-                if let Phase::Streaming { written, .. } = p {
-                    *written = end;
-                }
-            });
-        }
-        Some(Err(e)) => {
-            // Counted once; the first client keeps streaming from upstream.
-            out.cached = false;
-            g.counted = true;
-            out.inner
-                .metrics
-                .fill_failed(&out.fill.digest, FailReason::WriteError, &e.to_string());
-            out.inner.forget_fill(out.fill);
-            out.fill.phase.send_replace(Phase::Uncached {
-                size: out.size,
-                written: start,
-            });
-        }
-        None => {}
-    }
-    if !out.cached {
-        for b in data {
-            if out.leader.send(Direct::Data(b)).await.is_err() {
-                g.fail(FailReason::WriteError, "first client gone".into(), None);
-                return false;
-            }
-        }
-    }
-    true
 }
 
 /// Commits `size` verified bytes in the fill's temp file; whether they were kept.
@@ -466,7 +384,7 @@ async fn commit(
         fill.temp.clone(),
         fill.digest.clone(),
     );
-    let res = tokio::task::spawn_blocking(move || store.publish(&temp, &d, size))
+    let res = tokio::task::spawn_blocking(move || store.commit(&f2, &temp, &d, size))
         .await
         .map_err(io::Error::other)
         .and_then(|r| r);
@@ -474,13 +392,6 @@ async fn commit(
         Ok(()) => {
             inner.committed(fill, size);
             fill.phase.send_replace(Phase::Complete { size });
-            // Durability after the fact, so no client waits for the disk to flush the blob.
-            let (store, d) = (inner.store.clone(), fill.digest.clone());
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.sync(&f2, &d) {
-                    tracing::warn!(digest = %d, error = %e, "cannot sync a committed blob to disk");
-                }
-            });
             true
         }
         Err(e) => {

@@ -9,9 +9,8 @@
 //! [`shared`]: the optional tier on an S3 bucket that replicas share (looked at before
 //! upstream on a local miss; fed in the background after each verified local commit).
 //!
-//! Integrity choices: a blob is committed only after its size and digest matched (atomic
-//! rename to `<hex>.<size>`; the fsync follows in the background, off the clients' path: a
-//! crash before it is caught like any damaged file, below). Open rebuilds the index from directory listings only;
+//! Integrity choices: a blob is committed only after its size and digest matched (fsync, then
+//! atomic rename to `<hex>.<size>`). Open rebuilds the index from directory listings only;
 //! a background [`scrub`] then drops files whose length differs from the size in their name,
 //! and every hit checks the opened file's length too, so a truncated file is never served.
 //! Content is hashed again lazily on the first read after a restart: inline for a whole-blob

@@ -2,7 +2,8 @@
 //! as its bytes arrive (miss and coalesced).
 //!
 //! Reads are `pread`s of up to [`CHUNK`] bytes on the blocking pool into a fresh buffer (one
-//! copy out of the kernel). A stream never ends cleanly with unverified bytes: when the end of
+//! copy out of the kernel); a hit reads one chunk ahead, so the disk read of the next chunk
+//! overlaps the socket write of this one (two chunks per client at most). A stream never ends cleanly with unverified bytes: when the end of
 //! the requested bytes is known, the chunk holding the last byte is held back until the fill
 //! is verified (or, for a hit not yet verified since the restart, until the whole file hashed
 //! right). On failure the stream ends with an `Err`.
@@ -83,6 +84,7 @@ impl BlobReader {
             phase: None,
             hasher: None,
             checked: false,
+            ahead: None,
             dpos: None,
             direct_done: false,
         };
@@ -115,6 +117,8 @@ struct Reader {
     hasher: Option<Hasher>,
     /// Whether the unverified-hit check was set up.
     checked: bool,
+    /// The next chunk of a committed file, being read while the current one is sent.
+    ahead: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
     /// Offset of the next chunk on the direct channel (uncached fills).
     dpos: Option<u64>,
     /// The direct channel said the body verified.
@@ -192,9 +196,23 @@ impl Reader {
             return Ok(None);
         }
         let len = CHUNK.min((end - self.pos) as usize);
-        let (b, hasher) = read_at(file, self.pos, len, self.hasher.take()).await?;
+        let b = match self.ahead.take() {
+            Some(task) => task.await.map_err(io::Error::other)??,
+            None => {
+                let (b, hasher) = read_at(file.clone(), self.pos, len, self.hasher.take()).await?;
+                self.hasher = hasher;
+                b
+            }
+        };
         self.pos += len as u64;
-        self.hasher = hasher;
+        // Read the next chunk while this one goes out (not while hashing inline, which must
+        // see the chunks in order): the pread overlaps the socket write, as sendfile would.
+        if self.pos < end && self.hasher.is_none() {
+            let (pos, next) = (self.pos, CHUNK.min((end - self.pos) as usize));
+            self.ahead = Some(tokio::task::spawn_blocking(move || {
+                super::store::read_exact_at(&file, pos, next)
+            }));
+        }
         if self.pos == end {
             if let (Some(h), Some(gen)) = (self.hasher.take(), unverified) {
                 if h.matches(&self.digest) {

@@ -94,20 +94,14 @@ impl Store {
             .open(path)
     }
 
-    /// Makes a fully written and verified temp file visible under its final name (an atomic
-    /// rename). Not yet durable: see [`Store::sync`].
-    pub fn publish(&self, temp: &Path, digest: &Digest, size: u64) -> io::Result<()> {
-        fs::create_dir_all(self.shard_dir(digest))?;
-        fs::rename(temp, self.blob_path(digest, size))
-    }
-
-    /// Makes a published blob durable: its data, then the directory holding its name. Runs
-    /// after the commit, off the clients' path; a crash before it ends is covered by the
-    /// rebuild (length in the name) and the re-hash of every blob on its first read after a
-    /// restart.
-    pub fn sync(&self, file: &File, digest: &Digest) -> io::Result<()> {
+    /// Makes a fully written and verified temp file durable and visible under its final name.
+    pub fn commit(&self, file: &File, temp: &Path, digest: &Digest, size: u64) -> io::Result<()> {
         file.sync_data()?;
-        File::open(self.shard_dir(digest))?.sync_all()
+        let dir = self.shard_dir(digest);
+        fs::create_dir_all(&dir)?;
+        fs::rename(temp, self.blob_path(digest, size))?;
+        // The rename itself must survive a crash: sync the directory holding the new name.
+        File::open(&dir)?.sync_all()
     }
 
     /// Removes a committed blob file; a missing file is not an error.
@@ -258,12 +252,11 @@ mod tests {
         let tmp = store.temp_path(&good, 1);
         let f = store.create_temp(&tmp).unwrap();
         write_chunks(&f, &[Bytes::from_static(b"good")]).unwrap();
-        store.publish(&tmp, &good, 4).unwrap();
-        store.sync(&f, &good).unwrap();
+        store.commit(&f, &tmp, &good, 4).unwrap();
         let tmp2 = store.temp_path(&bad, 2);
         let f2 = store.create_temp(&tmp2).unwrap();
         write_chunks(&f2, &[Bytes::from_static(b"bad!")]).unwrap();
-        store.publish(&tmp2, &bad, 4).unwrap();
+        store.commit(&f2, &tmp2, &bad, 4).unwrap();
         // Truncate the second after commit; leave a temp file behind.
         File::options()
             .write(true)
