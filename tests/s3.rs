@@ -462,3 +462,35 @@ async fn gc_shared_evicts_the_oldest_blobs_down_to_the_bound_and_the_proxies_sti
     // ... and uploads it again.
     wait_for_object(&s.moto, &blob_key(&big)).await;
 }
+
+/// A blob above the single-PUT size goes to the bucket as a multipart upload, and the other
+/// replica streams it out of the bucket (above the verify-first size) with no upstream GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_blob_goes_up_in_parts_and_streams_to_the_other_replica() {
+    let Some(s) = setup().await else { return };
+    let big = random_bytes(12 << 20, 13);
+    let digest = support::push_blob(&s.reg, None, REPO, &big).await;
+
+    let (st, body) = get_blob(&s.a, &digest).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(body == big, "A served the upstream's bytes");
+    wait_for_object(&s.moto, &blob_key(&digest)).await;
+    let store = s.moto.store(BUCKET);
+    let meta = store.head(&blob_key(&digest)).await.unwrap();
+    assert_eq!(meta.size, big.len() as u64);
+    let multipart = meta.e_tag.as_deref().is_some_and(|t| t.contains('-'));
+    assert!(
+        multipart,
+        "an S3 multipart ETag ends in -<parts>: {:?}",
+        meta.e_tag
+    );
+
+    let (st, body) = get_blob(&s.b, &digest).await;
+    assert_eq!(st, StatusCode::OK, "{}", s.b.logs());
+    assert!(body == big, "B served the bucket's bytes");
+    assert_eq!(upstream_gets(&s.reg, "blobs", &digest), 1);
+    assert_eq!(
+        metric(&s.b, "oci_proxy_cache_tier_total{tier=\"shared\"}").await,
+        1.0
+    );
+}
