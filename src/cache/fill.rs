@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -83,6 +83,9 @@ pub struct Fill {
     pub file: OnceLock<Arc<File>>,
     /// The bytes came from the shared tier (set before the phase leaves `Fetching`).
     pub from_shared: AtomicBool,
+    /// The upstream fetch, handed back when the fill failed in the shared tier without
+    /// calling it, so the request that started the fill can start another one.
+    pub unused_fetch: UnusedFetch,
     #[cfg(test)]
     pub abort: OnceLock<tokio::task::AbortHandle>,
 }
@@ -95,9 +98,30 @@ impl Fill {
             phase: watch::Sender::new(Phase::Fetching),
             file: OnceLock::new(),
             from_shared: AtomicBool::new(false),
+            unused_fetch: UnusedFetch::default(),
             #[cfg(test)]
             abort: OnceLock::new(),
         }
+    }
+}
+
+/// A fill's fetch that it never called (see [`Fill::unused_fetch`]).
+#[derive(Default)]
+pub struct UnusedFetch(Mutex<Option<FetchFn>>);
+
+impl UnusedFetch {
+    fn put(&self, f: FetchFn) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    pub fn take(&self) -> Option<FetchFn> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for UnusedFetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnusedFetch")
     }
 }
 
@@ -230,6 +254,7 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
             }
             Before::Failed(reason, message) => {
                 inner.metrics.tier(Tier::Shared);
+                fill.unused_fetch.put(fetch);
                 let _ = leader.send(Direct::Failed(message.clone())).await;
                 g.fail(reason, message, None);
                 return;

@@ -462,7 +462,8 @@ impl Cache {
                     ));
                     st.inflight.insert(digest.clone(), f.clone());
                     let (tx, rx) = mpsc::channel(8);
-                    // `fetch` is only consumed here, and a leader never loops.
+                    // `fetch` is only consumed here; a leader loops only when its fill handed
+                    // the fetch back unused.
                     let Some(fetch) = fetch.take() else {
                         st.inflight.remove(digest);
                         break;
@@ -488,9 +489,19 @@ impl Cache {
                     }
                     Err(e) => return Err(e),
                 },
-                Step::Lead(f, rx) => match self.join(f, Some(rx), Outcome::Miss).await {
+                Step::Lead(f, rx) => match self.join(f.clone(), Some(rx), Outcome::Miss).await {
                     Ok(Some(r)) => return Ok(r),
                     Ok(None) => continue,
+                    // The fill failed in the shared tier before this request got a byte, and
+                    // handed the fetch back: start another fill (the bad object is gone).
+                    Err(e @ CacheError::FillFailed { .. }) => match f.unused_fetch.take() {
+                        Some(back) => {
+                            fetch = Some(back);
+                            last_err = Some(e);
+                            continue;
+                        }
+                        None => return Err(e),
+                    },
                     Err(e) => return Err(e),
                 },
             }

@@ -383,10 +383,9 @@ impl Shared {
             }
         };
         let size = res.meta.size;
+        // Readers are told only of bytes in the file: a read that fails before its first
+        // write can still go upstream within the same fill.
         let stream_it = size > VERIFY_BEFORE_STREAMING_MAX;
-        if stream_it {
-            announce(size, 0);
-        }
         let mut hasher = Hasher::new(digest.algorithm());
         let mut written: u64 = 0;
         let mut chunks = res.into_stream().ready_chunks(64);
