@@ -837,6 +837,11 @@ mod tests {
         }
     }
 
+    /// The user and password the fixture's token endpoints accept.
+    fn alice() -> Credential {
+        basic("alice", "s3cret")
+    }
+
     /// The identity token the fixture's refresh grant accepts.
     fn refresh_1() -> Credential {
         Credential::IdentityToken(Secret::new("refresh-1".into()))
@@ -877,7 +882,7 @@ mod tests {
             "/token",
             Some("svc"),
             &scopes(&["repository:a/b:pull", "repository:c/d:pull"]),
-            &basic("alice", "s3cret"),
+            &alice(),
         )
         .await
         .unwrap();
@@ -982,15 +987,9 @@ mod tests {
     #[tokio::test]
     async fn basic_falls_back_to_password_post_when_get_is_405() {
         let srv = start(None).await;
-        let token = fetch_at(
-            &srv,
-            "/post-only",
-            Some("svc"),
-            &[],
-            &basic("alice", "s3cret"),
-        )
-        .await
-        .unwrap();
+        let token = fetch_at(&srv, "/post-only", Some("svc"), &[], &alice())
+            .await
+            .unwrap();
         assert_eq!(token.value.expose(), "tok-password");
         let seen = srv.seen();
         assert_eq!(seen.len(), 2);
@@ -1101,15 +1100,9 @@ mod tests {
         let srv = start(Some(other.addr)).await;
 
         // GET with Basic: followed, but reqwest drops Authorization on the cross-host hop.
-        let token = fetch_at(
-            &srv,
-            "/redirect",
-            Some("svc"),
-            &[],
-            &basic("alice", "s3cret"),
-        )
-        .await
-        .unwrap();
+        let token = fetch_at(&srv, "/redirect", Some("svc"), &[], &alice())
+            .await
+            .unwrap();
         assert_eq!(token.value.expose(), "tok-record");
         assert_eq!(srv.seen()[0].basic, Some(("alice".into(), "s3cret".into())));
         let at_other = other.seen();
@@ -1157,15 +1150,9 @@ mod tests {
             "ftp://127.0.0.1/token",
             "https://user:pw@127.0.0.1/token",
         ] {
-            let err = fetch_token(
-                &client(),
-                &Url::parse(realm).unwrap(),
-                None,
-                &[],
-                &basic("alice", "s3cret"),
-            )
-            .await
-            .unwrap_err();
+            let err = fetch_token(&client(), &Url::parse(realm).unwrap(), None, &[], &alice())
+                .await
+                .unwrap_err();
             assert!(matches!(err, TokenError::BadRealm(_)), "{realm}: {err}");
             assert!(!err.to_string().contains("pw@"));
         }
