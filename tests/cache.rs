@@ -918,25 +918,14 @@ async fn stalled_upstream_body_fails_the_fill_and_frees_the_digest() {
 async fn cached_blob_needs_the_users_access_to_the_other_repository_on_distribution() {
     const USER: &str = "alice";
     const PASSWORD: &str = "alice-secret-pw";
-    let tokens = TokenServer::start(TokenPolicy::new().user(USER, PASSWORD).grant(
-        USER,
-        "private/a",
-        &["pull"],
-    ))
-    .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let admin = Some((ADMIN_USER, ADMIN_PASSWORD));
+    let (tokens, reg) = token_registry(TokenPolicy::puller(USER, PASSWORD, "private/a")).await;
+    let admin = ADMIN;
     let data = random_bytes(300_000, 141);
     let digest = push_blob(&reg, admin, "private/a", &data).await;
     push_blob(&reg, admin, "other/b", &data).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let docker_config = dir.path().join("config.json");
-    {
-        use base64::Engine as _;
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-        let json = serde_json::json!({"auths": {UP: {"auth": auth}}});
-        std::fs::write(&docker_config, json.to_string()).expect("write docker config");
-    }
+    write_docker_config(&docker_config, UP, USER, PASSWORD);
     let cfg = format!(
         "{}credentials:\n  docker_config: \"{}\"\n",
         config(&reg.url(), None, "", ""),
