@@ -39,19 +39,29 @@ fn config(
     )
 }
 
+/// Starts a faulty upstream serving `data` as a `team/app` blob that answers GETs as
+/// `behaviour` says, and a proxy (default config) in front of it. Returns the upstream, the
+/// digest, the proxy, the blob's URL at the proxy and its path at the upstream.
+async fn cold_blob(
+    data: &[u8],
+    behaviour: Behaviour,
+) -> (FaultyRegistry, String, ProxyProcess, String, String) {
+    let reg = FaultyRegistry::start().await;
+    let digest = reg.add_blob("team/app", data);
+    reg.set_behaviour(&digest, behaviour);
+    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
+    let url = blob_url(&proxy, "team/app", &digest);
+    let path = blob_path("team/app", &digest);
+    (reg, digest, proxy, url, path)
+}
+
 fn blob_url(proxy: &ProxyProcess, repo: &str, digest: &str) -> String {
     format!("{}/v2/{UP}/{repo}/blobs/{digest}", proxy.url())
 }
 
 /// The proxy's `/metrics` text.
 async fn metrics(proxy: &ProxyProcess) -> String {
-    let resp = http_client()
-        .get(format!("{}/metrics", proxy.url()))
-        .send()
-        .await
-        .expect("GET /metrics");
-    assert_eq!(resp.status(), StatusCode::OK);
-    resp.text().await.expect("metrics body")
+    proxy.metrics().await
 }
 
 /// Sum of the samples of `name` whose labels include all of `labels` (0 when absent).
@@ -60,21 +70,7 @@ async fn metrics(proxy: &ProxyProcess) -> String {
 /// exports the cache's families (see `cache_metrics_have_their_documented_names`), so the
 /// behaviour tests do not hinge on that naming bug.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let doubled = format!("oci_proxy_{name}");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            if n != name && n != doubled {
-                return None;
-            }
-            let all = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
+    metric_sum(text, name, labels) + metric_sum(text, &format!("oci_proxy_{name}"), labels)
 }
 
 async fn cache_metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -184,12 +180,8 @@ async fn cache_metrics_have_their_documented_names() {
 /// still held; all get the right bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_gets_make_one_upstream_get_and_followers_stream_early() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(MIB, 11);
-    let digest = reg.add_blob("team/app", &data);
-    reg.set_behaviour(&digest, Behaviour::Steps(4));
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
-    let url = blob_url(&proxy, "team/app", &digest);
+    let (reg, digest, proxy, url, _) = cold_blob(&data, Behaviour::Steps(4)).await;
     let client = http_client();
 
     // All 20 get their headers while the upstream has sent headers only.
@@ -291,13 +283,8 @@ async fn concurrent_cold_gets_against_distribution_make_one_upstream_get() {
 /// Wrong bytes of the right length: the client never gets a clean 200, nothing is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_upstream_bytes_are_neither_served_cleanly_nor_cached() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(600_000, 21);
-    let digest = reg.add_blob("team/app", &data);
-    reg.set_behaviour(&digest, Behaviour::WrongBytes);
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
-    let url = blob_url(&proxy, "team/app", &digest);
-    let path = blob_path("team/app", &digest);
+    let (reg, _, proxy, url, path) = cold_blob(&data, Behaviour::WrongBytes).await;
 
     let sent = http_client().get(&url).send().await;
     assert_not_served_cleanly(sent, data.len(), "wrong bytes").await;
@@ -336,13 +323,8 @@ async fn wrong_upstream_bytes_are_neither_served_cleanly_nor_cached() {
 /// request fills cleanly and the one after is a hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_upstream_body_is_not_cached_and_a_clean_refill_is() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(800_000, 31);
-    let digest = reg.add_blob("team/app", &data);
-    reg.set_behaviour(&digest, Behaviour::Truncate);
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
-    let url = blob_url(&proxy, "team/app", &digest);
-    let path = blob_path("team/app", &digest);
+    let (reg, digest, proxy, url, path) = cold_blob(&data, Behaviour::Truncate).await;
 
     let sent = http_client().get(&url).send().await;
     assert_not_served_cleanly(sent, data.len(), "truncated").await;
@@ -381,13 +363,8 @@ async fn truncated_upstream_body_is_not_cached_and_a_clean_refill_is() {
 /// is a hit without a new upstream GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_blob_does_not_abort_the_fill() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(MIB, 41);
-    let digest = reg.add_blob("team/app", &data);
-    reg.set_behaviour(&digest, Behaviour::Steps(4));
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
-    let url = blob_url(&proxy, "team/app", &digest);
-    let path = blob_path("team/app", &digest);
+    let (reg, digest, proxy, url, path) = cold_blob(&data, Behaviour::Steps(4)).await;
 
     let mut resp = http_client().get(&url).send().await.expect("send");
     assert_eq!(resp.status(), StatusCode::OK);
@@ -769,10 +746,8 @@ async fn restart_serves_committed_blobs_and_never_serves_damaged_files() {
 /// HEAD on a cold blob: one upstream HEAD, no download, the upstream's length.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_on_a_cold_blob_is_one_upstream_head_and_no_get() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(400_000, 91);
-    let digest = reg.add_blob("team/app", &data);
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
+    let (reg, digest, proxy, _, _) = cold_blob(&data, Behaviour::Correct).await;
     let resp = http_client()
         .head(blob_url(&proxy, "team/app", &digest))
         .send()
@@ -796,11 +771,8 @@ async fn head_on_a_cold_blob_is_one_upstream_head_and_no_get() {
 /// Range on a hit: 206 with Content-Range, from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_on_a_hit_is_a_206_from_the_cache() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(3 * MIB, 101);
-    let digest = reg.add_blob("team/app", &data);
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
-    let url = blob_url(&proxy, "team/app", &digest);
+    let (reg, digest, proxy, url, _) = cold_blob(&data, Behaviour::Correct).await;
     let (status, body) = get_ok(&url).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body == data);
@@ -850,12 +822,8 @@ async fn range_on_a_hit_is_a_206_from_the_cache() {
 /// request goes upstream again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_statuses_on_a_fill_are_passed_on_and_not_cached() {
-    let reg = FaultyRegistry::start().await;
     let data = random_bytes(200_000, 111);
-    let digest = reg.add_blob("team/app", &data);
-    let proxy = ProxyProcess::start(&config(&reg.url(), None, "", "")).await;
-    let url = blob_url(&proxy, "team/app", &digest);
-    let path = blob_path("team/app", &digest);
+    let (reg, digest, proxy, url, path) = cold_blob(&data, Behaviour::Correct).await;
 
     for (upstream, want, code) in [
         (500, StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
@@ -950,25 +918,14 @@ async fn stalled_upstream_body_fails_the_fill_and_frees_the_digest() {
 async fn cached_blob_needs_the_users_access_to_the_other_repository_on_distribution() {
     const USER: &str = "alice";
     const PASSWORD: &str = "alice-secret-pw";
-    let tokens = TokenServer::start(TokenPolicy::new().user(USER, PASSWORD).grant(
-        USER,
-        "private/a",
-        &["pull"],
-    ))
-    .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let admin = Some((ADMIN_USER, ADMIN_PASSWORD));
+    let (tokens, reg) = token_registry(TokenPolicy::puller(USER, PASSWORD, "private/a")).await;
+    let admin = ADMIN;
     let data = random_bytes(300_000, 141);
     let digest = push_blob(&reg, admin, "private/a", &data).await;
     push_blob(&reg, admin, "other/b", &data).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let docker_config = dir.path().join("config.json");
-    {
-        use base64::Engine as _;
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
-        let json = serde_json::json!({"auths": {UP: {"auth": auth}}});
-        std::fs::write(&docker_config, json.to_string()).expect("write docker config");
-    }
+    write_docker_config(&docker_config, UP, USER, PASSWORD);
     let cfg = format!(
         "{}credentials:\n  docker_config: \"{}\"\n",
         config(&reg.url(), None, "", ""),

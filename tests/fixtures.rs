@@ -162,15 +162,27 @@ async fn anonymous_registry_docker_image_survives_stop_and_restart() {
     let url_before = reg.url();
     reg.restart_with(RegistryAuth::Anonymous).await;
     assert_eq!(reg.url(), url_before);
-    let blob = registry_get(
+    assert_blob(
         &reg.url(),
         None,
-        &format!("/v2/lib/tool/blobs/{}", image.layer_digests[0]),
-        &[],
+        "lib/tool",
+        &image.layer_digests[0],
+        &random_bytes(500, 3),
     )
     .await;
+}
+
+/// GETs blob `digest` of `repo` at `url` with `creds`; asserts a 200 with exactly `want`.
+async fn assert_blob(
+    url: &str,
+    creds: Option<(&str, &str)>,
+    repo: &str,
+    digest: &str,
+    want: &[u8],
+) {
+    let blob = registry_get(url, creds, &format!("/v2/{repo}/blobs/{digest}"), &[]).await;
     assert_eq!(blob.status(), StatusCode::OK);
-    assert_eq!(blob.bytes().await.unwrap().to_vec(), random_bytes(500, 3));
+    assert_eq!(blob.bytes().await.unwrap().to_vec(), want);
 }
 
 async fn basic_status(url: &str, creds: Option<(&str, &str)>) -> StatusCode {
@@ -222,7 +234,7 @@ async fn token_registry_get_flow_scopes_and_counters() {
     )
     .await;
     let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let admin = Some((ADMIN_USER, ADMIN_PASSWORD));
+    let admin = ADMIN;
     let bob = Some(("bob", "builder"));
     let public = push_image(&reg, admin, "pub/app", "v1", &[random_bytes(1000, 5)]).await;
     let private = push_image(&reg, admin, "priv/app", "v1", &[random_bytes(2000, 6)]).await;
@@ -263,15 +275,14 @@ async fn token_registry_get_flow_scopes_and_counters() {
         resp.bytes().await.unwrap().as_ref(),
         private.manifest.as_slice()
     );
-    let blob = registry_get(
+    assert_blob(
         &reg.url(),
         bob,
-        &format!("/v2/priv/app/blobs/{}", private.layer_digests[0]),
-        &[],
+        "priv/app",
+        &private.layer_digests[0],
+        &random_bytes(2000, 6),
     )
     .await;
-    assert_eq!(blob.status(), StatusCode::OK);
-    assert_eq!(blob.bytes().await.unwrap().to_vec(), random_bytes(2000, 6));
     // bob has no grant for priv/other: a subset (nothing) is granted, not an error.
     let resp = get_manifest(&reg.url(), bob, "priv/other", "v1").await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
@@ -348,14 +359,7 @@ async fn token_server_oauth_post_refresh_and_expiry() {
     )
     .await;
     let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let image = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "priv/app",
-        "v1",
-        &[random_bytes(64, 9)],
-    )
-    .await;
+    let image = push_image(&reg, ADMIN, "priv/app", "v1", &[random_bytes(64, 9)]).await;
     tokens.reset_counts();
     let client = http_client();
     let post = |form: Vec<(&'static str, String)>| {

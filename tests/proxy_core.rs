@@ -14,12 +14,22 @@ const PASSWORD: &str = "alice-secret-pw";
 
 /// Writes a docker config.json with one entry and returns its path.
 fn docker_config(dir: &Path, key: &str, user: &str, password: &str) -> String {
-    use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     let path = dir.join(format!("{}-config.json", key.replace([':', '/'], "_")));
-    let json = serde_json::json!({"auths": {key: {"auth": auth}}});
-    std::fs::write(&path, json.to_string()).expect("write docker config");
+    write_docker_config(&path, key, user, password);
     path.display().to_string()
+}
+
+/// Starts a proxy whose only upstream `name` is `reg`, with `USER`/`password` for it in a
+/// docker config (the returned temp dir holds that file and must outlive the proxy).
+async fn proxy_with_user(
+    name: &str,
+    reg: &Registry,
+    password: &str,
+) -> (ProxyProcess, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dc = docker_config(tmp.path(), name, USER, password);
+    let proxy = ProxyProcess::start(&proxy_config(&[(name, &reg.url())], Some(&dc))).await;
+    (proxy, tmp)
 }
 
 fn proxy_config(upstreams: &[(&str, &str)], docker_config: Option<&str>) -> String {
@@ -78,9 +88,7 @@ fn assert_same_image(dir: &Path, pushed: &PushedImage) {
 async fn skopeo_pulls_through_htpasswd_upstream() {
     let reg = Registry::start(RegistryAuth::htpasswd(&[(USER, PASSWORD)])).await;
     let pushed = push_image(&reg, Some((USER, PASSWORD)), "team/app", "v1", &layers()).await;
-    let tmp = tempfile::tempdir().unwrap();
-    let dc = docker_config(tmp.path(), "basic.test", USER, PASSWORD);
-    let proxy = ProxyProcess::start(&proxy_config(&[("basic.test", &reg.url())], Some(&dc))).await;
+    let (proxy, _dc) = proxy_with_user("basic.test", &reg, PASSWORD).await;
 
     let (out, dest) = copy_through(&proxy, "basic.test/team/app:v1").await;
     assert_success(&out);
@@ -103,9 +111,7 @@ async fn skopeo_pulls_through_htpasswd_upstream() {
 async fn wrong_basic_credentials_are_unauthorized() {
     let reg = Registry::start(RegistryAuth::htpasswd(&[(USER, PASSWORD)])).await;
     push_image(&reg, Some((USER, PASSWORD)), "team/app", "v1", &layers()).await;
-    let tmp = tempfile::tempdir().unwrap();
-    let dc = docker_config(tmp.path(), "basic.test", USER, "not-the-password");
-    let proxy = ProxyProcess::start(&proxy_config(&[("basic.test", &reg.url())], Some(&dc))).await;
+    let (proxy, _dc) = proxy_with_user("basic.test", &reg, "not-the-password").await;
 
     let body = expect_error(
         &format!("{}/v2/basic.test/team/app/manifests/v1", proxy.url()),
@@ -123,33 +129,13 @@ async fn wrong_basic_credentials_are_unauthorized() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_upstream_private_and_public_pulls_with_one_token_per_scope() {
-    let tokens = TokenServer::start(
-        TokenPolicy::new()
-            .user(USER, PASSWORD)
-            .grant(USER, "private/app", &["pull"])
-            .public_repo("public/app"),
+    let (tokens, reg) = token_registry(
+        TokenPolicy::puller(USER, PASSWORD, "private/app").public_repo("public/app"),
     )
     .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let private = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "private/app",
-        "v1",
-        &layers(),
-    )
-    .await;
-    let public = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "public/app",
-        "v1",
-        &layers(),
-    )
-    .await;
-    let tmp = tempfile::tempdir().unwrap();
-    let dc = docker_config(tmp.path(), "token.test", USER, PASSWORD);
-    let proxy = ProxyProcess::start(&proxy_config(&[("token.test", &reg.url())], Some(&dc))).await;
+    let private = push_image(&reg, ADMIN, "private/app", "v1", &layers()).await;
+    let public = push_image(&reg, ADMIN, "public/app", "v1", &layers()).await;
+    let (proxy, _dc) = proxy_with_user("token.test", &reg, PASSWORD).await;
     tokens.reset_counts();
 
     let (out, dest) = copy_through(&proxy, "token.test/private/app:v1").await;
@@ -176,30 +162,12 @@ async fn token_upstream_private_and_public_pulls_with_one_token_per_scope() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_public_pull_and_denied_private_pull() {
-    let tokens = TokenServer::start(
-        TokenPolicy::new()
-            .user(USER, PASSWORD)
-            .grant(USER, "private/app", &["pull"])
-            .public_repo("public/app"),
+    let (tokens, reg) = token_registry(
+        TokenPolicy::puller(USER, PASSWORD, "private/app").public_repo("public/app"),
     )
     .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let public = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "public/app",
-        "v1",
-        &layers(),
-    )
-    .await;
-    push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "private/app",
-        "v1",
-        &layers(),
-    )
-    .await;
+    let public = push_image(&reg, ADMIN, "public/app", "v1", &layers()).await;
+    push_image(&reg, ADMIN, "private/app", "v1", &layers()).await;
     // No docker config: the proxy is anonymous upstream.
     let proxy = ProxyProcess::start(&proxy_config(&[("token.test", &reg.url())], None)).await;
     tokens.reset_counts();
@@ -225,24 +193,9 @@ async fn anonymous_public_pull_and_denied_private_pull() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_token_credentials_are_unauthorized() {
-    let tokens = TokenServer::start(TokenPolicy::new().user(USER, PASSWORD).grant(
-        USER,
-        "private/app",
-        &["pull"],
-    ))
-    .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "private/app",
-        "v1",
-        &layers(),
-    )
-    .await;
-    let tmp = tempfile::tempdir().unwrap();
-    let dc = docker_config(tmp.path(), "token.test", USER, "wrong-password");
-    let proxy = ProxyProcess::start(&proxy_config(&[("token.test", &reg.url())], Some(&dc))).await;
+    let (_tokens, reg) = token_registry(TokenPolicy::puller(USER, PASSWORD, "private/app")).await;
+    push_image(&reg, ADMIN, "private/app", "v1", &layers()).await;
+    let (proxy, _dc) = proxy_with_user("token.test", &reg, "wrong-password").await;
 
     expect_error(
         &format!("{}/v2/token.test/private/app/manifests/v1", proxy.url()),
@@ -256,21 +209,10 @@ async fn wrong_token_credentials_are_unauthorized() {
 /// exactly one new token is fetched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_token_is_refreshed_once() {
-    let policy = || {
-        TokenPolicy::new()
-            .user(USER, PASSWORD)
-            .grant(USER, "private/app", &["pull"])
-    };
+    let policy = || TokenPolicy::puller(USER, PASSWORD, "private/app");
     let old_tokens = TokenServer::start(policy()).await;
     let mut reg = Registry::start(RegistryAuth::Token(old_tokens.info())).await;
-    let pushed = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "private/app",
-        "v1",
-        &layers(),
-    )
-    .await;
+    let pushed = push_image(&reg, ADMIN, "private/app", "v1", &layers()).await;
     let tmp = tempfile::tempdir().unwrap();
     let dc = docker_config(tmp.path(), "token.test", USER, PASSWORD);
     // tag_ttl 0s: every tag request revalidates upstream, so the second request needs a token.
@@ -279,24 +221,22 @@ async fn refused_token_is_refreshed_once() {
     let proxy = ProxyProcess::start(&config).await;
     let url = format!("{}/v2/token.test/private/app/manifests/v1", proxy.url());
     let accept = "application/vnd.oci.image.manifest.v1+json";
-    let resp = http_client()
-        .get(&url)
-        .header("Accept", accept)
-        .send()
-        .await
-        .unwrap();
+    let get_manifest = || async {
+        http_client()
+            .get(&url)
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap()
+    };
+    let resp = get_manifest().await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // New token server, new key: every token the proxy holds is now refused.
     let new_tokens = TokenServer::start(policy()).await;
     reg.restart_with(RegistryAuth::Token(new_tokens.info()))
         .await;
-    let resp = http_client()
-        .get(&url)
-        .header("Accept", accept)
-        .send()
-        .await
-        .unwrap();
+    let resp = get_manifest().await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         resp.bytes().await.unwrap().as_ref(),
@@ -307,12 +247,7 @@ async fn refused_token_is_refreshed_once() {
         1
     );
     // And the fresh token is cached from now on.
-    let resp = http_client()
-        .get(&url)
-        .header("Accept", accept)
-        .send()
-        .await
-        .unwrap();
+    let resp = get_manifest().await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         new_tokens.requests_for_scope("repository:private/app:pull"),

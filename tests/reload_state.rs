@@ -21,11 +21,8 @@ fn layers() -> Vec<Vec<u8>> {
 
 /// A docker config.json with `user:password` for `registry`.
 fn docker_config(dir: &Path, registry: &str) -> std::path::PathBuf {
-    use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
     let path = dir.join("docker-config.json");
-    let json = serde_json::json!({ "auths": { registry: { "auth": auth } } });
-    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    write_docker_config(&path, registry, USER, PASSWORD);
     path
 }
 
@@ -48,24 +45,16 @@ fn write_config(proxy: &ProxyProcess, yaml: &str) {
 }
 
 /// The value of `oci_proxy_config_reloads_total{result="ok"}`, 0 when absent.
-async fn reloads_ok(client: &reqwest::Client, proxy: &ProxyProcess) -> f64 {
-    let text = client
-        .get(format!("{}/metrics", proxy.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("oci_proxy_config_reloads_total{result=\"ok\"} "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+async fn reloads_ok(proxy: &ProxyProcess) -> f64 {
+    metric_value(
+        &proxy.metrics().await,
+        "oci_proxy_config_reloads_total{result=\"ok\"}",
+    )
 }
 
-async fn wait_for_reloads(client: &reqwest::Client, proxy: &ProxyProcess, n: f64) {
+async fn wait_for_reloads(proxy: &ProxyProcess, n: f64) {
     wait_until(RELOAD_DEADLINE, &format!("{n} applied reloads"), || async {
-        reloads_ok(client, proxy).await >= n
+        reloads_ok(proxy).await >= n
     })
     .await;
 }
@@ -103,22 +92,9 @@ async fn get_ok(client: &reqwest::Client, proxy: &ProxyProcess, path: &str) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_the_tokens_of_unchanged_upstreams() {
     register_secret(PASSWORD);
-    let tokens = TokenServer::start(TokenPolicy::new().user(USER, PASSWORD).grant(
-        USER,
-        "team/app",
-        &["pull"],
-    ))
-    .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
+    let (tokens, reg) = token_registry(TokenPolicy::puller(USER, PASSWORD, "team/app")).await;
     let other = Registry::start(RegistryAuth::Anonymous).await;
-    let image = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "team/app",
-        "v1",
-        &layers(),
-    )
-    .await;
+    let image = push_image(&reg, ADMIN, "team/app", "v1", &layers()).await;
     let creds = tempfile::tempdir().unwrap();
     let dc = docker_config(creds.path(), "token.test");
     let start = config("{listen}", "{dir}", &dc, &reg.url(), "");
@@ -144,7 +120,7 @@ async fn a_reload_keeps_the_tokens_of_unchanged_upstreams() {
     let yaml = config(&host, &dir, &dc, &reg.url(), &second)
         .replace("cache:\n", &format!("cache:\n{tag_ttl}"));
     write_config(&proxy, &yaml);
-    wait_for_reloads(&client, &proxy, 1.0).await;
+    wait_for_reloads(&proxy, 1.0).await;
     // Content not pulled before: it goes upstream, with the token from before the reload.
     let config_blob = get_ok(&client, &proxy, &format!("blobs/{}", image.config_digest)).await;
     assert_eq!(config_blob, image.config);
@@ -166,7 +142,7 @@ async fn a_reload_keeps_the_tokens_of_unchanged_upstreams() {
         "limits:\n  upstream_timeout: 61s\ncredentials:",
     );
     write_config(&proxy, &yaml);
-    wait_for_reloads(&client, &proxy, 2.0).await;
+    wait_for_reloads(&proxy, 2.0).await;
     let layer = get_ok(
         &client,
         &proxy,

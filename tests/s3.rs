@@ -14,8 +14,8 @@ use object_store::ObjectStore;
 use reqwest::StatusCode;
 use support::s3::Moto;
 use support::{
-    http_client, push_image, random_bytes, wait_until, ProxyProcess, PushedImage, Registry,
-    RegistryAuth,
+    http_client, metric_value, push_image, random_bytes, wait_until, ProxyProcess, PushedImage,
+    Registry, RegistryAuth,
 };
 
 const UPSTREAM: &str = "shared.test";
@@ -100,22 +100,9 @@ async fn wait_for_object(moto: &Moto, key: &Path) {
     .await;
 }
 
+/// The proxy's sample written exactly as `name_and_labels`, 0 when absent.
 async fn metric(proxy: &ProxyProcess, name_and_labels: &str) -> f64 {
-    let text = http_client()
-        .get(format!("{}/metrics", proxy.url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
+    metric_value(&proxy.metrics().await, name_and_labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

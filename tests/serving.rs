@@ -292,11 +292,8 @@ fn plain_client() -> reqwest::Client {
 
 /// A docker config.json with `user:password` for `key`.
 fn docker_config(dir: &Path, key: &str) -> String {
-    use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
     let path = dir.join("docker-config.json");
-    let json = serde_json::json!({"auths": {key: {"auth": auth}}});
-    std::fs::write(&path, json.to_string()).unwrap();
+    write_docker_config(&path, key, USER, PASSWORD);
     path.display().to_string()
 }
 
@@ -327,20 +324,6 @@ async fn skopeo_copy_tls(src: &str, cert_dir: &Path, dest: &Path) -> std::proces
         .await
         .expect("skopeo within 120s")
         .unwrap()
-}
-
-/// The sum of the samples of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,9 +561,8 @@ async fn sighup_and_file_changes_reload_the_config() {
     );
     let r = get("/v2/a.test/team/app/manifests/v1".into()).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let m = client.get(proxy.url("/metrics")).send().await.unwrap();
-    let m = m.text().await.unwrap();
-    assert!(metric(&m, "oci_proxy_config_reloads_total", &[("result", "error")]) >= 1.0);
+    let m = scrape_metrics(&proxy.url("/metrics")).await;
+    assert!(metric_sum(&m, "oci_proxy_config_reloads_total", &[("result", "error")]) >= 1.0);
 
     // SIGHUP with a new upstream makes it routable.
     let both = format!(
@@ -617,17 +599,15 @@ async fn sighup_and_file_changes_reload_the_config() {
         Duration::from_secs(15),
         "two applied reloads counted",
         || async {
-            let m = client.get(proxy.url("/metrics")).send().await.unwrap();
-            let m = m.text().await.unwrap();
-            metric(&m, "oci_proxy_config_reloads_total", &[("result", "ok")]) >= 2.0
+            let m = scrape_metrics(&proxy.url("/metrics")).await;
+            metric_sum(&m, "oci_proxy_config_reloads_total", &[("result", "ok")]) >= 2.0
         },
     )
     .await;
-    let m = client.get(proxy.url("/metrics")).send().await.unwrap();
-    let m = m.text().await.unwrap();
-    assert!(metric(&m, "oci_proxy_config_reloads_total", &[("result", "error")]) >= 1.0);
+    let m = scrape_metrics(&proxy.url("/metrics")).await;
+    assert!(metric_sum(&m, "oci_proxy_config_reloads_total", &[("result", "error")]) >= 1.0);
     assert!(
-        metric(
+        metric_sum(
             &m,
             "oci_proxy_http_requests_total",
             &[("route", "manifest"), ("status", "200")]
@@ -695,29 +675,9 @@ async fn slow_request_headers_are_cut_off_after_header_read_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_the_documented_series_after_a_pull() {
-    let tokens = TokenServer::start(TokenPolicy::new().user(USER, PASSWORD).grant(
-        USER,
-        "team/app",
-        &["pull"],
-    ))
-    .await;
-    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
-    let pushed = push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "team/app",
-        "v1",
-        &layers(),
-    )
-    .await;
-    push_image(
-        &reg,
-        Some((ADMIN_USER, ADMIN_PASSWORD)),
-        "other/app",
-        "v1",
-        &layers(),
-    )
-    .await;
+    let (_tokens, reg) = token_registry(TokenPolicy::puller(USER, PASSWORD, "team/app")).await;
+    let pushed = push_image(&reg, ADMIN, "team/app", "v1", &layers()).await;
+    push_image(&reg, ADMIN, "other/app", "v1", &layers()).await;
     let tmp = tempfile::tempdir().unwrap();
     let dc = docker_config(tmp.path(), "token.test");
     let yaml = format!(
@@ -753,15 +713,8 @@ async fn metrics_expose_the_documented_series_after_a_pull() {
         r.status()
     );
 
-    let text = plain_client()
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let has = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    let text = scrape_metrics(&proxy.url("/metrics")).await;
+    let has = |name: &str, labels: &[(&str, &str)]| metric_sum(&text, name, labels);
     let blobs = (pushed.layer_digests.len() + 1) as f64;
     assert!(
         has(

@@ -29,6 +29,18 @@ async fn open(dir: &std::path::Path, max_size: Option<u64>) -> Arc<Cache> {
         .unwrap()
 }
 
+/// A cache without a size bound in a new temp dir (keep the dir alive as long as the cache).
+async fn fresh() -> (tempfile::TempDir, Arc<Cache>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), None).await;
+    (dir, cache)
+}
+
+/// The first `n` bytes of the 600 000-byte body the failing-fill tests announce.
+fn head(n: usize) -> Bytes {
+    Bytes::copy_from_slice(&data(600_000, 2)[..n])
+}
+
 fn data(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -142,8 +154,7 @@ async fn commit(cache: &Cache, body: &[u8]) -> Digest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_cold_requests_one_fetch_followers_stream_early() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     let body = data(3 << 20, 1);
     let d = Digest::sha256_of(&body);
     let (up, tx) = Upstream::new(Some(body.len() as u64));
@@ -195,8 +206,7 @@ async fn twenty_cold_requests_one_fetch_followers_stream_early() {
 /// Runs a failing fill with a leader and a follower; both streams must end in Err, nothing
 /// is committed, the failure is counted, and the next request fetches again.
 async fn failing_fill(size: Option<u64>, feed: Vec<Item>, reason: FailReason) {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (dir, cache) = fresh().await;
     let body = data(600_000, 2);
     let d = Digest::sha256_of(&body);
     let (up, tx) = Upstream::new(size);
@@ -250,10 +260,9 @@ async fn wrong_bytes_are_not_committed() {
 
 #[tokio::test]
 async fn truncated_body_with_known_size() {
-    let body = data(600_000, 2);
     failing_fill(
         Some(600_000),
-        vec![Ok(Bytes::copy_from_slice(&body[..400_000]))],
+        vec![Ok(head(400_000))],
         FailReason::ShortBody,
     )
     .await;
@@ -261,13 +270,7 @@ async fn truncated_body_with_known_size() {
 
 #[tokio::test]
 async fn truncated_body_with_unknown_size() {
-    let body = data(600_000, 2);
-    failing_fill(
-        None,
-        vec![Ok(Bytes::copy_from_slice(&body[..400_000]))],
-        FailReason::DigestMismatch,
-    )
-    .await;
+    failing_fill(None, vec![Ok(head(400_000))], FailReason::DigestMismatch).await;
 }
 
 #[tokio::test]
@@ -285,22 +288,13 @@ async fn longer_body_than_announced() {
 
 #[tokio::test]
 async fn upstream_error_mid_body() {
-    let body = data(600_000, 2);
-    failing_fill(
-        Some(600_000),
-        vec![
-            Ok(Bytes::copy_from_slice(&body[..300_000])),
-            Err(io::Error::other("connection reset")),
-        ],
-        FailReason::UpstreamError,
-    )
-    .await;
+    let chunks = vec![Ok(head(300_000)), Err(io::Error::other("connection reset"))];
+    failing_fill(Some(600_000), chunks, FailReason::UpstreamError).await;
 }
 
 #[tokio::test]
 async fn fetch_error_reaches_every_waiter_and_is_not_cached() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     let d = Digest::sha256_of(b"missing");
     let calls = Arc::new(AtomicUsize::new(0));
     let (a, b) = tokio::join!(
@@ -323,8 +317,7 @@ async fn fetch_error_reaches_every_waiter_and_is_not_cached() {
 
 #[tokio::test]
 async fn fill_goes_on_when_its_client_leaves() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     let body = data(2 << 20, 4);
     let d = Digest::sha256_of(&body);
     let (up, tx) = Upstream::new(Some(body.len() as u64));
@@ -340,8 +333,7 @@ async fn fill_goes_on_when_its_client_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_writer_fails_readers_promptly_and_next_request_refills() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     let body = data(1 << 20, 5);
     let d = Digest::sha256_of(&body);
     let (up, tx) = Upstream::new(Some(body.len() as u64));
@@ -366,8 +358,7 @@ async fn aborted_writer_fails_readers_promptly_and_next_request_refills() {
 
 #[tokio::test]
 async fn ranges_on_hit_and_on_fill() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     let body = data(3 << 20, 6);
     let d = Digest::sha256_of(&body);
     let (up, tx) = Upstream::new(Some(body.len() as u64));
@@ -589,8 +580,7 @@ async fn corrupt_or_truncated_committed_files_are_never_served() {
 
 #[tokio::test]
 async fn unwritable_cache_still_serves_the_first_client() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     *cache.inner.fault.lock().unwrap() = Some(0);
     let body = data(1_500_000, 11);
     let d = Digest::sha256_of(&body);
@@ -619,8 +609,7 @@ async fn unwritable_cache_still_serves_the_first_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_error_mid_fill_keeps_the_first_client_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (_dir, cache) = fresh().await;
     *cache.inner.fault.lock().unwrap() = Some(200_000);
     let body = data(1_000_000, 12);
     let d = Digest::sha256_of(&body);
@@ -650,8 +639,7 @@ async fn write_error_mid_fill_keeps_the_first_client_whole() {
 #[tokio::test]
 async fn sha512_blobs() {
     use sha2::Digest as _;
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None).await;
+    let (dir, cache) = fresh().await;
     let body = data(10_000, 13);
     let d = Digest::from_raw(
         crate::protocol::grammar::Algorithm::Sha512,

@@ -413,17 +413,22 @@ fn default_secret(subpath: Option<&str>) -> Option<DefaultSecret> {
     })
 }
 
-#[test]
-fn default_secret_covers_its_registry_and_subpath() {
-    let c = Catalog::new(default_secret(Some("/modules/")));
-    let ds = secret(
+/// The Secret [`default_secret`] names, unlabelled, with `user`/`password` for `registry`.
+fn the_default_secret(registry: &str, user: &str, password: &str) -> Value {
+    secret(
         "kcp-system",
         "private-oci-reg-creds",
         json!({}),
-        "http://private-oci-reg.localhost:5000",
-        "klm",
-        "pw-default",
-    );
+        registry,
+        user,
+        password,
+    )
+}
+
+#[test]
+fn default_secret_covers_its_registry_and_subpath() {
+    let c = Catalog::new(default_secret(Some("/modules/")));
+    let ds = the_default_secret("http://private-oci-reg.localhost:5000", "klm", "pw-default");
     c.publish("t", vec![ds.clone()]);
     let d = c.decide(
         "private-oci-reg.localhost:5000",
@@ -490,17 +495,7 @@ fn default_secret_covers_its_registry_and_subpath() {
 
     // Without subpath every repository of the registry is covered.
     let c = Catalog::new(default_secret(None));
-    c.publish(
-        "t",
-        vec![secret(
-            "kcp-system",
-            "private-oci-reg-creds",
-            json!({}),
-            "reg.io",
-            "u",
-            "p",
-        )],
-    );
+    c.publish("t", vec![the_default_secret("reg.io", "u", "p")]);
     assert!(matches!(
         c.decide("reg.io", "anything/at/all"),
         Decision::DefaultSecret { .. }
@@ -511,17 +506,7 @@ fn default_secret_covers_its_registry_and_subpath() {
 fn deleted_default_secret_denies_what_it_covered() {
     let c = Catalog::new(default_secret(None));
     assert_eq!(c.decide("reg.io", "a"), Decision::NotAModule);
-    c.publish(
-        "t",
-        vec![secret(
-            "kcp-system",
-            "private-oci-reg-creds",
-            json!({}),
-            "reg.io",
-            "u",
-            "p",
-        )],
-    );
+    c.publish("t", vec![the_default_secret("reg.io", "u", "p")]);
     assert!(matches!(
         c.decide("reg.io", "a"),
         Decision::DefaultSecret { .. }
@@ -609,14 +594,7 @@ fn invalid_selector_label_is_denied() {
                 Some(json!("not-json")),
                 vec![],
             ),
-            secret(
-                "kcp-system",
-                "private-oci-reg-creds",
-                json!({}),
-                "reg.io",
-                "u",
-                "p",
-            ),
+            the_default_secret("reg.io", "u", "p"),
         ],
     );
     let Decision::Denied { message } =
@@ -635,14 +613,7 @@ fn explain_names_objects_and_never_secret_content() {
         vec![
             sample("moduletemplate-oci-registry-cred-label.yaml"),
             regcred_secret("hunter2-password"),
-            secret(
-                "kcp-system",
-                "private-oci-reg-creds",
-                json!({}),
-                "other.io",
-                "u",
-                "default-password",
-            ),
+            the_default_secret("other.io", "u", "default-password"),
         ],
     );
     let e = c.explain(REG, LABEL_ERA_REPO);

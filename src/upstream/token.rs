@@ -837,6 +837,27 @@ mod tests {
         }
     }
 
+    /// The user and password the fixture's token endpoints accept.
+    fn alice() -> Credential {
+        basic("alice", "s3cret")
+    }
+
+    /// The identity token the fixture's refresh grant accepts.
+    fn refresh_1() -> Credential {
+        Credential::IdentityToken(Secret::new("refresh-1".into()))
+    }
+
+    /// [`fetch_token`] with the test client against `path` on `srv`.
+    async fn fetch_at(
+        srv: &Server,
+        path: &str,
+        service: Option<&str>,
+        scopes: &[String],
+        credential: &Credential,
+    ) -> Result<Token, TokenError> {
+        fetch_token(&client(), &srv.url(path), service, scopes, credential).await
+    }
+
     fn scopes(s: &[&str]) -> Vec<String> {
         s.iter().map(|s| s.to_string()).collect()
     }
@@ -856,12 +877,12 @@ mod tests {
     async fn basic_get_sends_service_scopes_account_and_authorization() {
         let srv = start(None).await;
         let before = Instant::now();
-        let token = fetch_token(
-            &client(),
-            &srv.url("/token"),
+        let token = fetch_at(
+            &srv,
+            "/token",
             Some("svc"),
             &scopes(&["repository:a/b:pull", "repository:c/d:pull"]),
-            &basic("alice", "s3cret"),
+            &alice(),
         )
         .await
         .unwrap();
@@ -884,9 +905,9 @@ mod tests {
     async fn anonymous_get_has_no_credentials_and_defaults_to_60s() {
         let srv = start(None).await;
         let before = Instant::now();
-        let token = fetch_token(
-            &client(),
-            &srv.url("/token"),
+        let token = fetch_at(
+            &srv,
+            "/token",
             Some("svc"),
             &scopes(&["repository:a/b:pull"]),
             &Credential::Anonymous,
@@ -904,15 +925,9 @@ mod tests {
     #[tokio::test]
     async fn basic_with_empty_password_is_anonymous() {
         let srv = start(None).await;
-        let token = fetch_token(
-            &client(),
-            &srv.url("/token"),
-            None,
-            &[],
-            &basic("alice", ""),
-        )
-        .await
-        .unwrap();
+        let token = fetch_at(&srv, "/token", None, &[], &basic("alice", ""))
+            .await
+            .unwrap();
         assert_eq!(token.value.expose(), "tok-anon");
         assert_eq!(srv.seen()[0].basic, None);
     }
@@ -921,12 +936,12 @@ mod tests {
     async fn identity_token_posts_a_refresh_grant() {
         let srv = start(None).await;
         let before = Instant::now();
-        let token = fetch_token(
-            &client(),
-            &srv.url("/token"),
+        let token = fetch_at(
+            &srv,
+            "/token",
             Some("svc"),
             &scopes(&["repository:a/b:pull", "repository:c/d:pull"]),
-            &Credential::IdentityToken(Secret::new("refresh-1".into())),
+            &refresh_1(),
         )
         .await
         .unwrap();
@@ -950,12 +965,12 @@ mod tests {
     #[tokio::test]
     async fn identity_token_falls_back_to_get_when_post_is_404() {
         let srv = start(None).await;
-        let token = fetch_token(
-            &client(),
-            &srv.url("/get-only"),
+        let token = fetch_at(
+            &srv,
+            "/get-only",
             Some("svc"),
             &scopes(&["repository:a/b:pull"]),
-            &Credential::IdentityToken(Secret::new("refresh-1".into())),
+            &refresh_1(),
         )
         .await
         .unwrap();
@@ -972,15 +987,9 @@ mod tests {
     #[tokio::test]
     async fn basic_falls_back_to_password_post_when_get_is_405() {
         let srv = start(None).await;
-        let token = fetch_token(
-            &client(),
-            &srv.url("/post-only"),
-            Some("svc"),
-            &[],
-            &basic("alice", "s3cret"),
-        )
-        .await
-        .unwrap();
+        let token = fetch_at(&srv, "/post-only", Some("svc"), &[], &alice())
+            .await
+            .unwrap();
         assert_eq!(token.value.expose(), "tok-password");
         let seen = srv.seen();
         assert_eq!(seen.len(), 2);
@@ -994,40 +1003,22 @@ mod tests {
     #[tokio::test]
     async fn bad_credentials_are_an_auth_failure_without_the_secret() {
         let srv = start(None).await;
-        let err = fetch_token(
-            &client(),
-            &srv.url("/token"),
-            None,
-            &[],
-            &basic("alice", "wrong-pw"),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_at(&srv, "/token", None, &[], &basic("alice", "wrong-pw"))
+            .await
+            .unwrap_err();
         assert!(err.is_auth_failure(), "{err}");
         assert!(
             matches!(err, TokenError::Rejected { status } if status == StatusCode::UNAUTHORIZED)
         );
         assert!(!format!("{err} {err:?}").contains("wrong-pw"));
 
-        let err = fetch_token(
-            &client(),
-            &srv.url("/forbidden"),
-            None,
-            &[],
-            &Credential::Anonymous,
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_at(&srv, "/forbidden", None, &[], &Credential::Anonymous)
+            .await
+            .unwrap_err();
         assert!(err.is_auth_failure());
-        let err = fetch_token(
-            &client(),
-            &srv.url("/nowhere"),
-            None,
-            &[],
-            &Credential::Anonymous,
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_at(&srv, "/nowhere", None, &[], &Credential::Anonymous)
+            .await
+            .unwrap_err();
         assert!(!err.is_auth_failure());
     }
 
@@ -1035,7 +1026,7 @@ mod tests {
     async fn oversized_bodies_are_rejected() {
         let srv = start(None).await;
         for path in ["/big", "/big-stream"] {
-            let err = fetch_token(&client(), &srv.url(path), None, &[], &Credential::Anonymous)
+            let err = fetch_at(&srv, path, None, &[], &Credential::Anonymous)
                 .await
                 .unwrap_err();
             assert!(
@@ -1049,7 +1040,7 @@ mod tests {
     async fn unusable_responses_are_invalid_and_do_not_echo_the_body() {
         let srv = start(None).await;
         for path in ["/bad-token", "/not-json"] {
-            let err = fetch_token(&client(), &srv.url(path), None, &[], &Credential::Anonymous)
+            let err = fetch_at(&srv, path, None, &[], &Credential::Anonymous)
                 .await
                 .unwrap_err();
             assert!(
@@ -1089,9 +1080,9 @@ mod tests {
     async fn registry_token_is_used_as_is_without_a_request() {
         let srv = start(None).await;
         let before = Instant::now();
-        let token = fetch_token(
-            &client(),
-            &srv.url("/token"),
+        let token = fetch_at(
+            &srv,
+            "/token",
             None,
             &[],
             &Credential::RegistryToken(Secret::new("ready".into())),
@@ -1109,15 +1100,9 @@ mod tests {
         let srv = start(Some(other.addr)).await;
 
         // GET with Basic: followed, but reqwest drops Authorization on the cross-host hop.
-        let token = fetch_token(
-            &client(),
-            &srv.url("/redirect"),
-            Some("svc"),
-            &[],
-            &basic("alice", "s3cret"),
-        )
-        .await
-        .unwrap();
+        let token = fetch_at(&srv, "/redirect", Some("svc"), &[], &alice())
+            .await
+            .unwrap();
         assert_eq!(token.value.expose(), "tok-record");
         assert_eq!(srv.seen()[0].basic, Some(("alice".into(), "s3cret".into())));
         let at_other = other.seen();
@@ -1125,15 +1110,9 @@ mod tests {
         assert_eq!(at_other[0].basic, None);
 
         // POST with a refresh token in the body: the 307 is not followed at all.
-        let err = fetch_token(
-            &client(),
-            &srv.url("/redirect"),
-            Some("svc"),
-            &[],
-            &Credential::IdentityToken(Secret::new("refresh-1".into())),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_at(&srv, "/redirect", Some("svc"), &[], &refresh_1())
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, TokenError::Rejected { status } if status == StatusCode::TEMPORARY_REDIRECT),
             "{err}"
@@ -1148,9 +1127,9 @@ mod tests {
     #[tokio::test]
     async fn redirect_to_metadata_address_is_not_followed() {
         let srv = start(None).await;
-        let err = fetch_token(
-            &client(),
-            &srv.url("/redirect-metadata"),
+        let err = fetch_at(
+            &srv,
+            "/redirect-metadata",
             None,
             &[],
             &Credential::Anonymous,
@@ -1171,15 +1150,9 @@ mod tests {
             "ftp://127.0.0.1/token",
             "https://user:pw@127.0.0.1/token",
         ] {
-            let err = fetch_token(
-                &client(),
-                &Url::parse(realm).unwrap(),
-                None,
-                &[],
-                &basic("alice", "s3cret"),
-            )
-            .await
-            .unwrap_err();
+            let err = fetch_token(&client(), &Url::parse(realm).unwrap(), None, &[], &alice())
+                .await
+                .unwrap_err();
             assert!(matches!(err, TokenError::BadRealm(_)), "{realm}: {err}");
             assert!(!err.to_string().contains("pw@"));
         }
@@ -1356,6 +1329,14 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// Gets `k` from `cache`; a miss mints `value` valid for `valid_for` at fetch time.
+    async fn cached(cache: &TokenCache, k: &TokenKey, value: &str, valid_for: Duration) -> Token {
+        cache
+            .get_or_fetch(k.clone(), || async move { Ok(token(value, valid_for)) })
+            .await
+            .unwrap()
+    }
+
     /// Polls `cond` until it holds, failing the test after 10 s.
     async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1415,20 +1396,9 @@ mod tests {
     #[tokio::test]
     async fn different_credentials_get_different_entries() {
         let cache = TokenCache::new(100);
-        let a = cache
-            .get_or_fetch(key(&basic("u", "p1")), || async { Ok(token("a", HOUR)) })
-            .await
-            .unwrap();
-        let b = cache
-            .get_or_fetch(key(&basic("u", "p2")), || async { Ok(token("b", HOUR)) })
-            .await
-            .unwrap();
-        let a2 = cache
-            .get_or_fetch(key(&basic("u", "p1")), || async {
-                Ok(token("a-again", HOUR))
-            })
-            .await
-            .unwrap();
+        let a = cached(&cache, &key(&basic("u", "p1")), "a", HOUR).await;
+        let b = cached(&cache, &key(&basic("u", "p2")), "b", HOUR).await;
+        let a2 = cached(&cache, &key(&basic("u", "p1")), "a-again", HOUR).await;
         assert_eq!(
             (
                 a.value.expose().as_str(),
@@ -1444,15 +1414,9 @@ mod tests {
     async fn invalidate_forces_a_new_fetch() {
         let cache = TokenCache::new(100);
         let k = key(&Credential::Anonymous);
-        cache
-            .get_or_fetch(k.clone(), || async { Ok(token("one", HOUR)) })
-            .await
-            .unwrap();
+        cached(&cache, &k, "one", HOUR).await;
         cache.invalidate(&k).await;
-        let t = cache
-            .get_or_fetch(k.clone(), || async { Ok(token("two", HOUR)) })
-            .await
-            .unwrap();
+        let t = cached(&cache, &k, "two", HOUR).await;
         assert_eq!(t.value.expose(), "two");
         assert_eq!(cache.fetches(), 2);
     }
@@ -1461,18 +1425,10 @@ mod tests {
     async fn expired_token_is_refetched() {
         let cache = TokenCache::new(100);
         let k = key(&Credential::Anonymous);
-        let first = cache
-            .get_or_fetch(k.clone(), || async {
-                Ok(token("short", Duration::from_millis(100)))
-            })
-            .await
-            .unwrap();
+        let first = cached(&cache, &k, "short", Duration::from_millis(100)).await;
         let expires_at = first.expires_at;
         wait_for("the token to expire", || Instant::now() >= expires_at).await;
-        let second = cache
-            .get_or_fetch(k.clone(), || async { Ok(token("long", HOUR)) })
-            .await
-            .unwrap();
+        let second = cached(&cache, &k, "long", HOUR).await;
         assert_eq!(second.value.expose(), "long");
         assert_eq!(cache.fetches(), 2);
     }
@@ -1485,10 +1441,7 @@ mod tests {
         let mut stale = token("stale", HOUR);
         stale.expires_at = Instant::now();
         cache.inner.insert(k.clone(), stale).await;
-        let t = cache
-            .get_or_fetch(k.clone(), || async { Ok(token("fresh", HOUR)) })
-            .await
-            .unwrap();
+        let t = cached(&cache, &k, "fresh", HOUR).await;
         assert_eq!(t.value.expose(), "fresh");
         assert_eq!(cache.fetches(), 1);
     }
@@ -1506,10 +1459,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(*err, TokenError::InvalidResponse(_)));
-        let t = cache
-            .get_or_fetch(k.clone(), || async { Ok(token("alive", HOUR)) })
-            .await
-            .unwrap();
+        let t = cached(&cache, &k, "alive", HOUR).await;
         assert_eq!(t.value.expose(), "alive");
     }
 
@@ -1526,10 +1476,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.is_auth_failure());
-        let t = cache
-            .get_or_fetch(k.clone(), || async { Ok(token("ok", HOUR)) })
-            .await
-            .unwrap();
+        let t = cached(&cache, &k, "ok", HOUR).await;
         assert_eq!(t.value.expose(), "ok");
         assert_eq!(cache.fetches(), 2);
     }

@@ -56,9 +56,15 @@
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
+//! - `token_registry(policy) -> (TokenServer, Registry)` (async); `ADMIN` (the admin
+//!   credentials for seeding); `TokenPolicy::puller(user, password, repo)`.
+//! - `helpers`: `scrape_metrics(url)`, `metric_sum(text, name, labels)`,
+//!   `metric_value(text, series)`, `write_docker_config(path, key, user, password)`;
+//!   `ProxyProcess::metrics()` scrapes the proxy under test.
 #![allow(dead_code, unused_imports)]
 
 pub mod faulty;
+pub mod helpers;
 pub mod kyma;
 pub mod process;
 pub mod registry;
@@ -68,6 +74,7 @@ pub mod skopeo;
 pub mod token_server;
 
 pub use faulty::{Behaviour, Down, FaultyRegistry};
+pub use helpers::{metric_sum, metric_value, scrape_metrics, write_docker_config};
 pub use registry::{Registry, RegistryAuth};
 pub use seed::{
     fetch_token, parse_challenge, push_blob, push_docker_image, push_image, push_image_as,
@@ -112,6 +119,16 @@ pub fn assert_no_secrets(log: &str, what: &str) {
         );
     }
     assert!(!log.contains("eyJ"), "{what} contains a JWT");
+}
+
+/// The token server's admin user and password, as the seeding helpers take them.
+pub const ADMIN: Option<(&str, &str)> = Some((ADMIN_USER, ADMIN_PASSWORD));
+
+/// A token server enforcing `policy` and a distribution registry that trusts its tokens.
+pub async fn token_registry(policy: TokenPolicy) -> (TokenServer, Registry) {
+    let tokens = TokenServer::start(policy).await;
+    let reg = Registry::start(RegistryAuth::Token(tokens.info())).await;
+    (tokens, reg)
 }
 
 /// Interval between polls of [`wait_until`] and the process launchers.
@@ -253,6 +270,11 @@ impl ProxyProcess {
     /// Everything the proxy wrote to stdout/stderr so far.
     pub fn logs(&self) -> String {
         self.child.logs()
+    }
+
+    /// The proxy's `/metrics` text (asserts a 200).
+    pub async fn metrics(&self) -> String {
+        scrape_metrics(&format!("{}/metrics", self.url())).await
     }
 
     /// Kills the proxy now (also happens on drop).

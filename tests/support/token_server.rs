@@ -103,6 +103,13 @@ impl TokenPolicy {
         self
     }
 
+    /// The usual test policy: `user`/`password` may pull `repo` (and the admin anything).
+    pub fn puller(user: &str, password: &str, repo: &str) -> Self {
+        Self::new()
+            .user(user, password)
+            .grant(user, repo, &["pull"])
+    }
+
     /// Sets the token lifetime.
     pub fn expires_in(mut self, d: Duration) -> Self {
         self.expires_in = d;
