@@ -1,0 +1,187 @@
+//! The alerting rules in `deploy/components/monitoring`: every alert is documented and has a
+//! severity, every expression names only series (and label values) the proxy exports, and
+//! `promtool check rules` accepts the groups.
+//!
+//! `scripts/test` installs promtool (Debian's `prometheus` package). Without it the promtool
+//! test prints why and passes, unless `CI` is set: then it fails.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rule() -> Value {
+    let path = root().join("deploy/components/monitoring/prometheusrule.yaml");
+    let text = std::fs::read_to_string(&path).expect("read prometheusrule.yaml");
+    serde_yaml::from_str(&text).expect("parse prometheusrule.yaml")
+}
+
+/// Every rule of every group.
+fn rules(doc: &Value) -> Vec<Value> {
+    let groups = doc["spec"]["groups"].as_sequence().expect("spec.groups");
+    assert!(!groups.is_empty());
+    groups
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().expect("group rules").clone())
+        .collect()
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} missing in {v:?}"))
+}
+
+/// The string literals of every Rust file under `dir`.
+fn literals(dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).expect("read src dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            literals(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).expect("read source");
+            // Every other `"` opens a literal; good enough for the plain literals metric
+            // names and label values are written as.
+            for (i, piece) in text.split('"').enumerate() {
+                if i % 2 == 1 {
+                    out.insert(piece.to_owned());
+                }
+            }
+        }
+    }
+}
+
+/// Names starting with `oci_proxy_` in an expression.
+fn series_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("oci_proxy_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// `label="value"` and `label=~"regex"` matchers in an expression: the values.
+fn matcher_values(expr: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for (i, piece) in expr.split('"').enumerate() {
+        if i % 2 == 1 {
+            let before = expr.split('"').nth(i - 1).unwrap_or("");
+            out.push((piece.to_owned(), before.ends_with("=~")));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_alert_has_a_severity_a_summary_and_a_description() {
+    let doc = rule();
+    assert_eq!(str_of(&doc, "apiVersion"), "monitoring.coreos.com/v1");
+    assert_eq!(str_of(&doc, "kind"), "PrometheusRule");
+    let mut names = BTreeSet::new();
+    for r in rules(&doc) {
+        let alert = str_of(&r, "alert");
+        assert!(alert.starts_with("OciProxy"), "{alert}");
+        assert!(names.insert(alert.to_owned()), "{alert} twice");
+        let severity = r["labels"]["severity"].as_str().unwrap_or("");
+        assert!(
+            ["warning", "critical"].contains(&severity),
+            "{alert}: severity {severity:?}"
+        );
+        for key in ["summary", "description"] {
+            let text = r["annotations"][key].as_str().unwrap_or("");
+            assert!(text.len() > 20, "{alert}: {key} {text:?}");
+        }
+    }
+    let kustomization =
+        std::fs::read_to_string(root().join("deploy/components/monitoring/kustomization.yaml"))
+            .expect("read kustomization");
+    assert!(kustomization.contains("- prometheusrule.yaml"));
+}
+
+#[test]
+fn expressions_use_only_series_and_label_values_the_proxy_exports() {
+    let mut known = BTreeSet::new();
+    literals(&root().join("src"), &mut known);
+    for r in rules(&rule()) {
+        let (alert, expr) = (str_of(&r, "alert"), str_of(&r, "expr"));
+        let names = series_names(expr);
+        assert!(!names.is_empty(), "{alert} uses no oci-proxy series");
+        for name in names {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| known.contains(*b))
+                .unwrap_or(&name);
+            assert!(
+                known.contains(base),
+                "{alert}: {name} is not a series the proxy registers"
+            );
+        }
+        for (value, is_regex) in matcher_values(expr) {
+            if is_regex {
+                continue; // e.g. status=~"5..": a pattern, not a literal value
+            }
+            assert!(
+                known.contains(&value),
+                "{alert}: label value {value:?} never appears in the proxy's code"
+            );
+        }
+    }
+}
+
+#[test]
+fn promtool_accepts_the_rules() {
+    let found = Command::new("promtool").arg("--version").output();
+    if !found.is_ok_and(|o| o.status.success()) {
+        let msg = "promtool is not installed (Debian package prometheus; scripts/test installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("skipped: {msg}");
+        return;
+    }
+    let groups = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+        Value::from("groups"),
+        rule()["spec"]["groups"].clone(),
+    )]))
+    .expect("render groups");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("oci-proxy-rules.yaml");
+    std::fs::write(&file, groups).expect("write rule file");
+    let out = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    let n = rules(&rule()).len();
+    assert!(said.contains(&format!("{n} rules found")), "{said}");
+}
+
+#[test]
+fn the_helpers_find_what_they_should() {
+    assert_eq!(
+        series_names("sum(rate(oci_proxy_a_total{x=\"y\"}[5m])) / oci_proxy_b"),
+        ["oci_proxy_a_total", "oci_proxy_b"]
+    );
+    assert_eq!(
+        matcher_values("m{a=\"one\", b=~\"t.o\"}"),
+        [("one".to_owned(), false), ("t.o".to_owned(), true)]
+    );
+}
