@@ -125,6 +125,7 @@ impl Harness {
                         *n += 1;
                     });
                 },
+                |_resource: &str| {},
             )
             .await;
             panic!("source::run returned: {result:?}");

@@ -519,6 +519,18 @@ async fn readiness(w: &World) {
                 "{body}"
             );
             assert!(w.port_gate.requests().is_empty() && w.alias_gate.requests().is_empty());
+            // The API server drops every connection: counted, and the catalog is not ready.
+            wait_until(
+                CHANGE_DEADLINE,
+                "a failed catalog watch counted",
+                || async {
+                    let text = w.proxy.metrics().await;
+                    metric_sum(&text, "oci_proxy_catalog_watch_errors_total", &[]) >= 1.0
+                },
+            )
+            .await;
+            let text = w.proxy.metrics().await;
+            assert_eq!(metric_sum(&text, "oci_proxy_catalog_ready", &[]), 0.0);
             gate.open();
             wait_until(
                 CHANGE_DEADLINE,
@@ -539,6 +551,18 @@ async fn readiness(w: &World) {
         }
     }
     assert_eq!(w.readyz().await, StatusCode::OK);
+    // The four ModuleTemplates are in the index, and the catalog says it is ready.
+    wait_until(
+        CHANGE_DEADLINE,
+        "catalog metrics after the sync",
+        || async {
+            let text = w.proxy.metrics().await;
+            metric_sum(&text, "oci_proxy_catalog_ready", &[]) == 1.0
+                && metric_sum(&text, "oci_proxy_catalog_modules", &[]) == 4.0
+                && metric_sum(&text, "oci_proxy_catalog_secrets", &[]) >= 1.0
+        },
+    )
+    .await;
 }
 
 /// Scenarios 1 and 4: anonymous pulls of module repositories, each with its own Secret.

@@ -100,6 +100,7 @@ pub async fn run(
     cfg: KubernetesSource,
     publish: impl Fn(Vec<Value>) + Send + Sync + 'static,
     synced: impl Fn() + Send + Sync + 'static,
+    watch_failed: impl Fn(&str) + Send + Sync + 'static,
 ) -> Result<(), KubeSourceError> {
     let namespaces = namespaces(&cfg)?;
     let selector = cfg.secret_label_selector.trim().to_string();
@@ -189,6 +190,7 @@ pub async fn run(
                         true
                     }
                     Outcome::Failed(summary) => {
+                        watch_failed(&label.resource);
                         tracing::warn!(
                             resource = %label.resource,
                             namespace = label.namespace.as_deref().unwrap_or("*"),

@@ -18,6 +18,7 @@ mod adapters;
 mod explain;
 mod files;
 mod index;
+mod metrics;
 mod model;
 mod selector;
 
@@ -28,6 +29,8 @@ mod creds {
 }
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+pub use metrics::CatalogMetrics;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -119,6 +122,7 @@ struct State {
 /// The module catalog. `Send + Sync`; share it as `Arc<Catalog>`.
 pub struct Catalog {
     default_secret: Option<DefaultSecret>,
+    metrics: Option<CatalogMetrics>,
     /// Hosts that name this proxy at the start of a ModuleTemplate baseUrl.
     proxy_hosts: RwLock<Vec<String>>,
     state: Mutex<State>,
@@ -130,7 +134,7 @@ impl Catalog {
     /// Starts the configured sources and returns at once; [`Catalog::is_ready`] turns true
     /// when each has completed its first full read.
     pub async fn start(cfg: &CatalogConfig) -> Result<Arc<Catalog>, CatalogError> {
-        Catalog::start_with_client(cfg, None).await
+        Catalog::start_with(cfg, None, None).await
     }
 
     /// [`Catalog::start`] with a given Kubernetes client for `catalog.kubernetes` (else one
@@ -139,7 +143,16 @@ impl Catalog {
         cfg: &CatalogConfig,
         client: Option<::kube::Client>,
     ) -> Result<Arc<Catalog>, CatalogError> {
-        let catalog = Catalog::new(cfg.default_secret.clone());
+        Catalog::start_with(cfg, client, None).await
+    }
+
+    /// [`Catalog::start_with_client`], reporting to `metrics`.
+    pub async fn start_with(
+        cfg: &CatalogConfig,
+        client: Option<::kube::Client>,
+        metrics: Option<CatalogMetrics>,
+    ) -> Result<Arc<Catalog>, CatalogError> {
+        let catalog = Catalog::with_metrics(cfg.default_secret.clone(), metrics);
         catalog.set_proxy_hosts(cfg.proxy_hosts.clone());
         if let Some(dir) = &cfg.files {
             let path = dir.display().to_string();
@@ -160,6 +173,7 @@ impl Catalog {
             };
             catalog.expect_source(SOURCE_KUBERNETES);
             let (on_publish, on_synced) = (Arc::downgrade(&catalog), Arc::downgrade(&catalog));
+            let on_error = catalog.metrics.clone();
             let task = tokio::spawn(self::kube::run(
                 client,
                 k8s.clone(),
@@ -171,6 +185,11 @@ impl Catalog {
                 move || {
                     if let Some(c) = on_synced.upgrade() {
                         c.mark_synced(SOURCE_KUBERNETES);
+                    }
+                },
+                move |resource: &str| {
+                    if let Some(m) = &on_error {
+                        m.watch_error(resource);
                     }
                 },
             ));
@@ -191,10 +210,23 @@ impl Catalog {
     /// An empty catalog fed only through [`Catalog::publish`] (tests, and the kube source).
     /// Ready at once unless sources are registered with [`Catalog::expect_source`].
     pub fn new(default_secret: Option<DefaultSecret>) -> Arc<Catalog> {
+        Catalog::with_metrics(default_secret, None)
+    }
+
+    /// [`Catalog::new`], reporting to `metrics`.
+    pub fn with_metrics(
+        default_secret: Option<DefaultSecret>,
+        metrics: Option<CatalogMetrics>,
+    ) -> Arc<Catalog> {
         let index = Index::build(&[], Vec::new(), default_secret.as_ref(), None);
         let (ready, _) = watch::channel(true);
+        if let Some(m) = &metrics {
+            m.indexed(0, 0, 0);
+            m.set_ready(true);
+        }
         Arc::new(Catalog {
             default_secret,
+            metrics,
             proxy_hosts: RwLock::new(Vec::new()),
             state: Mutex::new(State {
                 sources: BTreeMap::new(),
@@ -249,6 +281,9 @@ impl Catalog {
         let mut st = self.lock_state();
         st.sources.insert(source.to_owned(), set);
         self.rebuild(&mut st);
+        if let Some(m) = &self.metrics {
+            m.updated(source);
+        }
     }
 
     /// Marks a source as having completed its first full sync.
@@ -321,6 +356,9 @@ impl Catalog {
         let ready = st.expected.is_subset(&st.synced);
         self.ready
             .send_if_modified(|r| std::mem::replace(r, ready) != ready);
+        if let Some(m) = &self.metrics {
+            m.set_ready(ready);
+        }
     }
 
     /// Rebuilds the index from all sources (an object seen in several sources counts once,
@@ -346,6 +384,9 @@ impl Catalog {
         );
         if let DefaultState::Active { base, .. } = &index.default {
             st.default_base = Some(base.clone());
+        }
+        if let Some(m) = &self.metrics {
+            m.indexed(index.modules.len(), index.secret_count, index.skipped.len());
         }
         tracing::debug!(
             objects = objects.len(),

@@ -334,7 +334,8 @@ impl App {
             _ if config.catalog.is_configured() => {
                 let mut c = config.catalog.clone();
                 c.proxy_hosts.extend(own_hosts(config.listen));
-                Some(crate::catalog::Catalog::start(&c).await?)
+                let m = Some(metrics.catalog.clone());
+                Some(crate::catalog::Catalog::start_with(&c, None, m).await?)
             }
             _ => None,
         };
