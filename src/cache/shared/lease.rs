@@ -320,12 +320,29 @@ pub async fn acquire(shared: &Arc<Shared>, digest: &Digest) -> Acquire {
     }
 }
 
+/// [`wait_until`] with the deadline `lease_wait` from now.
+#[cfg(test)]
+pub async fn wait(shared: &Arc<Shared>, digest: &Digest, expires_ms: u64) -> WaitEnd {
+    wait_until(
+        shared,
+        digest,
+        expires_ms,
+        Instant::now() + shared.lease_wait,
+    )
+    .await
+}
+
 /// Waits for another replica's fill of `digest`: until the blob lands, the lease goes away
 /// or expires (re-read when `expires_ms` passes: a renewed lease keeps us waiting), the
-/// store fails, or `lease_wait` is over.
-pub async fn wait(shared: &Arc<Shared>, digest: &Digest, expires_ms: u64) -> WaitEnd {
+/// store fails, or `deadline` passes (a fill sets it once, `lease_wait` after its start, for
+/// all its waits).
+pub async fn wait_until(
+    shared: &Arc<Shared>,
+    digest: &Digest,
+    expires_ms: u64,
+    deadline: Instant,
+) -> WaitEnd {
     let started = Instant::now();
-    let deadline = started + shared.lease_wait;
     let (blob, lease) = (shared.blob_key(digest), shared.lease_key(digest));
     let mut expires_ms = expires_ms;
     let mut pause = POLL_FIRST;

@@ -310,6 +310,8 @@ impl Shared {
             self.metrics.op(Op::GetBlob, Res::Skipped);
             return Before::Upstream(None);
         }
+        // However many rounds wait for another replica, together at most `lease_wait`.
+        let wait_deadline = Instant::now() + self.lease_wait;
         for _ in 0..ROUNDS {
             let streamed = AtomicBool::new(false);
             let tell = |size: u64, written: u64| {
@@ -353,7 +355,7 @@ impl Shared {
                     }
                 }
                 lease::Acquire::Busy { expires_ms } => {
-                    match lease::wait(self, digest, expires_ms).await {
+                    match lease::wait_until(self, digest, expires_ms, wait_deadline).await {
                         WaitEnd::Landed | WaitEnd::Released => {}
                         WaitEnd::Expired | WaitEnd::TimedOut | WaitEnd::Error => {
                             return Before::Upstream(None)
