@@ -438,21 +438,9 @@ async fn a_large_corrupt_object_cuts_the_stream_and_the_retry_goes_upstream() {
         gate,
     });
     let b = replica(gated.clone()).await;
-    let body = data(super::VERIFY_BEFORE_STREAMING_MAX as usize + 4096, 7);
-    let d = Digest::sha256_of(&body);
-    let mut bad = body.clone();
-    bad[body.len() - 10] ^= 0x01;
-    let key = b.shared.blob_key(&d);
-    gated.put(&key, bad.into()).await.unwrap();
-
+    let (body, d, key) = put_corrupt_large(&*gated, &b, 7).await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let r = tokio::time::timeout(
-        DEADLINE,
-        b.cache.blob(&d, fetch(body.clone(), calls.clone(), None)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let r = open_blob(&b.cache, &d, &body, &calls).await;
     gated.gate.send_replace(true);
     let (got, ended) = drain(r.into_stream(None)).await;
     assert!(ended.is_err(), "a corrupt body never ends cleanly");
@@ -468,6 +456,36 @@ async fn a_large_corrupt_object_cuts_the_stream_and_the_retry_goes_upstream() {
     assert!(got == body);
     assert_eq!(o, Outcome::Miss);
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the retry went upstream");
+}
+
+/// Puts a blob above the verify-first size with one byte flipped near its end into the
+/// bucket: `(the right bytes, their digest, the object's key)`.
+async fn put_corrupt_large(
+    store: &dyn ObjectStore,
+    r: &Replica,
+    seed: u8,
+) -> (Vec<u8>, Digest, object_store::path::Path) {
+    let body = data(super::VERIFY_BEFORE_STREAMING_MAX as usize + 4096, seed);
+    let d = Digest::sha256_of(&body);
+    let mut bad = body.clone();
+    bad[body.len() - 10] ^= 0x01;
+    let key = r.shared.blob_key(&d);
+    store.put(&key, bad.into()).await.unwrap();
+    (body, d, key)
+}
+
+/// A reader of `d` from `cache`, whose upstream would answer `body` (counting in `calls`).
+async fn open_blob(
+    cache: &Cache,
+    d: &Digest,
+    body: &[u8],
+    calls: &Arc<AtomicUsize>,
+) -> crate::cache::BlobReader {
+    let f = fetch(body.to_vec(), calls.clone(), None);
+    tokio::time::timeout(DEADLINE, cache.blob(d, f))
+        .await
+        .expect("deadline")
+        .unwrap()
 }
 
 /// Reads a stream to its end: the bytes seen, and how it ended.
@@ -491,21 +509,9 @@ async fn a_large_corrupt_object_read_at_full_speed_never_ends_cleanly() {
     // correct bytes); after, its stream is cut. Either way no clean end on wrong bytes.
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let b = replica(store.clone()).await;
-    let body = data(super::VERIFY_BEFORE_STREAMING_MAX as usize + 4096, 9);
-    let d = Digest::sha256_of(&body);
-    let mut bad = body.clone();
-    bad[body.len() - 10] ^= 0x01;
-    let key = b.shared.blob_key(&d);
-    store.put(&key, bad.into()).await.unwrap();
-
+    let (body, d, _) = put_corrupt_large(&*store, &b, 9).await;
     let calls = Arc::new(AtomicUsize::new(0));
-    let r = tokio::time::timeout(
-        DEADLINE,
-        b.cache.blob(&d, fetch(body.clone(), calls.clone(), None)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let r = open_blob(&b.cache, &d, &body, &calls).await;
     let outcome = r.outcome();
     let mut s = r.into_stream(None);
     let mut got = Vec::new();
