@@ -14,8 +14,8 @@ use object_store::ObjectStore;
 use reqwest::StatusCode;
 use support::s3::Moto;
 use support::{
-    http_client, metric_value, push_image, random_bytes, wait_until, ProxyProcess, PushedImage,
-    Registry, RegistryAuth,
+    assert_success, http_client, metric_value, push_image, random_bytes, skopeo_copy, wait_until,
+    DirImage, ProxyProcess, PushedImage, Registry, RegistryAuth,
 };
 
 const UPSTREAM: &str = "shared.test";
@@ -479,5 +479,59 @@ async fn a_large_blob_goes_up_in_parts_and_streams_to_the_other_replica() {
     assert_eq!(
         metric(&s.b, "oci_proxy_cache_tier_total{tier=\"shared\"}").await,
         1.0
+    );
+}
+
+/// A real client: skopeo copies the image through replica A, then through replica B (a fresh
+/// local disk, as after a restart): B takes every blob and the manifest from the bucket, and
+/// asks the upstream only for the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pulls_through_a_second_replica_from_the_bucket() {
+    let Some(s) = setup().await else { return };
+    let image = format!("{UPSTREAM}/{REPO}:v1");
+    let mut digests: Vec<String> = s.image.layer_digests.clone();
+    digests.push(s.image.config_digest.clone());
+
+    let dest = tempfile::tempdir().unwrap();
+    let out = skopeo_copy(
+        &format!("{}/{image}", s.a.host()),
+        dest.path(),
+        &["--src-no-creds"],
+    )
+    .await;
+    assert_success(&out);
+    for d in &digests {
+        wait_for_object(&s.moto, &blob_key(d)).await;
+    }
+    let md = &s.image.manifest_digest;
+    let mkey = Path::from(format!(
+        "{PREFIX}manifests/sha256/{}",
+        md.trim_start_matches("sha256:")
+    ));
+    wait_for_object(&s.moto, &mkey).await;
+
+    let dest = tempfile::tempdir().unwrap();
+    let out = skopeo_copy(
+        &format!("{}/{image}", s.b.host()),
+        dest.path(),
+        &["--src-no-creds"],
+    )
+    .await;
+    assert_success(&out);
+    let got = DirImage::read(dest.path());
+    assert_eq!(&got.manifest_digest, md);
+    assert_eq!(got.blob_digests, digests.iter().cloned().collect());
+    for d in &digests {
+        assert_eq!(upstream_gets(&s.reg, "blobs", d), 1, "{d}: only A's GET");
+    }
+    assert_eq!(
+        upstream_gets(&s.reg, "manifests", md),
+        1,
+        "only A's GET by digest"
+    );
+    assert_eq!(
+        metric(&s.b, "oci_proxy_cache_tier_total{tier=\"upstream\"}").await,
+        0.0,
+        "B filled nothing from upstream"
     );
 }
