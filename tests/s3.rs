@@ -535,3 +535,71 @@ async fn skopeo_pulls_through_a_second_replica_from_the_bucket() {
         "B filled nothing from upstream"
     );
 }
+
+/// Tags are shared too: replica B serves a tag A checked (within the tag TTL) without asking
+/// the upstream, and a replica started with an empty disk while the upstream is down still
+/// serves the tag, its manifest and its blobs from the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_come_from_the_bucket_even_for_a_new_replica_while_the_upstream_is_down() {
+    let Some(mut s) = setup().await else { return };
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let by_tag = |p: &ProxyProcess| format!("{}/v2/{UPSTREAM}/{REPO}/manifests/v1", p.url());
+    let get = |url: String| async move {
+        let r = http_client()
+            .get(url)
+            .header("accept", accept)
+            .send()
+            .await
+            .expect("manifest request");
+        (r.status(), r.bytes().await.expect("manifest body"))
+    };
+    let tag_requests = |reg: &Registry| {
+        let path = format!(" /v2/{REPO}/manifests/v1 ");
+        reg.logs().lines().filter(|l| l.contains(&path)).count()
+    };
+
+    let (st, body) = get(by_tag(&s.a)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body.as_ref(), s.image.manifest.as_slice());
+    let repo = sha256(format!("{UPSTREAM}/{REPO}").as_bytes());
+    let tag_key = Path::from(format!(
+        "{PREFIX}tags/{}/v1",
+        repo.trim_start_matches("sha256:")
+    ));
+    wait_for_object(&s.moto, &tag_key).await;
+    let md = s.image.manifest_digest.clone();
+    wait_for_object(
+        &s.moto,
+        &Path::from(format!(
+            "{PREFIX}manifests/sha256/{}",
+            md.trim_start_matches("sha256:")
+        )),
+    )
+    .await;
+    for d in &s.image.layer_digests {
+        let (st, _) = get_blob(&s.a, d).await;
+        assert_eq!(st, StatusCode::OK);
+        wait_for_object(&s.moto, &blob_key(d)).await;
+    }
+
+    let before = tag_requests(&s.reg);
+    let (st, body) = get(by_tag(&s.b)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(body.as_ref(), s.image.manifest.as_slice());
+    assert_eq!(
+        tag_requests(&s.reg),
+        before,
+        "B did not ask the upstream about v1"
+    );
+
+    s.reg.stop();
+    let c = ProxyProcess::start_with_env(&config(&s.reg, &s.moto), &s.moto.env()).await;
+    let (st, body) = get(by_tag(&c)).await;
+    assert_eq!(st, StatusCode::OK, "{}", c.logs());
+    assert_eq!(body.as_ref(), s.image.manifest.as_slice());
+    for d in &s.image.layer_digests {
+        let (st, body) = get_blob(&c, d).await;
+        assert_eq!(st, StatusCode::OK, "{d}: {}", c.logs());
+        assert_eq!(&sha256(&body), d);
+    }
+}

@@ -154,7 +154,7 @@ pub struct Tags {
     journal: Journal,
 }
 
-fn to_ms(t: SystemTime) -> u64 {
+pub(super) fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
@@ -202,8 +202,18 @@ impl Tags {
 
     /// Sets (or removes, with `None`) a tag in memory and appends it to the journal.
     pub async fn set(&self, repo_key: &str, tag: &str, digest: Option<&Digest>) {
+        self.set_at(repo_key, tag, digest, SystemTime::now()).await
+    }
+
+    /// [`Tags::set`] with the time the tag was checked upstream (by another replica).
+    pub async fn set_at(
+        &self,
+        repo_key: &str,
+        tag: &str,
+        digest: Option<&Digest>,
+        now: SystemTime,
+    ) {
         let map = self.map.clone();
-        let now = SystemTime::now();
         let key = (repo_key.to_owned(), tag.to_owned());
         let digest = digest.cloned();
         let res = self

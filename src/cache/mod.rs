@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -694,17 +694,43 @@ impl Cache {
     }
 
     /// The digest a tag pointed to when last checked upstream.
-    pub async fn tag(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
-        self.inner.tags.get(repo_key, tag)
+    /// When this replica's entry is missing or older than `ttl`, the shared tier's is taken
+    /// if it was checked more recently (and kept locally with its check time).
+    pub async fn tag(&self, repo_key: &str, tag: &str, ttl: Duration) -> Option<TagEntry> {
+        let local = self.inner.tags.get(repo_key, tag);
+        let fresh = |e: &TagEntry| e.checked_at.elapsed().is_ok_and(|age| age < ttl);
+        if local.as_ref().is_some_and(fresh) {
+            return local;
+        }
+        let Some(shared) = &self.inner.shared else {
+            return local;
+        };
+        match (shared.get_tag(repo_key, tag).await, local) {
+            (Some(s), Some(l)) if s.checked_at <= l.checked_at => Some(l),
+            (Some(s), _) => {
+                let tags = &self.inner.tags;
+                tags.set_at(repo_key, tag, Some(&s.digest), s.checked_at)
+                    .await;
+                Some(s)
+            }
+            (None, local) => local,
+        }
     }
 
-    /// Sets a tag and refreshes its `checked_at`; persisted.
+    /// Sets a tag and refreshes its `checked_at`; persisted (and in the shared tier).
     pub async fn put_tag(&self, repo_key: &str, tag: &str, digest: &Digest) {
-        self.inner.tags.set(repo_key, tag, Some(digest)).await
+        self.inner.tags.set(repo_key, tag, Some(digest)).await;
+        if let Some(s) = &self.inner.shared {
+            s.put_tag(repo_key, tag, Some(digest));
+        }
     }
 
+    /// Forgets a tag the upstream no longer has (here and in the shared tier).
     pub async fn remove_tag(&self, repo_key: &str, tag: &str) {
-        self.inner.tags.set(repo_key, tag, None).await
+        self.inner.tags.set(repo_key, tag, None).await;
+        if let Some(s) = &self.inner.shared {
+            s.put_tag(repo_key, tag, None);
+        }
     }
 
     /// Bytes held by committed blobs.

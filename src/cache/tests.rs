@@ -498,8 +498,18 @@ async fn restart_keeps_blobs_links_manifests_tags_and_removes_temp_files() {
     assert!(!cache.is_linked("r.io/other", &d));
     let m = cache.manifest(&md).await.unwrap();
     assert_eq!((m.media_type.as_str(), &m.bytes), (mt, &manifest));
-    assert_eq!(cache.tag("r.io/team/app", "v1").await.unwrap().digest, md);
-    assert!(cache.tag("r.io/team/app", "old").await.is_none());
+    assert_eq!(
+        cache
+            .tag("r.io/team/app", "v1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .digest,
+        md
+    );
+    assert!(cache
+        .tag("r.io/team/app", "old", Duration::from_secs(60))
+        .await
+        .is_none());
     assert!(cache.manifest(&d).await.is_none());
     let calls = Arc::new(AtomicUsize::new(0));
     let r = cache

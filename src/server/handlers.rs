@@ -331,10 +331,11 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &crate::protocol::Tag) -> Result<Fo
     let tag = tag.as_str();
     let cache = &ctx.app.cache;
     let key = ctx.target.repo_key();
-    let entry = cache.tag(&key, tag).await;
+    let ttl = ctx.target.upstream.tag_ttl;
+    let entry = cache.tag(&key, tag, ttl).await;
     if let Some(e) = &entry {
         let age = e.checked_at.elapsed().unwrap_or_default();
-        if age < ctx.target.upstream.tag_ttl {
+        if age < ttl {
             if let Some(m) = cache.manifest(&e.digest).await {
                 return Ok(Found::cached(e.digest.clone(), m, "hit"));
             }

@@ -18,6 +18,9 @@ pub enum Op {
     PutManifest,
     HeadLink,
     PutLink,
+    GetTag,
+    /// Writes and deletes of tag objects.
+    PutTag,
     Lease,
 }
 
@@ -32,6 +35,8 @@ impl Op {
             Op::PutManifest => "put_manifest",
             Op::HeadLink => "head_link",
             Op::PutLink => "put_link",
+            Op::GetTag => "get_tag",
+            Op::PutTag => "put_tag",
             Op::Lease => "lease",
         }
     }

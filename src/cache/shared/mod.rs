@@ -8,6 +8,8 @@
 //!   and verified, so a concurrent identical upload is harmless);
 //! - `manifests/<alg>/<hex>`: manifest bytes, media type as the object's Content-Type;
 //! - `links/<sha256(repo_key)>/<alg>/<hex>`: empty; "this repository was shown to hold it";
+//! - `tags/<sha256(repo_key)>/<tag>`: `<digest> <checked_at_ms>`, the newest upstream check
+//!   of a tag by any replica (the one mutable kind of object: overwritten, not created);
 //! - `leases/<alg>/<hex>`: cross-replica single flight ([`lease`]).
 //!
 //! Reads are never trusted: a blob is hashed while it is written to the local temp file and
@@ -29,7 +31,7 @@ use std::future::Future;
 use std::io::{self, Seek, SeekFrom};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream};
@@ -42,7 +44,7 @@ use object_store::{
 };
 
 use super::fill::Hasher;
-use super::manifests::MAX_MANIFEST_SIZE;
+use super::manifests::{TagEntry, MAX_MANIFEST_SIZE};
 use super::metrics::FailReason;
 use super::store::{read_exact_at, write_chunks};
 use crate::config::S3Config;
@@ -229,6 +231,13 @@ impl Shared {
 
     pub fn lease_key(&self, d: &Digest) -> Path {
         self.key(&format!("leases/{}/{}", d.algorithm().as_str(), d.hex()))
+    }
+
+    /// `tags/<sha256(repo_key)>/<tag>`: body `<digest> <checked_at_ms>`; overwritten by every
+    /// replica that checks the tag upstream (tags move; the newest check wins).
+    pub fn tag_key(&self, repo_key: &str, tag: &str) -> Path {
+        let repo = Digest::sha256_of(repo_key.as_bytes());
+        self.key(&format!("tags/{}/{tag}", repo.hex()))
     }
 
     pub fn link_key(&self, repo_key: &str, d: &Digest) -> Path {
@@ -708,6 +717,80 @@ impl Shared {
                 Ok(_) => me.metrics.op(Op::PutManifest, Res::Ok),
                 Err(StoreError::Exists) => me.metrics.op(Op::PutManifest, Res::Exists),
                 Err(e) => me.failed(Op::PutManifest, &e),
+            }
+        });
+    }
+
+    /// The tag as another replica last checked it upstream; `None` when absent, unreadable
+    /// or the store cannot say now.
+    pub async fn get_tag(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
+        if !self.available() {
+            self.metrics.op(Op::GetTag, Res::Skipped);
+            return None;
+        }
+        let body = match self
+            .timed(self.store.get(&self.tag_key(repo_key, tag)))
+            .await
+        {
+            Ok(r) if r.meta.size > 1024 => Err(StoreError::Other("oversized tag object".into())),
+            Ok(r) => self.timed(r.bytes()).await,
+            Err(e) => Err(e),
+        };
+        match body {
+            Ok(b) => {
+                let parsed = std::str::from_utf8(&b).ok().and_then(|s| {
+                    let (d, at) = s.trim().split_once(' ')?;
+                    let digest = Digest::parse(d).ok()?;
+                    let ms = at.parse::<u64>().ok()?;
+                    Some(TagEntry {
+                        digest,
+                        checked_at: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+                    })
+                });
+                self.metrics.op(Op::GetTag, Res::Ok);
+                if parsed.is_none() {
+                    tracing::warn!(
+                        repository = repo_key,
+                        tag,
+                        "unreadable shared tag object; ignored"
+                    );
+                }
+                parsed
+            }
+            Err(StoreError::Missing) => {
+                self.metrics.op(Op::GetTag, Res::Miss);
+                None
+            }
+            Err(e) => {
+                self.failed(Op::GetTag, &e);
+                None
+            }
+        }
+    }
+
+    /// Records (or, with `None`, deletes: the upstream said 404) a tag in the bucket, in the
+    /// background.
+    pub fn put_tag(self: &Arc<Self>, repo_key: &str, tag: &str, digest: Option<&Digest>) {
+        if !self.available() {
+            self.metrics.op(Op::PutTag, Res::Skipped);
+            return;
+        }
+        let (me, key) = (self.clone(), self.tag_key(repo_key, tag));
+        let body = digest.map(|d| format!("{d} {}", super::manifests::to_ms(SystemTime::now())));
+        tokio::spawn(async move {
+            let res = match body {
+                Some(body) => me
+                    .timed(me.store.put(&key, PutPayload::from(body)))
+                    .await
+                    .map(|_| ()),
+                None => match me.timed(me.store.delete(&key)).await {
+                    Err(StoreError::Missing) => Ok(()),
+                    r => r,
+                },
+            };
+            match res {
+                Ok(()) => me.metrics.op(Op::PutTag, Res::Ok),
+                Err(e) => me.failed(Op::PutTag, &e),
             }
         });
     }

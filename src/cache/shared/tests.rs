@@ -559,3 +559,43 @@ async fn sizes_and_ranges_come_from_the_bucket() {
     assert_eq!(b.shared.metrics.op_count(Op::GetRange, Res::Miss), 1);
     assert_eq!(b.cache.blob_size(&d), None, "a range read commits nothing");
 }
+
+#[tokio::test]
+async fn tags_checked_by_one_replica_are_seen_by_another_and_removed_with_it() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let (a, b) = (replica(store.clone()).await, replica(store.clone()).await);
+    let (repo, ttl) = ("r.io/team/app", Duration::from_secs(60));
+    let d = Digest::sha256_of(b"a manifest");
+    assert!(b.cache.tag(repo, "v1", ttl).await.is_none());
+
+    a.cache.put_tag(repo, "v1", &d).await;
+    let key = a.shared.tag_key(repo, "v1");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while store.head(&key).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "tag never uploaded");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let from_a = a.cache.tag(repo, "v1", ttl).await.unwrap();
+    let seen = b.cache.tag(repo, "v1", ttl).await.expect("from the bucket");
+    assert_eq!(seen.digest, d);
+    // A's check time travels with it, to the millisecond: B's TTL counts from A's check.
+    let skew = match from_a.checked_at.duration_since(seen.checked_at) {
+        Ok(d) => d,
+        Err(e) => e.duration(),
+    };
+    assert!(skew < Duration::from_millis(50), "{skew:?}");
+    // Kept locally: a fresh entry needs no bucket read.
+    let gets = b.shared.metrics.op_count(Op::GetTag, Res::Ok);
+    assert_eq!(b.cache.tag(repo, "v1", ttl).await.unwrap().digest, d);
+    assert_eq!(b.shared.metrics.op_count(Op::GetTag, Res::Ok), gets);
+
+    // The upstream said 404 on A: the bucket forgets the tag too.
+    a.cache.remove_tag(repo, "v1").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while store.head(&key).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "tag never deleted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = replica(store.clone()).await;
+    assert!(c.cache.tag(repo, "v1", ttl).await.is_none());
+}
