@@ -1,6 +1,7 @@
 //! The alerting rules in `deploy/components/monitoring`: every alert is documented and has a
-//! severity, every expression names only series (and label values) the proxy exports, and
-//! `promtool check rules` accepts the groups.
+//! severity, every expression names only series (and label values) the proxy exports,
+//! `promtool check rules` accepts the groups, and `promtool test rules` sees some alerts fire
+//! when they should and not before.
 //!
 //! `scripts/test` installs promtool (Debian's `prometheus` package). Without it the promtool
 //! test prints why and passes, unless `CI` is set: then it fails.
@@ -140,13 +141,21 @@ fn expressions_use_only_series_and_label_values_the_proxy_exports() {
     }
 }
 
+/// Whether promtool runs; without it a test says why and passes, unless `CI` is set.
+fn have_promtool() -> bool {
+    let found = Command::new("promtool").arg("--version").output();
+    if found.is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    let msg = "promtool is not installed (Debian package prometheus; scripts/test installs it)";
+    assert!(std::env::var_os("CI").is_none(), "{msg}");
+    eprintln!("skipped: {msg}");
+    false
+}
+
 #[test]
 fn promtool_accepts_the_rules() {
-    let found = Command::new("promtool").arg("--version").output();
-    if !found.is_ok_and(|o| o.status.success()) {
-        let msg = "promtool is not installed (Debian package prometheus; scripts/test installs it)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("skipped: {msg}");
+    if !have_promtool() {
         return;
     }
     let groups = serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
@@ -183,5 +192,148 @@ fn the_helpers_find_what_they_should() {
     assert_eq!(
         matcher_values("m{a=\"one\", b=~\"t.o\"}"),
         [("one".to_owned(), false), ("t.o".to_owned(), true)]
+    );
+}
+
+/// One `promtool test rules` case: `series` (with values) make `alert` fire at `fires_at`
+/// with `labels`, and not yet at `quiet_at`.
+struct Case {
+    alert: &'static str,
+    series: &'static [(&'static str, &'static str)],
+    quiet_at: &'static str,
+    fires_at: &'static str,
+    labels: &'static [(&'static str, &'static str)],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        alert: "OciProxyUpstreamCredentialsRefused",
+        series: &[(
+            "oci_proxy_upstream_auth_failures_total{upstream=\"registry.example\"}",
+            "0+6x40",
+        )],
+        quiet_at: "10m",
+        fires_at: "25m",
+        labels: &[("severity", "warning"), ("upstream", "registry.example")],
+    },
+    Case {
+        alert: "OciProxyCatalogNotReady",
+        series: &[("oci_proxy_catalog_ready", "0x30")],
+        quiet_at: "5m",
+        fires_at: "15m",
+        labels: &[("severity", "critical")],
+    },
+    Case {
+        alert: "OciProxyCorruptCacheFiles",
+        series: &[("oci_proxy_cache_corrupt_blobs_total", "0x5 1x20")],
+        quiet_at: "4m",
+        fires_at: "10m",
+        labels: &[("severity", "warning")],
+    },
+];
+
+/// The annotations `alert` fires with for `labels` (`{{ $labels.x }}` filled in; the cases
+/// avoid alerts whose text depends on `$value`).
+fn expected_annotations(alert: &str, labels: &[(&str, &str)]) -> serde_yaml::Mapping {
+    let r = rules(&rule())
+        .into_iter()
+        .find(|r| r["alert"].as_str() == Some(alert))
+        .unwrap_or_else(|| panic!("no alert {alert}"));
+    let mut out = serde_yaml::Mapping::new();
+    for (k, v) in r["annotations"].as_mapping().expect("annotations") {
+        let mut text = v.as_str().expect("annotation text").to_owned();
+        assert!(!text.contains("$value"), "{alert}: pick another alert");
+        for (name, value) in labels {
+            text = text.replace(&format!("{{{{ $labels.{name} }}}}"), value);
+        }
+        assert!(!text.contains("{{"), "{alert}: unfilled template in {text}");
+        out.insert(k.clone(), Value::from(text));
+    }
+    out
+}
+
+#[test]
+fn promtool_sees_the_alerts_fire_on_time() {
+    if !have_promtool() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let groups =
+        serde_yaml::Mapping::from_iter([(Value::from("groups"), rule()["spec"]["groups"].clone())]);
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&groups).expect("render rules"),
+    )
+    .expect("write rules");
+    let mut tests = Vec::new();
+    for c in CASES {
+        let series: Vec<Value> = c
+            .series
+            .iter()
+            .map(|(s, v)| {
+                Value::Mapping(serde_yaml::Mapping::from_iter([
+                    (Value::from("series"), Value::from(*s)),
+                    (Value::from("values"), Value::from(*v)),
+                ]))
+            })
+            .collect();
+        let labels = serde_yaml::Mapping::from_iter(
+            c.labels
+                .iter()
+                .map(|(k, v)| (Value::from(*k), Value::from(*v))),
+        );
+        let firing = Value::Mapping(serde_yaml::Mapping::from_iter([
+            (Value::from("exp_labels"), Value::Mapping(labels)),
+            (
+                Value::from("exp_annotations"),
+                Value::Mapping(expected_annotations(c.alert, c.labels)),
+            ),
+        ]));
+        let case = |at: &str, alerts: Vec<Value>| {
+            Value::Mapping(serde_yaml::Mapping::from_iter([
+                (Value::from("eval_time"), Value::from(at)),
+                (Value::from("alertname"), Value::from(c.alert)),
+                (Value::from("exp_alerts"), Value::Sequence(alerts)),
+            ]))
+        };
+        tests.push(Value::Mapping(serde_yaml::Mapping::from_iter([
+            (Value::from("name"), Value::from(c.alert)),
+            (Value::from("interval"), Value::from("1m")),
+            (Value::from("input_series"), Value::Sequence(series)),
+            (
+                Value::from("alert_rule_test"),
+                Value::Sequence(vec![
+                    case(c.quiet_at, vec![]),
+                    case(c.fires_at, vec![firing]),
+                ]),
+            ),
+        ])));
+    }
+    let file = serde_yaml::Mapping::from_iter([
+        (
+            Value::from("rule_files"),
+            Value::Sequence(vec![Value::from("rules.yaml")]),
+        ),
+        (Value::from("evaluation_interval"), Value::from("1m")),
+        (Value::from("tests"), Value::Sequence(tests)),
+    ]);
+    let test_file = dir.path().join("tests.yaml");
+    std::fs::write(
+        &test_file,
+        serde_yaml::to_string(&file).expect("render tests"),
+    )
+    .expect("write tests");
+    let out = Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(&test_file)
+        .current_dir(dir.path())
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool test rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
