@@ -27,6 +27,11 @@ struct Replica {
 }
 
 async fn replica(store: Arc<dyn ObjectStore>) -> Replica {
+    bounded_replica(store, None).await
+}
+
+/// A replica whose local tier holds at most `local_max_size` bytes.
+async fn bounded_replica(store: Arc<dyn ObjectStore>, local_max_size: Option<u64>) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
     let shared = Shared::new(
@@ -40,6 +45,7 @@ async fn replica(store: Arc<dyn ObjectStore>) -> Replica {
     .unwrap();
     let cfg = CacheConfig {
         dir: dir.path().to_path_buf(),
+        local_max_size: local_max_size.map(crate::config::ByteSize),
         ..CacheConfig::default()
     };
     let cache = Cache::open_with(&cfg, &registry, Some(shared.clone()))
@@ -598,4 +604,41 @@ async fn tags_checked_by_one_replica_are_seen_by_another_and_removed_with_it() {
     }
     let c = replica(store.clone()).await;
     assert!(c.cache.tag(repo, "v1", ttl).await.is_none());
+}
+
+#[tokio::test]
+async fn a_bounded_local_tier_evicts_and_refills_from_the_bucket_not_upstream() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let r = bounded_replica(store.clone(), Some(250_000)).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| data(100_000, 20 + i)).collect();
+    let digests: Vec<Digest> = bodies.iter().map(|b| Digest::sha256_of(b)).collect();
+    for (b, d) in bodies.iter().zip(&digests) {
+        let (o, got) = read(&r.cache, d, fetch(b.clone(), calls.clone(), None)).await;
+        assert_eq!((o, got.len()), (Outcome::Miss, b.len()));
+        wait_for_object(&*store, &r.shared.blob_key(d), b).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // 300 000 bytes against a 250 000 bound: the least recently used goes.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while r.cache.blob_size(&digests[0]).is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "nothing evicted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(r.cache.size_bytes() <= 250_000);
+
+    let (o, got) = read(
+        &r.cache,
+        &digests[0],
+        fetch(bodies[0].clone(), calls.clone(), None),
+    )
+    .await;
+    assert!(got == bodies[0]);
+    assert_eq!(o, Outcome::Coalesced, "filled from the bucket");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "no upstream GET for the evicted blob"
+    );
+    assert_eq!(r.cache.inner.metrics.tier_count(Tier::Shared), 1);
 }
