@@ -103,12 +103,8 @@ fn new_owner() -> String {
 
 /// Reads a lease: `Ok(None)` when there is none; an unreadable body reads as expired.
 async fn read(shared: &Shared, key: &Path) -> Result<Option<Body>, StoreError> {
-    let body = match shared.timed(shared.store.get(key)).await {
-        Ok(r) => shared.timed(r.bytes()).await,
-        Err(e) => Err(e),
-    };
-    match body {
-        Ok(b) => Ok(Some(Body::parse(&b).unwrap_or(Body {
+    match shared.get_small(key, u64::MAX).await {
+        Ok((_, b)) => Ok(Some(Body::parse(&b).unwrap_or(Body {
             expires_ms: 0,
             owner: None,
         }))),

@@ -287,6 +287,23 @@ impl Shared {
         }
     }
 
+    /// GETs a small object whole (at most `max` bytes, else an error), with its
+    /// Content-Type; each call bounded by `op_timeout`.
+    async fn get_small(&self, key: &Path, max: u64) -> Result<(Option<String>, Bytes), StoreError> {
+        let r = self.timed(self.store.get(key)).await?;
+        if r.meta.size > max {
+            let size = r.meta.size;
+            return Err(StoreError::Other(format!(
+                "{key}: {size} bytes, more than {max}"
+            )));
+        }
+        let media_type = r
+            .attributes
+            .get(&Attribute::ContentType)
+            .map(|v| v.as_ref().to_owned());
+        Ok((media_type, self.timed(r.bytes()).await?))
+    }
+
     /// HEAD: `None` when the store failed.
     async fn exists(&self, key: &Path, op: Op) -> Option<bool> {
         match self.timed(self.store.head(key)).await {
@@ -656,21 +673,8 @@ impl Shared {
             self.metrics.op(Op::GetManifest, Res::Skipped);
             return None;
         }
-        let got = match self.timed(self.store.get(&self.manifest_key(digest))).await {
-            Ok(r) if r.meta.size > MAX_MANIFEST_SIZE as u64 => Err(StoreError::Other(format!(
-                "manifest object of {} bytes",
-                r.meta.size
-            ))),
-            Ok(r) => {
-                let media_type = r
-                    .attributes
-                    .get(&Attribute::ContentType)
-                    .map(|v| v.as_ref().to_owned());
-                self.timed(r.bytes()).await.map(|b| (media_type, b))
-            }
-            Err(e) => Err(e),
-        };
-        match got {
+        let key = self.manifest_key(digest);
+        match self.get_small(&key, MAX_MANIFEST_SIZE as u64).await {
             Ok((Some(mt), bytes)) if digest.verify(&bytes) => {
                 self.metrics.op(Op::GetManifest, Res::Ok);
                 Some((mt, bytes))
@@ -728,16 +732,8 @@ impl Shared {
             self.metrics.op(Op::GetTag, Res::Skipped);
             return None;
         }
-        let body = match self
-            .timed(self.store.get(&self.tag_key(repo_key, tag)))
-            .await
-        {
-            Ok(r) if r.meta.size > 1024 => Err(StoreError::Other("oversized tag object".into())),
-            Ok(r) => self.timed(r.bytes()).await,
-            Err(e) => Err(e),
-        };
-        match body {
-            Ok(b) => {
+        match self.get_small(&self.tag_key(repo_key, tag), 1024).await {
+            Ok((_, b)) => {
                 let parsed = std::str::from_utf8(&b).ok().and_then(|s| {
                     let (d, at) = s.trim().split_once(' ')?;
                     let digest = Digest::parse(d).ok()?;
