@@ -289,6 +289,18 @@ struct Gated {
     gate: tokio::sync::watch::Sender<bool>,
 }
 
+impl Gated {
+    /// An empty store whose blob reads stop after `pause_after` bytes until the gate opens.
+    fn paused_after(pause_after: usize) -> Arc<Gated> {
+        let (gate, _) = tokio::sync::watch::channel(false);
+        Arc::new(Gated {
+            inner: InMemory::new(),
+            pause_after,
+            gate,
+        })
+    }
+}
+
 impl std::fmt::Display for Gated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Gated({})", self.inner)
@@ -388,12 +400,7 @@ impl ObjectStore for Gated {
 
 #[tokio::test]
 async fn a_large_blob_streams_from_the_bucket_before_it_is_all_read() {
-    let (gate, _) = tokio::sync::watch::channel(false);
-    let gated = Arc::new(Gated {
-        inner: InMemory::new(),
-        pause_after: 1 << 20,
-        gate,
-    });
+    let gated = Gated::paused_after(1 << 20);
     let b = replica(gated.clone()).await;
     let body = data(super::VERIFY_BEFORE_STREAMING_MAX as usize + (1 << 20), 6);
     let d = Digest::sha256_of(&body);
@@ -437,12 +444,7 @@ async fn a_large_blob_streams_from_the_bucket_before_it_is_all_read() {
 async fn a_large_corrupt_object_cuts_the_stream_and_the_retry_goes_upstream() {
     // The bucket pauses after 1 MiB, so the reader is handed out (streaming) before the
     // corruption near the end can be found.
-    let (gate, _) = tokio::sync::watch::channel(false);
-    let gated = Arc::new(Gated {
-        inner: InMemory::new(),
-        pause_after: 1 << 20,
-        gate,
-    });
+    let gated = Gated::paused_after(1 << 20);
     let b = replica(gated.clone()).await;
     let (body, d, key) = put_corrupt_large(&*gated, &b, 7).await;
     let calls = Arc::new(AtomicUsize::new(0));
