@@ -56,6 +56,9 @@ use metrics::{Op, Res, SharedMetrics, WaitEnd};
 pub const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Multipart part size.
 const PART_SIZE: usize = 8 << 20;
+/// The slowest upload (bytes per second) that is still waited for; see
+/// [`Shared::upload_timeout`].
+const MIN_UPLOAD_RATE: u64 = 1 << 20;
 /// How long the tier is skipped after an error of the store.
 pub const REST_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// Rounds of "look in the bucket, else take or wait for the lease" per fill.
@@ -281,9 +284,17 @@ impl Shared {
         &self,
         f: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.op_timeout, f).await {
+        self.bounded(self.op_timeout, f).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        f: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, f).await {
             Ok(r) => r.map_err(StoreError::from),
-            Err(_) => Err(StoreError::Timeout(self.op_timeout)),
+            Err(_) => Err(StoreError::Timeout(limit)),
         }
     }
 
@@ -637,16 +648,17 @@ impl Shared {
             mode: PutMode::Create,
             ..Default::default()
         };
-        self.store
-            .put_opts(key, PutPayload::from(bytes), opts)
+        let put = self.store.put_opts(key, PutPayload::from(bytes), opts);
+        self.bounded(self.upload_timeout(size), put)
             .await
             .map(|_| ())
-            .map_err(StoreError::from)
     }
 
     async fn put_parts(&self, key: &Path, file: &Arc<File>, size: u64) -> Result<(), StoreError> {
-        let upload = self.store.put_multipart(key).await?;
+        let upload = self.timed(self.store.put_multipart(key)).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        // Two parts may be in flight: waiting for room is waiting for at most two part uploads.
+        let part_timeout = self.upload_timeout(2 * PART_SIZE as u64);
         let mut offset = 0u64;
         while offset < size {
             let len = usize::try_from((size - offset).min(PART_SIZE as u64)).unwrap_or(PART_SIZE);
@@ -657,14 +669,21 @@ impl Shared {
                     return Err(e);
                 }
             };
-            if let Err(e) = w.wait_for_capacity(2).await {
+            if let Err(e) = self.bounded(part_timeout, w.wait_for_capacity(2)).await {
                 let _ = w.abort().await;
-                return Err(e.into());
+                return Err(e);
             }
             w.put(part);
             offset += len as u64;
         }
-        w.finish().await.map(|_| ()).map_err(StoreError::from)
+        self.bounded(part_timeout, w.finish()).await.map(|_| ())
+    }
+
+    /// How long one upload call may take for `len` bytes: `op_timeout` plus the time the
+    /// bytes need at [`MIN_UPLOAD_RATE`]. A stalled upload must end: its fill lease is renewed
+    /// until the upload returns, and every other replica's miss on that digest waits for it.
+    fn upload_timeout(&self, len: u64) -> Duration {
+        self.op_timeout + Duration::from_secs(len.div_ceil(MIN_UPLOAD_RATE))
     }
 
     /// A verified manifest from the bucket: `(media type, bytes)`.

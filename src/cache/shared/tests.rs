@@ -287,6 +287,8 @@ struct Gated {
     inner: InMemory,
     pause_after: usize,
     gate: tokio::sync::watch::Sender<bool>,
+    /// Blob uploads never answer (a bucket that accepts the connection and stalls).
+    stall_blob_puts: bool,
 }
 
 impl Gated {
@@ -297,7 +299,23 @@ impl Gated {
             inner: InMemory::new(),
             pause_after,
             gate,
+            stall_blob_puts: false,
         })
+    }
+
+    /// An empty store whose blob uploads (single or multipart) never answer.
+    fn stalling_blob_puts() -> Arc<Gated> {
+        let (gate, _) = tokio::sync::watch::channel(false);
+        Arc::new(Gated {
+            inner: InMemory::new(),
+            pause_after: usize::MAX,
+            gate,
+            stall_blob_puts: true,
+        })
+    }
+
+    fn stalls(&self, location: &object_store::path::Path) -> bool {
+        self.stall_blob_puts && location.as_ref().contains("/blobs/")
     }
 }
 
@@ -315,6 +333,9 @@ impl ObjectStore for Gated {
         payload: object_store::PutPayload,
         opts: object_store::PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
+        if self.stalls(location) {
+            std::future::pending::<()>().await;
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -323,6 +344,9 @@ impl ObjectStore for Gated {
         location: &object_store::path::Path,
         opts: object_store::PutMultipartOptions,
     ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        if self.stalls(location) {
+            std::future::pending::<()>().await;
+        }
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -643,4 +667,36 @@ async fn a_bounded_local_tier_evicts_and_refills_from_the_bucket_not_upstream() 
         "no upstream GET for the evicted blob"
     );
     assert_eq!(r.cache.inner.metrics.tier_count(Tier::Shared), 1);
+}
+
+/// A stalled upload ends (bounded by `op_timeout` plus the bytes at the minimum upload rate)
+/// and releases its fill lease: without the bound the lease is renewed for as long as the
+/// upload hangs, and every other replica's miss on that digest waits `lease_wait`.
+#[tokio::test]
+async fn a_stalled_upload_ends_and_releases_its_lease() {
+    let a = replica(Gated::stalling_blob_puts()).await;
+    let body = data(100 << 10, 9);
+    let d = Digest::sha256_of(&body);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (_, got) = read(&a.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
+    assert_eq!(got, body, "the client is served while the upload stalls");
+
+    let lease_key = a.shared.lease_key(&d);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let released = matches!(
+            a.shared.store.get(&lease_key).await,
+            Err(object_store::Error::NotFound { .. })
+        );
+        if released && a.shared.metrics.op_count(Op::PutBlob, Res::Error) == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled upload never ended (lease still held: {})",
+            !released
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
