@@ -1,7 +1,8 @@
-//! The alerting rules in `deploy/components/monitoring`: every alert is documented and has a
-//! severity, every expression names only series (and label values) the proxy exports,
-//! `promtool check rules` accepts the groups, and `promtool test rules` sees some alerts fire
-//! when they should and not before.
+//! The alerting rules and the Grafana dashboard in `deploy/components/monitoring`: every alert
+//! is documented and has a severity, every expression (of an alert or a dashboard panel) names
+//! only series (and label values) the proxy exports, `promtool check rules` accepts the groups,
+//! `promtool test rules` sees some alerts fire when they should and not before, and the
+//! component renders the dashboard as a ConfigMap Grafana's sidecar picks up.
 //!
 //! `scripts/test` installs promtool (Debian's `prometheus` package). Without it the promtool
 //! test prints why and passes, unless `CI` is set: then it fails.
@@ -10,6 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde::Deserialize;
 use serde_yaml::Value;
 
 fn root() -> PathBuf {
@@ -112,10 +114,22 @@ fn every_alert_has_a_severity_a_summary_and_a_description() {
 
 #[test]
 fn expressions_use_only_series_and_label_values_the_proxy_exports() {
-    let mut known = BTreeSet::new();
-    literals(&root().join("src"), &mut known);
     for r in rules(&rule()) {
-        let (alert, expr) = (str_of(&r, "alert"), str_of(&r, "expr"));
+        assert_exported(str_of(&r, "alert"), str_of(&r, "expr"));
+    }
+}
+
+/// Fails unless `expr` names at least one oci-proxy series and only series and label values
+/// that appear in the proxy's code.
+fn assert_exported(what: &str, expr: &str) {
+    static KNOWN: std::sync::OnceLock<BTreeSet<String>> = std::sync::OnceLock::new();
+    let known = KNOWN.get_or_init(|| {
+        let mut known = BTreeSet::new();
+        literals(&root().join("src"), &mut known);
+        known
+    });
+    {
+        let alert = what;
         let names = series_names(expr);
         assert!(!names.is_empty(), "{alert} uses no oci-proxy series");
         for name in names {
@@ -139,6 +153,143 @@ fn expressions_use_only_series_and_label_values_the_proxy_exports() {
             );
         }
     }
+}
+
+/// The parts of a Grafana dashboard this test looks at.
+#[derive(serde::Deserialize)]
+struct Dashboard {
+    uid: String,
+    title: String,
+    panels: Vec<Panel>,
+    templating: Templating,
+}
+
+#[derive(serde::Deserialize)]
+struct Templating {
+    list: Vec<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Panel {
+    id: u32,
+    title: String,
+    description: String,
+    datasource: PanelDatasource,
+    targets: Vec<PanelTarget>,
+}
+
+#[derive(serde::Deserialize)]
+struct PanelDatasource {
+    uid: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PanelTarget {
+    ref_id: String,
+    expr: String,
+}
+
+const DASHBOARD: &str = "deploy/components/monitoring/grafana-dashboard.json";
+
+fn dashboard() -> Dashboard {
+    let text = std::fs::read_to_string(root().join(DASHBOARD)).expect("read dashboard");
+    serde_json::from_str(&text).expect("parse the dashboard")
+}
+
+#[test]
+fn dashboard_panels_query_only_what_the_proxy_exports() {
+    let d = dashboard();
+    assert_eq!(
+        (d.uid.as_str(), d.title.as_str()),
+        ("oci-proxy", "oci-proxy")
+    );
+    assert!(
+        d.templating.list.iter().any(|v| v["name"] == "datasource"),
+        "the data source is a variable, not a fixed uid"
+    );
+    let mut ids = BTreeSet::new();
+    for p in &d.panels {
+        assert!(ids.insert(p.id), "panel id {} twice", p.id);
+        assert_eq!(p.datasource.uid, "${datasource}", "{}", p.title);
+        assert!(p.description.len() > 20, "{}: describe the panel", p.title);
+        assert!(!p.targets.is_empty(), "{}: no query", p.title);
+        let mut refs = BTreeSet::new();
+        for t in &p.targets {
+            assert!(refs.insert(t.ref_id.as_str()), "{}: refId twice", p.title);
+            assert_exported(&p.title, &t.expr);
+        }
+    }
+    let titles: Vec<&str> = d.panels.iter().map(|p| p.title.as_str()).collect();
+    for wanted in [
+        "Cache hit ratio",
+        "Upstream errors by upstream",
+        "Fills",
+        "Bytes served by outcome",
+        "Token fetches",
+        "Catalog state",
+    ] {
+        assert!(
+            titles.contains(&wanted),
+            "no panel {wanted:?} in {titles:?}"
+        );
+    }
+}
+
+#[test]
+fn the_component_renders_the_dashboard_for_grafanas_sidecar() {
+    let kubectl = Command::new("kubectl")
+        .args(["kustomize", "--help"])
+        .output();
+    if !kubectl.is_ok_and(|o| o.status.success()) {
+        let msg = "kubectl is not installed (scripts/install-deploy-tools installs it)";
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        eprintln!("skipped: {msg}");
+        return;
+    }
+    // A component renders only from a kustomization that uses it, by a relative path.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let component = relative(dir.path(), &root().join("deploy/components/monitoring"));
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\ncomponents:\n  - {}\n",
+            component.display()
+        ),
+    )
+    .expect("write kustomization");
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(dir.path())
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| Value::deserialize(d).expect("rendered YAML"))
+        .collect();
+    let map = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    assert_eq!(
+        map["metadata"]["name"].as_str(),
+        Some("oci-proxy-grafana-dashboard")
+    );
+    assert_eq!(
+        map["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    let json = map["data"]["grafana-dashboard.json"]
+        .as_str()
+        .expect("the dashboard in the ConfigMap");
+    let file = std::fs::read_to_string(root().join(DASHBOARD)).expect("read dashboard");
+    assert_eq!(json, file);
+    assert!(docs.iter().any(|d| d["kind"] == "PrometheusRule"));
 }
 
 /// Whether promtool runs; without it a test says why and passes, unless `CI` is set.
@@ -336,4 +487,25 @@ fn promtool_sees_the_alerts_fire_on_time() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `to` as a path relative to the directory `from` (both absolute).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (from, to) = (
+        from.canonicalize().expect("canonical from"),
+        to.canonicalize().expect("canonical to"),
+    );
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in from.components().skip(common) {
+        out.push("..");
+    }
+    for c in to.components().skip(common) {
+        out.push(c);
+    }
+    out
 }
