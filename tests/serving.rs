@@ -861,4 +861,8 @@ async fn json_log_has_one_access_line_per_request() {
         (Some("blob"), Some("hit"))
     );
     assert_eq!(missing["status"].as_u64(), Some(404));
+    // Every promised byte went out, on a miss and on a hit: the log says so.
+    for l in [m, b1, b2, missing] {
+        assert_eq!(l["complete"], true, "{l}");
+    }
 }

@@ -229,7 +229,11 @@ impl Conn {
                 let started = Instant::now();
                 let (resp, record) = handlers::handle(&app, req).await;
                 let (parts, body) = resp.into_parts();
-                let body = Metered::new(body, record, recorder, started);
+                let length = parts
+                    .headers
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let body = Metered::new(body, length, record, recorder, started);
                 Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
             }
         });
