@@ -5,7 +5,8 @@
 //! it starts from the files' commit times (access order is not persisted). Files are unlinked
 //! under the index lock, one at a time, so a new fill of the same digest cannot be unlinked by
 //! mistake; a client already reading an evicted blob keeps its open file descriptor (Linux
-//! keeps an unlinked inode alive while it is open), so it is never cut short.
+//! keeps an unlinked inode alive while it is open), so it is never cut short. A lock poisoned
+//! by a panic elsewhere does not stop eviction, as it does not stop the rest of the cache.
 
 use std::sync::{Arc, Weak};
 
@@ -34,7 +35,7 @@ pub fn evict_to_limit(inner: &Inner) {
         // Pick victims under the lock (one sort), then remove them one lock hold each,
         // skipping any blob used since it was picked.
         let victims = {
-            let Ok(st) = inner.state.lock() else { return };
+            let st = inner.lock();
             if st.total <= max {
                 return;
             }
@@ -59,9 +60,7 @@ pub fn evict_to_limit(inner: &Inner) {
             return;
         }
         for (digest, picked) in victims {
-            let Ok(mut st) = inner.state.lock() else {
-                return;
-            };
+            let mut st = inner.lock();
             if st.total <= max {
                 return;
             }

@@ -425,6 +425,26 @@ async fn eviction_bounds_size_and_never_cuts_an_open_reader() {
     assert!(got == first, "the open reader got every byte");
 }
 
+#[tokio::test]
+async fn eviction_goes_on_after_a_panic_poisoned_the_index_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), Some(2 * 1000)).await;
+    let a = commit(&cache, &data(1000, 1)).await;
+    let inner = cache.inner.clone();
+    let panicked = std::thread::spawn(move || {
+        let _held = inner.state.lock();
+        panic!("a panic while holding the index lock");
+    })
+    .join();
+    assert!(panicked.is_err());
+    assert!(cache.inner.state.is_poisoned());
+    commit(&cache, &data(1000, 2)).await;
+    commit(&cache, &data(1000, 3)).await;
+    until(|| cache.size_bytes() <= 2000).await;
+    assert_eq!(cache.blob_size(&a), None, "the oldest blob was evicted");
+    assert_eq!(cache.blob_count(), 2);
+}
+
 fn walk(p: &std::path::Path) -> u64 {
     std::fs::read_dir(p)
         .unwrap()
