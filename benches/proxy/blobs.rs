@@ -99,3 +99,8 @@ pub async fn push_streaming(base_url: &str, repo: &str, blob: &BlobFile) {
         put.text().await.unwrap_or_default()
     );
 }
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}

@@ -5,12 +5,17 @@
 //!
 //! 1. warm hit throughput of a 256 MiB blob: oci-proxy vs nginx (sendfile) serving the same
 //!    file from a temp root;
-//! 2. cold fetch throughput of the same blob through a fresh proxy vs a GET straight from
-//!    the upstream (Debian's docker-registry, distribution 2.8);
+//! 2. cold fetch throughput of the same blob through a fresh proxy vs the peer (Debian's
+//!    docker-registry, distribution 2.8, in pull-through mode with empty storage) vs a GET
+//!    straight from the upstream (the same registry without proxy mode), alternating, with
+//!    CPU per GiB of each process and the machine's idle and iowait shares; then the same at
+//!    the other sizes (8 MiB, 1 GiB) with warm hits vs nginx, to see cost per byte vs size;
 //! 3. 50 concurrent cold clients of one blob vs one cold client, with the upstream behind a
 //!    paced relay (a WAN-like link), and the number of upstream GETs (registry log);
 //! 4. peak RSS (`VmHWM`) of the proxy while 50 cold clients stream a 1 GiB blob, then while
-//!    50 clients read it again from the cache.
+//!    50 clients read it again from the cache;
+//! 5. the CPU split of a miss by stage ([`stages`]) next to the measured miss;
+//! 6. the time to open a cache of 100 000 blobs (start to first answer) vs an empty one.
 //!
 //! Payloads are generated to disk and pushed with a streaming upload; clients stream and
 //! discard bodies. `OCI_PROXY_BENCH_QUICK=1` shrinks everything for a smoke run.
@@ -23,6 +28,7 @@ mod client;
 mod nginx;
 mod procfs;
 mod relay;
+mod stages;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -49,8 +55,14 @@ struct Plan {
     clients: usize,
     upstream_rate: u64,
     conc_reps: usize,
-    /// RSS test blob.
+    /// RSS test blob; also the large size of the scaling rows.
     rss_len: u64,
+    /// The small size of the scaling rows.
+    small_len: u64,
+    /// Runs per measurement at the scaling sizes.
+    scale_reps: usize,
+    /// Blobs in the cache-open measurement.
+    open_blobs: u32,
     /// Pace of the WAN-like upstream for the second cold fetch row (on `conc_len`).
     wan_rate: u64,
 }
@@ -67,6 +79,9 @@ impl Plan {
                 upstream_rate: 16 * MIB,
                 conc_reps: 1,
                 rss_len: 64 * MIB,
+                small_len: MIB,
+                scale_reps: 1,
+                open_blobs: 1_000,
                 wan_rate: 64 * MIB,
             }
         } else {
@@ -78,6 +93,9 @@ impl Plan {
                 upstream_rate: 16 * MIB,
                 conc_reps: 3,
                 rss_len: 1024 * MIB,
+                small_len: 8 * MIB,
+                scale_reps: 3,
+                open_blobs: 100_000,
                 wan_rate: 64 * MIB,
             }
         }
@@ -132,14 +150,13 @@ async fn run() {
     std::fs::create_dir_all(&root).expect("create nginx root");
     let stream_blob = blobs::generate(&root, "stream.bin", plan.stream_len, 1);
     let conc_blob = blobs::generate(&root, "conc.bin", plan.conc_len, 2);
-    let rss_blob = blobs::generate(work.path(), "rss.bin", plan.rss_len, 3);
+    let rss_blob = blobs::generate(&root, "rss.bin", plan.rss_len, 3);
+    let small_blob = blobs::generate(&root, "small.bin", plan.small_len, 4);
 
     let registry = Registry::start(RegistryAuth::Anonymous).await;
-    for b in [&stream_blob, &conc_blob, &rss_blob] {
+    for b in [&stream_blob, &conc_blob, &rss_blob, &small_blob] {
         blobs::push_streaming(&registry.url(), REPO, b).await;
     }
-    // Only the RSS test needed the file: the registry holds its copy.
-    std::fs::remove_file(&rss_blob.path).expect("remove rss blob file");
     // The pushes left over a GiB of dirty pages: flush them now, so their writeback does not
     // run during (and skew) the first measurements.
     let synced = std::process::Command::new("sync").status();
@@ -154,18 +171,10 @@ async fn run() {
 
     let http = client::client();
     let mut rows = Vec::new();
-    rows.push(warm(&plan, &http, &registry, &nginx, &stream_blob).await);
-    rows.push(
-        cold(
-            &plan,
-            &http,
-            &registry,
-            &registry.host(),
-            &stream_blob,
-            "loopback upstream",
-        )
-        .await,
-    );
+    let hit = warm(plan.reps, &http, &registry, &nginx, &stream_blob).await;
+    rows.push(hit.row);
+    let miss = cold_vs_peer(plan.reps, &http, &registry, &stream_blob).await;
+    rows.extend(miss.rows);
     let upstream: SocketAddr = registry.host().parse().expect("registry address");
     let wan = relay::Relay::start(upstream, plan.wan_rate).await;
     let wan_plan = Plan {
@@ -186,7 +195,105 @@ async fn run() {
     drop(wan);
     rows.extend(concurrent(&plan, &http, &registry, &conc_blob).await);
     rows.extend(rss(&plan, &http, &registry, &rss_blob).await);
+    for blob in [&small_blob, &rss_blob] {
+        rows.push(
+            warm(plan.scale_reps, &http, &registry, &nginx, blob)
+                .await
+                .row,
+        );
+        rows.extend(
+            cold_vs_peer(plan.scale_reps, &http, &registry, blob)
+                .await
+                .rows,
+        );
+    }
+    stage_split(
+        work.path(),
+        stream_blob.len,
+        &miss.cpu,
+        hit.proxy_cpu_per_gib,
+    )
+    .await;
+    rows.push(cache_open(&plan, work.path()).await);
     print_table(&rows);
+}
+
+/// Prints the CPU split of a miss by stage next to the measured miss.
+async fn stage_split(dir: &std::path::Path, len: u64, miss: &MissCpu, send_per_gib: f64) {
+    println!(
+        "CPU split of a miss, {} MiB (CPU s per GiB; wall s per GiB):",
+        len / MIB
+    );
+    let dir = dir.to_path_buf();
+    let measured = tokio::task::spawn_blocking(move || stages::measure(&dir, len))
+        .await
+        .expect("stage task");
+    let gib = len as f64 / (1024.0 * MIB as f64);
+    let mut predicted = miss.receive_per_gib;
+    println!(
+        "  {:<24} {:.2}   (the client's CPU on a direct GET)",
+        "receive", miss.receive_per_gib
+    );
+    for st in &measured {
+        predicted += st.cpu_s / gib;
+        println!(
+            "  {:<24} {:.2}; wall {:.2}",
+            st.name,
+            st.cpu_s / gib,
+            st.wall_s / gib
+        );
+    }
+    predicted += send_per_gib;
+    println!(
+        "  {:<24} {send_per_gib:.2}   (oci-proxy's CPU on a warm hit)",
+        "send"
+    );
+    println!(
+        "  sum of stages {predicted:.2}; measured miss: oci-proxy {:.2}, distribution proxy {:.2}",
+        miss.proxy_per_gib, miss.peer_per_gib
+    );
+}
+
+/// Time from spawning a proxy to its first answer with `plan.open_blobs` committed blobs in
+/// its cache, vs with an empty cache.
+async fn cache_open(plan: &Plan, work: &std::path::Path) -> Row {
+    let n = plan.open_blobs;
+    println!("opening a cache of {n} blobs:");
+    let full = work.join("open-cache");
+    for i in 0..n {
+        let body = i.to_le_bytes();
+        let hex = blobs::sha256_hex(&body);
+        let dir = full.join("blobs/sha256").join(&hex[..2]);
+        std::fs::create_dir_all(&dir).expect("create blob dir");
+        std::fs::write(dir.join(format!("{hex}.{}", body.len())), body).expect("write blob");
+    }
+    let config =
+        |dir: &str| format!("listen: \"{{listen}}\"\ncache:\n  dir: \"{dir}\"\nupstreams: []\n");
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let p = ProxyProcess::start(&config("{dir}/cache")).await;
+        without.push(t.elapsed().as_secs_f64());
+        drop(p);
+        let t = std::time::Instant::now();
+        let p = ProxyProcess::start(&config(&full.display().to_string())).await;
+        with.push(t.elapsed().as_secs_f64());
+        let blobs_metric =
+            support::helpers::metric_value(&p.metrics().await, "oci_proxy_cache_blobs");
+        assert_eq!(blobs_metric as u32, n, "every blob indexed");
+        drop(p);
+    }
+    runs_line(&format!("{n} blobs (s)"), &with, "s");
+    runs_line("empty cache (s)", &without, "s");
+    let (w, e) = (client::median(&with), client::median(&without));
+    Row {
+        metric: format!("start with {n} cached blobs (s)"),
+        proxy: format!("{w:.2}"),
+        reference: format!("{e:.2} (empty)"),
+        ratio: format!("{:.2}", w / e),
+        goal: "-".into(),
+        pass: true,
+    }
 }
 
 fn proxy_config(upstream_host: &str) -> String {
@@ -242,26 +349,37 @@ fn cpu_line(what: &str, bytes: u64, used: &[(&str, f64)]) {
     println!("  CPU s per GiB {what}: {}", parts.join(", "));
 }
 
+/// A warm-hit measurement: its row and oci-proxy's CPU seconds per GiB sent.
+struct Warm {
+    row: Row,
+    proxy_cpu_per_gib: f64,
+}
+
 async fn warm(
-    plan: &Plan,
+    reps: usize,
     http: &reqwest::Client,
     registry: &Registry,
     nginx: &nginx::Nginx,
     blob: &BlobFile,
-) -> Row {
+) -> Warm {
     println!("warm hit, {} MiB blob:", blob.len / MIB);
     let proxy = start_proxy(&registry.host()).await;
     let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
     let me = Some(std::process::id());
     let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
-    let via_nginx = format!("{}/stream.bin", nginx.url());
+    let file = blob
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("blob file name");
+    let via_nginx = format!("{}/{file}", nginx.url());
     // Fill the cache, then one untimed pass each to settle connections and page cache.
     client::fetch(http, &via_proxy, blob.len).await;
     client::fetch(http, &via_proxy, blob.len).await;
     client::fetch(http, &via_nginx, blob.len).await;
     let (mut p, mut r) = (Vec::new(), Vec::new());
     let (mut p_cpu, mut r_cpu, mut c_p, mut c_r) = (0.0, 0.0, 0.0, 0.0);
-    for _ in 0..plan.reps {
+    for _ in 0..reps {
         let (s0, c0) = (cpu(proxy_pid), cpu(me));
         let t = client::fetch(http, &via_proxy, blob.len).await;
         p_cpu += cpu(proxy_pid) - s0;
@@ -275,19 +393,114 @@ async fn warm(
     }
     runs_line("oci-proxy (hit)", &p, "MiB/s");
     runs_line("nginx sendfile", &r, "MiB/s");
-    let total = blob.len * plan.reps as u64;
+    let total = blob.len * reps as u64;
     cpu_line(
         "via oci-proxy",
         total,
         &[("oci-proxy", p_cpu), ("client", c_p)],
     );
     cpu_line("via nginx", total, &[("nginx", r_cpu), ("client", c_r)]);
-    throughput_row(
-        format!("warm hit {} MiB (MiB/s)", blob.len / MIB),
-        &p,
-        &r,
-        0.8,
-    )
+    Warm {
+        row: throughput_row(
+            format!("warm hit {} MiB vs nginx (MiB/s)", blob.len / MIB),
+            &p,
+            &r,
+            0.9,
+        ),
+        proxy_cpu_per_gib: p_cpu / gib(total),
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * MIB as f64)
+}
+
+/// CPU seconds per GiB of a cold fetch: oci-proxy, the peer, and the client of a direct GET.
+struct MissCpu {
+    proxy_per_gib: f64,
+    peer_per_gib: f64,
+    receive_per_gib: f64,
+}
+
+/// A cold-fetch comparison: its rows and the CPU it measured.
+struct Cold {
+    rows: Vec<Row>,
+    cpu: MissCpu,
+}
+
+/// Cold fetches of `blob` from the loopback registry, alternating in each run: a fresh
+/// oci-proxy, a fresh distribution proxy (the peer, empty storage), a direct GET.
+async fn cold_vs_peer(
+    reps: usize,
+    http: &reqwest::Client,
+    registry: &Registry,
+    blob: &BlobFile,
+) -> Cold {
+    println!(
+        "cold fetch, {} MiB blob, loopback upstream; oci-proxy, distribution proxy, direct:",
+        blob.len / MIB
+    );
+    let me = Some(std::process::id());
+    let direct = format!("{}/v2/{REPO}/blobs/{}", registry.url(), blob.digest);
+    client::fetch(http, &direct, blob.len).await; // settle the registry's page cache
+    let (mut p, mut q, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut p_cpu, mut q_cpu, mut c_r) = (0.0, 0.0, 0.0);
+    let (mut idle, mut iowait) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let proxy = start_proxy(&registry.host()).await;
+        let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
+        let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
+        let (s0, m0) = (cpu(proxy_pid), procfs::machine_ticks());
+        let t = client::fetch(http, &via_proxy, blob.len).await;
+        let (i, w) = procfs::idle_iowait(m0, procfs::machine_ticks());
+        p_cpu += cpu(proxy_pid) - s0;
+        p.push(client::mib_per_sec(blob.len, t));
+        idle.push(i * 100.0);
+        iowait.push(w * 100.0);
+        drop(proxy);
+
+        let peer = Registry::start_pull_through(&registry.url()).await;
+        let peer_pid = procfs::pid_listening_on(peer.port());
+        let via_peer = format!("{}/v2/{REPO}/blobs/{}", peer.url(), blob.digest);
+        let s0 = cpu(peer_pid);
+        let t = client::fetch(http, &via_peer, blob.len).await;
+        q_cpu += cpu(peer_pid) - s0;
+        q.push(client::mib_per_sec(blob.len, t));
+        drop(peer);
+
+        let c0 = cpu(me);
+        let t = client::fetch(http, &direct, blob.len).await;
+        c_r += cpu(me) - c0;
+        r.push(client::mib_per_sec(blob.len, t));
+    }
+    runs_line("oci-proxy (miss)", &p, "MiB/s");
+    runs_line("distribution proxy (miss)", &q, "MiB/s");
+    runs_line("registry direct", &r, "MiB/s");
+    runs_line("machine idle, oci-proxy", &idle, "%");
+    runs_line("machine iowait, oci-proxy", &iowait, "%");
+    let total = gib(blob.len * reps as u64);
+    let cpu = MissCpu {
+        proxy_per_gib: p_cpu / total,
+        peer_per_gib: q_cpu / total,
+        receive_per_gib: c_r / total,
+    };
+    println!(
+        "  CPU s per GiB: oci-proxy {:.2}, distribution proxy {:.2}, client of a direct GET {:.2}",
+        cpu.proxy_per_gib, cpu.peer_per_gib, cpu.receive_per_gib
+    );
+    let mb = blob.len / MIB;
+    Cold {
+        rows: vec![
+            throughput_row(
+                format!("cold {mb} MiB vs distribution proxy (MiB/s)"),
+                &p,
+                &q,
+                1.2,
+            ),
+            throughput_row(format!("cold {mb} MiB vs direct (MiB/s)"), &p, &r, 0.6),
+        ],
+        cpu,
+    }
 }
 
 /// Cold fetches of `blob` from the upstream at `upstream_host` (the registry itself or a

@@ -93,3 +93,30 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// `/proc` reports CPU times in USER_HZ ticks, 100 per second on Linux.
 const USER_HZ: f64 = 100.0;
+
+/// The machine's cumulative CPU time split from the first line of `/proc/stat`, in ticks:
+/// `(total, idle, iowait)`.
+pub fn machine_ticks() -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest time is inside user)
+    let total = (0..8).map(at).sum();
+    (total, at(3), at(4))
+}
+
+/// Shares of idle and iowait time of the whole machine between two [`machine_ticks`].
+pub fn idle_iowait(before: (u64, u64, u64), after: (u64, u64, u64)) -> (f64, f64) {
+    let total = after.0.saturating_sub(before.0).max(1) as f64;
+    (
+        after.1.saturating_sub(before.1) as f64 / total,
+        after.2.saturating_sub(before.2) as f64 / total,
+    )
+}

@@ -49,6 +49,8 @@ pub struct Registry {
     dir: tempfile::TempDir,
     port: u16,
     auth: RegistryAuth,
+    /// Pull-through mode: the upstream registry this one mirrors (distribution's proxy).
+    remote: Option<String>,
 }
 
 /// The chosen port was taken by someone else between `free_port` and bind.
@@ -57,17 +59,29 @@ struct PortInUse;
 impl Registry {
     /// Starts a registry with `auth` and waits until `GET /v2/` answers 200 or 401.
     pub async fn start(auth: RegistryAuth) -> Registry {
+        Registry::start_with(auth, None).await
+    }
+
+    /// Starts an anonymous registry in pull-through mode (`proxy.remoteurl`) in front of
+    /// `remote` (e.g. `http://127.0.0.1:5000`), with empty storage: distribution's proxy, the
+    /// peer the benchmarks compare cold pulls with.
+    pub async fn start_pull_through(remote: &str) -> Registry {
+        Registry::start_with(RegistryAuth::Anonymous, Some(remote.to_owned())).await
+    }
+
+    async fn start_with(auth: RegistryAuth, remote: Option<String>) -> Registry {
         register_passwords(&auth);
         let dir = tempfile::tempdir().expect("registry temp dir");
         std::fs::create_dir_all(dir.path().join("data")).expect("create registry data dir");
         for _attempt in 0..5 {
             let port = free_port();
-            if let Ok(child) = launch(dir.path(), port, &auth).await {
+            if let Ok(child) = launch(dir.path(), port, &auth, remote.as_deref()).await {
                 return Registry {
                     child: Some(child),
                     dir,
                     port,
                     auth,
+                    remote,
                 };
             }
         }
@@ -82,7 +96,8 @@ impl Registry {
         self.stop();
         self.auth = auth;
         for _attempt in 0..5 {
-            if let Ok(child) = launch(self.dir.path(), self.port, &self.auth).await {
+            let remote = self.remote.as_deref();
+            if let Ok(child) = launch(self.dir.path(), self.port, &self.auth, remote).await {
                 self.child = Some(child);
                 return;
             }
@@ -174,7 +189,7 @@ pub fn write_htpasswd(path: &Path, users: &[(String, String)]) {
     std::fs::write(path, text).expect("write htpasswd");
 }
 
-fn write_config(dir: &Path, port: u16, auth: &RegistryAuth) -> PathBuf {
+fn write_config(dir: &Path, port: u16, auth: &RegistryAuth, remote: Option<&str>) -> PathBuf {
     let mut config = json!({
         "version": "0.1",
         "log": {"level": "info", "formatter": "text"},
@@ -185,6 +200,9 @@ fn write_config(dir: &Path, port: u16, auth: &RegistryAuth) -> PathBuf {
         },
         "http": {"addr": format!("127.0.0.1:{port}"), "secret": "fixture-http-secret"},
     });
+    if let Some(remote) = remote {
+        config["proxy"] = json!({"remoteurl": remote});
+    }
     match auth {
         RegistryAuth::Anonymous => {}
         RegistryAuth::Htpasswd { users } => {
@@ -208,8 +226,13 @@ fn write_config(dir: &Path, port: u16, auth: &RegistryAuth) -> PathBuf {
 }
 
 /// Writes config, spawns the registry on `port` and waits until it is ours and serving.
-async fn launch(dir: &Path, port: u16, auth: &RegistryAuth) -> Result<LoggedChild, PortInUse> {
-    let config = write_config(dir, port, auth);
+async fn launch(
+    dir: &Path,
+    port: u16,
+    auth: &RegistryAuth,
+    remote: Option<&str>,
+) -> Result<LoggedChild, PortInUse> {
+    let config = write_config(dir, port, auth, remote);
     let log = log_path(dir);
     // Logs accumulate across restarts: only look at what this run writes.
     let offset = std::fs::metadata(&log)
