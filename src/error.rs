@@ -62,7 +62,8 @@ impl Error {
         }
     }
 
-    /// The error as the client sees it. Messages name upstreams, never credentials.
+    /// The error as the client sees it. Messages name upstreams, never credentials, Secrets
+    /// or catalog objects.
     pub fn to_oci(&self) -> OciError {
         let msg = self.to_string();
         match self {
@@ -96,8 +97,24 @@ impl Error {
                 UpstreamError::Unreachable { .. } => {
                     OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
                 }
+                // The target and the reason go to the log only (see `Upstream::send`).
+                UpstreamError::Refused { upstream, refusal } => OciError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "upstream {upstream} redirected the request to a target the proxy refuses \
+                         to contact ({})",
+                        refusal.metric_label()
+                    ),
+                )
+                .with_status(StatusCode::BAD_GATEWAY),
             },
-            Error::Denied(m) => OciError::new(ErrorCode::Denied, m.clone()),
+            // The catalog's reason names Secrets and modules; it goes to the log (the
+            // handlers' `dispatch`) and `resolve`, never to the (anonymous) client.
+            Error::Denied(_) => OciError::new(
+                ErrorCode::Denied,
+                "no credentials may be used for this repository; the proxy's operator can see \
+                 why with `oci-proxy resolve`",
+            ),
             Error::DigestMismatch { .. }
             | Error::ManifestTooLarge { .. }
             | Error::BadUpstreamResponse { .. } => {
