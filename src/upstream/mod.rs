@@ -550,6 +550,9 @@ pub struct Upstreams {
     default_http: Clients,
     /// Where requests may go: every upstream's and token realm's `host:port`.
     guard: Arc<AddressGuard>,
+    /// Every configured upstream's `token_realm_hosts`: the realms catalog-added upstreams
+    /// (which have no config entry) may send credentials to.
+    realm_hosts: Vec<String>,
     /// `limits.upstream_timeout`, which `default_http` was built with.
     timeout: Duration,
     /// One pool of `limits.max_concurrent_upstream_fetches` slots shared by every upstream.
@@ -665,6 +668,7 @@ impl Upstreams {
         }
         let tag_ttl = cfg.cache.tag_ttl.0;
         let mut dynamic = HashMap::new();
+        let realm_hosts = all_realm_hosts(&cfg.upstreams);
         if let Some(p) = previous {
             summary.removed = p
                 .configured
@@ -673,7 +677,10 @@ impl Upstreams {
                 .count();
             let old_dynamic = p.dynamic.read().map(|m| m.clone()).unwrap_or_default();
             for (name, old) in old_dynamic {
-                if configured.contains_key(&name) || old.session.settings.timeout != timeout {
+                if configured.contains_key(&name)
+                    || old.session.settings.timeout != timeout
+                    || old.session.settings.upstream.token_realm_hosts != realm_hosts
+                {
                     continue;
                 }
                 let up = Upstream {
@@ -697,6 +704,7 @@ impl Upstreams {
         ));
         let upstreams = Upstreams {
             guard,
+            realm_hosts,
             configured,
             dynamic: RwLock::new(dynamic),
             default_upstream: cfg
@@ -747,7 +755,7 @@ impl Upstreams {
                 endpoint: Some(endpoint.clone()),
                 ca_file: None,
                 tag_ttl: None,
-                token_realm_hosts: Vec::new(),
+                token_realm_hosts: self.realm_hosts.clone(),
             },
             ca_pem: None,
             timeout: self.timeout,
@@ -796,6 +804,17 @@ fn settings_for(u: &UpstreamConfig, timeout: Duration) -> Result<Settings, Upstr
         ca_pem,
         timeout,
     })
+}
+
+/// Every configured upstream's `token_realm_hosts`, de-duplicated, in config order.
+fn all_realm_hosts(configured: &[UpstreamConfig]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for entry in configured.iter().flat_map(|u| &u.token_realm_hosts) {
+        if !out.contains(entry) {
+            out.push(entry.clone());
+        }
+    }
+    out
 }
 
 /// The `host:port` of every upstream endpoint and every configured token realm host (a bare
