@@ -131,3 +131,40 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_bodies_name_no_catalog_object() {
+        let reason = "ModuleTemplate kcp-system/orphan: credential selector \
+                      operator.kyma-project.io/oci-registry-cred=orphan matches no Secret";
+        let e = Error::Denied(reason.into());
+        let body = e.to_oci().body();
+        assert_eq!(e.to_oci().status(), StatusCode::FORBIDDEN);
+        assert!(body.contains("DENIED"), "{body}");
+        for leak in ["kcp-system", "orphan", "oci-registry-cred", "Secret "] {
+            assert!(!body.contains(leak), "{leak} in {body}");
+        }
+        // The log (Display) keeps the reason.
+        assert!(e.to_string().contains("kcp-system/orphan"));
+    }
+
+    #[test]
+    fn refused_redirects_are_bad_gateway_without_the_target() {
+        let e = Error::Upstream {
+            subject: Subject::Manifest,
+            source: UpstreamError::Refused {
+                upstream: "evil.test".into(),
+                refusal: crate::upstream::Refusal::Address {
+                    target: "127.0.0.1:6379".into(),
+                    class: "loopback, private or internal",
+                },
+            },
+        };
+        let oci = e.to_oci();
+        assert_eq!(oci.status(), StatusCode::BAD_GATEWAY);
+        assert!(oci.message.contains("evil.test") && !oci.message.contains("6379"));
+    }
+}

@@ -6,6 +6,8 @@
 //!
 //! Unscripted requests: `GET /v2/` answers `200 {}`, anything else `404` with an OCI error.
 
+#![allow(dead_code)] // each test crate uses a different part
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -187,5 +189,6 @@ async fn handle(
     } else {
         Body::from(answer.body)
     };
-    b.body(body).unwrap_or_else(|_| Response::new(Body::empty()))
+    b.body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
