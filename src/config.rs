@@ -354,6 +354,24 @@ impl Config {
             if endpoint.query().is_some() || endpoint.fragment().is_some() {
                 return Err(invalid(at("endpoint"), "must not have a query or fragment"));
             }
+            if !endpoint.username().is_empty() || endpoint.password().is_some() {
+                // Says where, never what: the value is a password.
+                return Err(invalid(
+                    at("endpoint"),
+                    "must not carry user:password@ (put credentials in credentials.docker_config \
+                     or a module Secret)",
+                ));
+            }
+            for (j, entry) in u.token_realm_hosts.iter().enumerate() {
+                if crate::upstream::token::realm_entry_authority(entry, Some(443)).is_none()
+                    || entry.contains(['/', '@', '?', '#'])
+                {
+                    return Err(invalid(
+                        at(&format!("token_realm_hosts[{j}]")),
+                        "must be a host or host:port (no scheme, path or userinfo)",
+                    ));
+                }
+            }
         }
         if let Some(d) = &self.default_upstream {
             if !names.contains(&d.to_ascii_lowercase()) {
@@ -697,6 +715,23 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_path() {
+        let e = Config::parse(
+            "upstreams:\n  - name: a.io\n    endpoint: http://bob:hunter2@127.0.0.1:5000\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("upstreams[0].endpoint") && e.contains("user:password@"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2") && !e.contains("bob"), "{e}");
+        for bad in ["a/b", "u@h", "h:port", "[::1"] {
+            let yaml = format!("upstreams:\n  - name: a.io\n    token_realm_hosts: [\"{bad}\"]\n");
+            let e = Config::parse(&yaml).unwrap_err().to_string();
+            assert!(e.contains("token_realm_hosts[0]"), "{bad}: {e}");
+        }
+        Config::parse("upstreams:\n  - name: a.io\n    token_realm_hosts: [a.io, \"a.io:8443\", \"[::1]:5000\"]\n")
+            .unwrap();
         let e = Config::parse("upstreams:\n  - name: a.io\n    endpoint: ftp://x\n").unwrap_err();
         assert_eq!(
             e.to_string(),

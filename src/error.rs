@@ -62,7 +62,8 @@ impl Error {
         }
     }
 
-    /// The error as the client sees it. Messages name upstreams, never credentials.
+    /// The error as the client sees it. Messages name upstreams, never credentials, Secrets
+    /// or catalog objects.
     pub fn to_oci(&self) -> OciError {
         let msg = self.to_string();
         match self {
@@ -96,8 +97,24 @@ impl Error {
                 UpstreamError::Unreachable { .. } => {
                     OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
                 }
+                // The target and the reason go to the log only (see `Upstream::send`).
+                UpstreamError::Refused { upstream, refusal } => OciError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "upstream {upstream} redirected the request to a target the proxy refuses \
+                         to contact ({})",
+                        refusal.metric_label()
+                    ),
+                )
+                .with_status(StatusCode::BAD_GATEWAY),
             },
-            Error::Denied(m) => OciError::new(ErrorCode::Denied, m.clone()),
+            // The catalog's reason names Secrets and modules; it goes to the log (the
+            // handlers' `dispatch`) and `resolve`, never to the (anonymous) client.
+            Error::Denied(_) => OciError::new(
+                ErrorCode::Denied,
+                "no credentials may be used for this repository; the proxy's operator can see \
+                 why with `oci-proxy resolve`",
+            ),
             Error::DigestMismatch { .. }
             | Error::ManifestTooLarge { .. }
             | Error::BadUpstreamResponse { .. } => {
@@ -112,5 +129,42 @@ impl Error {
                 OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_bodies_name_no_catalog_object() {
+        let reason = "ModuleTemplate kcp-system/orphan: credential selector \
+                      operator.kyma-project.io/oci-registry-cred=orphan matches no Secret";
+        let e = Error::Denied(reason.into());
+        let body = e.to_oci().body();
+        assert_eq!(e.to_oci().status(), StatusCode::FORBIDDEN);
+        assert!(body.contains("DENIED"), "{body}");
+        for leak in ["kcp-system", "orphan", "oci-registry-cred", "Secret "] {
+            assert!(!body.contains(leak), "{leak} in {body}");
+        }
+        // The log (Display) keeps the reason.
+        assert!(e.to_string().contains("kcp-system/orphan"));
+    }
+
+    #[test]
+    fn refused_redirects_are_bad_gateway_without_the_target() {
+        let e = Error::Upstream {
+            subject: Subject::Manifest,
+            source: UpstreamError::Refused {
+                upstream: "evil.test".into(),
+                refusal: crate::upstream::Refusal::Address {
+                    target: "127.0.0.1:6379".into(),
+                    class: "loopback, private or internal",
+                },
+            },
+        };
+        let oci = e.to_oci();
+        assert_eq!(oci.status(), StatusCode::BAD_GATEWAY);
+        assert!(oci.message.contains("evil.test") && !oci.message.contains("6379"));
     }
 }

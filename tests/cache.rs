@@ -931,7 +931,7 @@ async fn cached_blob_needs_the_users_access_to_the_other_repository_on_distribut
         config(&reg.url(), None, "", ""),
         docker_config.display()
     );
-    let proxy = ProxyProcess::start(&cfg).await;
+    let proxy = ProxyProcess::start(&trust_registry_realm(&cfg, &reg)).await;
     let path_b = format!("/v2/other/b/blobs/{digest}");
 
     let (status, body) = get_ok(&blob_url(&proxy, "private/a", &digest)).await;

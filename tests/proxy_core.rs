@@ -28,7 +28,8 @@ async fn proxy_with_user(
 ) -> (ProxyProcess, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let dc = docker_config(tmp.path(), name, USER, password);
-    let proxy = ProxyProcess::start(&proxy_config(&[(name, &reg.url())], Some(&dc))).await;
+    let config = trust_registry_realm(&proxy_config(&[(name, &reg.url())], Some(&dc)), reg);
+    let proxy = ProxyProcess::start(&config).await;
     (proxy, tmp)
 }
 
@@ -169,7 +170,8 @@ async fn anonymous_public_pull_and_denied_private_pull() {
     let public = push_image(&reg, ADMIN, "public/app", "v1", &layers()).await;
     push_image(&reg, ADMIN, "private/app", "v1", &layers()).await;
     // No docker config: the proxy is anonymous upstream.
-    let proxy = ProxyProcess::start(&proxy_config(&[("token.test", &reg.url())], None)).await;
+    let config = trust_registry_realm(&proxy_config(&[("token.test", &reg.url())], None), &reg);
+    let proxy = ProxyProcess::start(&config).await;
     tokens.reset_counts();
 
     let (out, dest) = copy_through(&proxy, "token.test/public/app:v1").await;
@@ -216,8 +218,19 @@ async fn refused_token_is_refreshed_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dc = docker_config(tmp.path(), "token.test", USER, PASSWORD);
     // tag_ttl 0s: every tag request revalidates upstream, so the second request needs a token.
+    // The token server is replaced on another port below: both are trusted realms.
+    let new_tokens = TokenServer::start(policy()).await;
     let config = proxy_config(&[("token.test", &reg.url())], Some(&dc))
-        .replace("cache:\n", "cache:\n  tag_ttl: 0s\n");
+        .replace("cache:\n", "cache:\n  tag_ttl: 0s\n")
+        .replace(
+            &format!("    endpoint: {}\n", reg.url()),
+            &format!(
+                "    endpoint: {}\n    token_realm_hosts: [\"{}\", \"{}\"]\n",
+                reg.url(),
+                old_tokens.realm_host(),
+                new_tokens.realm_host()
+            ),
+        );
     let proxy = ProxyProcess::start(&config).await;
     let url = format!("{}/v2/token.test/private/app/manifests/v1", proxy.url());
     let accept = "application/vnd.oci.image.manifest.v1+json";
@@ -233,7 +246,6 @@ async fn refused_token_is_refreshed_once() {
     assert_eq!(resp.status(), StatusCode::OK);
 
     // New token server, new key: every token the proxy holds is now refused.
-    let new_tokens = TokenServer::start(policy()).await;
     reg.restart_with(RegistryAuth::Token(new_tokens.info()))
         .await;
     let resp = get_manifest().await;

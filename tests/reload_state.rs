@@ -97,7 +97,7 @@ async fn a_reload_keeps_the_tokens_of_unchanged_upstreams() {
     let image = push_image(&reg, ADMIN, "team/app", "v1", &layers()).await;
     let creds = tempfile::tempdir().unwrap();
     let dc = docker_config(creds.path(), "token.test");
-    let start = config("{listen}", "{dir}", &dc, &reg.url(), "");
+    let start = trust_registry_realm(&config("{listen}", "{dir}", &dc, &reg.url(), ""), &reg);
     let proxy = ProxyProcess::start(&start).await;
     let (host, dir) = (proxy.host(), proxy.dir().display().to_string());
     let client = http_client();
@@ -117,7 +117,7 @@ async fn a_reload_keeps_the_tokens_of_unchanged_upstreams() {
     // An unrelated change: another upstream and a new tag_ttl.
     let second = format!("  - name: other.test\n    endpoint: \"{}\"\n", other.url());
     let tag_ttl = "  tag_ttl: 2m\n";
-    let yaml = config(&host, &dir, &dc, &reg.url(), &second)
+    let yaml = trust_registry_realm(&config(&host, &dir, &dc, &reg.url(), &second), &reg)
         .replace("cache:\n", &format!("cache:\n{tag_ttl}"));
     write_config(&proxy, &yaml);
     wait_for_reloads(&proxy, 1.0).await;

@@ -685,6 +685,7 @@ async fn metrics_expose_the_documented_series_after_a_pull() {
          credentials:\n  docker_config: {dc}\n{}",
         upstreams_yaml(&[("token.test", &reg.url())])
     );
+    let yaml = trust_registry_realm(&yaml, &reg);
     let proxy = Proxy::start(&yaml, false, &plain_client()).await;
 
     for _ in 0..2 {

@@ -8,8 +8,6 @@ pub mod secret;
 
 use std::fmt;
 
-use sha2::{Digest as _, Sha256};
-
 pub use dockerconfig::{AuthEntry, DockerConfig, DockerConfigError, RegistryBase};
 pub use keychain::{Keychain, KeychainMatch};
 pub use secret::Secret;
@@ -42,26 +40,41 @@ impl Credential {
         }
     }
 
-    /// A stable fingerprint of the credential, used in token cache keys so that a rotated
-    /// credential never reuses a token obtained with the old one. It reveals nothing usable.
+    /// A fingerprint of the credential, used in token cache keys (a rotated credential never
+    /// reuses a token obtained with the old one) and in logs and `resolve` output (which
+    /// Secret's credential was used). It is an HMAC-SHA256 under a key drawn at random once per
+    /// process: stable within the process, different in every other one, and useless for
+    /// guessing a weak password offline (there is no key to test guesses against).
     pub fn id(&self) -> CredentialId {
-        let mut h = Sha256::new();
-        h.update(b"oci-proxy credential id v1\0");
-        h.update(self.kind().as_bytes());
-        h.update([0]);
+        let mut ctx = ring::hmac::Context::with_key(id_key());
+        ctx.update(b"oci-proxy credential id v2\0");
+        ctx.update(self.kind().as_bytes());
+        ctx.update(&[0]);
         match self {
             Credential::Anonymous => {}
             Credential::Basic { username, password } => {
-                h.update(username.as_bytes());
-                h.update([0]);
-                h.update(password.expose().as_bytes());
+                ctx.update(username.as_bytes());
+                ctx.update(&[0]);
+                ctx.update(password.expose().as_bytes());
             }
             Credential::IdentityToken(t) | Credential::RegistryToken(t) => {
-                h.update(t.expose().as_bytes())
+                ctx.update(t.expose().as_bytes())
             }
         }
-        CredentialId(hex::encode(&h.finalize()[..12]))
+        CredentialId(hex::encode(&ctx.sign().as_ref()[..12]))
     }
+}
+
+/// The per-process key of [`Credential::id`].
+fn id_key() -> &'static ring::hmac::Key {
+    static KEY: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let rng = ring::rand::SystemRandom::new();
+        // A failing system RNG leaves no safe fallback for a secret key: better to stop.
+        #[allow(clippy::expect_used)]
+        ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+            .expect("the system random number generator failed")
+    })
 }
 
 /// Fingerprint of a [`Credential`]; see [`Credential::id`].

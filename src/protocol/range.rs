@@ -134,6 +134,16 @@ pub fn content_range(start: u64, end: u64, size: u64) -> String {
     format!("bytes {start}-{end}/{size}")
 }
 
+/// Parses the `Content-Range` of a 206 strictly: `bytes <start>-<end>/<size>` with
+/// `start <= end < size`; `None` for anything else (`*` sizes, other units, bad numbers).
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, size) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, size) = (parse_pos(start)?, parse_pos(end)?, parse_pos(size)?);
+    (start <= end && end < size).then_some((start, end, size))
+}
+
 /// `Content-Range` of a 416: `bytes */<size>`.
 pub fn unsatisfied_content_range(size: u64) -> String {
     format!("bytes */{size}")
@@ -244,6 +254,29 @@ mod tests {
         assert_eq!(partial(2, 5).len(10), 4);
         assert_eq!(ByteRange::Full.len(10), 10);
         assert!(ByteRange::Unsatisfiable.is_empty(10));
+    }
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, 1000)));
+        assert_eq!(
+            parse_content_range("bytes 999-999/1000"),
+            Some((999, 999, 1000))
+        );
+        for bad in [
+            "bytes 0-99/*",
+            "bytes */1000",
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "items 0-1/10",
+            "bytes 0-1,3-4/10",
+            "bytes -1-2/10",
+            "bytes 0-1/10/2",
+            "",
+            "garbage",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -198,7 +198,11 @@ async fn dispatch(
             &target.upstream.endpoint_host(),
             target.repository.as_str(),
         )
-        .map_err(Error::Denied)?;
+        .map_err(|reason| {
+            // The only place the catalog's reason is told; the client's body names none of it.
+            tracing::warn!(repository = %rec.repository, reason = %reason, "credentials denied");
+            Error::Denied(reason)
+        })?;
     tracing::debug!(repository = %rec.repository, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
     let ctx = Ctx {
         app,
@@ -475,8 +479,27 @@ async fn fetch_manifest(ctx: &Ctx<'_>, reference: &Reference) -> Result<Manifest
         )
         .await?;
     let header_type = content_type(resp.response.headers());
+    let claimed = resp.response.headers().get(DOCKER_CONTENT_DIGEST).cloned();
     let upstream = &ctx.target.upstream.name;
     let bytes = read_limited(resp, MAX_MANIFEST_SIZE, upstream).await?;
+    // The upstream's own claim must hold too: a body that does not hash to the
+    // Docker-Content-Digest it came with is refused (and not cached), by tag as by digest.
+    if let Some(claimed) = claimed {
+        let claimed = claimed
+            .to_str()
+            .ok()
+            .and_then(|v| Digest::parse(v.trim()).ok())
+            .ok_or_else(|| Error::BadUpstreamResponse {
+                upstream: upstream.clone(),
+                message: "manifest with an unparseable Docker-Content-Digest".into(),
+            })?;
+        if !claimed.verify(&bytes) {
+            return Err(Error::DigestMismatch {
+                upstream: upstream.clone(),
+                digest: claimed.to_string(),
+            });
+        }
+    }
     let digest = match reference {
         Reference::Digest(want) => {
             if !want.verify(&bytes) {
@@ -543,7 +566,7 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
             )),
             // Cold or not yet linked: an upstream HEAD only, never a download.
             None => {
-                let resp = blob_upstream(ctx, digest, Method::HEAD, None).await?;
+                let resp = blob_upstream_head(ctx, digest).await?;
                 if cached_size.is_some() && resp.status().is_success() {
                     cache.link(&key, digest).await;
                 }
@@ -568,13 +591,19 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
                     tracing::debug!(digest = %digest_owned, error = %e, "background fill for a range request failed");
                 }
             });
-            if linked {
-                if let Some(resp) = shared_range(cache, digest, range).await {
-                    return Ok(with_cache_status(resp, "shared"));
+            // Only one well-formed range goes upstream, and only an exact answer to it comes
+            // back; anything else (no usable range, a 200, another range) is served below
+            // from the verified fill.
+            if let Some(spec) = range::parse_range_unknown_size(range.to_str().ok()) {
+                if linked {
+                    if let Some(resp) = shared_range(cache, digest, range).await {
+                        return Ok(with_cache_status(resp, "shared"));
+                    }
+                }
+                if let Some(resp) = upstream_range(ctx, digest, spec).await? {
+                    return Ok(with_cache_status(resp, "upstream"));
                 }
             }
-            let resp = blob_upstream(ctx, digest, Method::GET, Some(range)).await?;
-            return Ok(with_cache_status(resp, "upstream"));
         }
     }
     let reader = cache
@@ -773,25 +802,18 @@ fn cache_error(e: CacheError, upstream: &str) -> Error {
     }
 }
 
-/// A blob request answered by the upstream directly (HEAD on a cold blob).
-async fn blob_upstream(
-    ctx: &Ctx<'_>,
-    digest: &Digest,
-    method: Method,
-    range: Option<&HeaderValue>,
-) -> Result<Response<Body>, Error> {
-    let head = method == Method::HEAD;
+/// A HEAD of a cold blob, answered by an upstream HEAD (no body, so nothing to verify).
+async fn blob_upstream_head(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     let resp = ctx
         .send(
-            method,
+            Method::HEAD,
             format!("blobs/{digest}"),
             None,
             None,
-            range,
+            None,
             Subject::Blob,
         )
         .await?;
-    let status = resp.response.status();
     // The header, not content_length(): for a HEAD reqwest reports the (empty) body's length.
     let len = resp
         .response
@@ -799,18 +821,67 @@ async fn blob_upstream(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let content_range = resp
-        .response
-        .headers()
+    Ok(blob_response(
+        digest,
+        StatusCode::OK,
+        len,
+        None,
+        body::empty(),
+    ))
+}
+
+/// A range of a cold blob straight from the upstream, while the background fill verifies the
+/// whole blob. Passed through only when the upstream answers `206` with a `Content-Range` that
+/// is exactly `spec` resolved against the size it states, and a matching `Content-Length`;
+/// `None` otherwise (the caller serves the range from the verified fill instead).
+async fn upstream_range(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    spec: range::RangeSpec,
+) -> Result<Option<Response<Body>>, Error> {
+    let Ok(header) = HeaderValue::from_str(&spec.to_string()) else {
+        return Ok(None);
+    };
+    let resp = ctx
+        .send(
+            Method::GET,
+            format!("blobs/{digest}"),
+            None,
+            None,
+            Some(&header),
+            Subject::Blob,
+        )
+        .await?;
+    let h = resp.response.headers();
+    let status = resp.response.status();
+    let content_range = h
         .get(CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = if head || status == StatusCode::RANGE_NOT_SATISFIABLE {
-        body::empty()
-    } else {
-        body::stream(upstream_stream(resp))
-    };
-    Ok(blob_response(digest, status, len, content_range, body))
+        .and_then(range::parse_content_range);
+    let len = h
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match content_range {
+        Some((start, end, size))
+            if status == StatusCode::PARTIAL_CONTENT
+                && spec.resolve(size) == (ByteRange::Partial { start, end })
+                && len == Some(end - start + 1) =>
+        {
+            Ok(Some(blob_response(
+                digest,
+                StatusCode::PARTIAL_CONTENT,
+                len,
+                Some(range::content_range(start, end, size)),
+                body::stream(upstream_stream(resp)),
+            )))
+        }
+        _ => {
+            tracing::warn!(upstream = %ctx.target.upstream.name, %digest, range = %spec,
+                status = status.as_u16(), "upstream did not answer the range asked; serving it from the verified blob");
+            Ok(None)
+        }
+    }
 }
 
 /// The upstream body as a stream, holding the upstream fetch slot until it ends.

@@ -396,6 +396,7 @@ impl App {
         ) {
             Ok(c) => {
                 let _ = writeln!(out, "credential: {}", c.credential.kind());
+                let _ = writeln!(out, "credential id: {}", c.credential.id());
                 let _ = writeln!(out, "credential source: {}", c.source);
             }
             Err(message) => {

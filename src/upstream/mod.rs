@@ -3,14 +3,21 @@
 //! authenticated request: it learns the challenge from the first 401, exchanges credentials
 //! for a token (cached), and retries once with a fresh token when a cached one is refused.
 //!
+//! Where requests may go is [`guard`]'s concern: only blob GETs and HEADs follow redirects
+//! (registries send blobs to CDNs), through a policy that refuses internal targets; manifests,
+//! tags, referrers and token requests never follow one; every name resolves through
+//! [`guard::GuardedResolver`]; no `Referer` is ever sent.
+//!
 //! [`Upstreams::rebuild`] (on a config reload) carries each upstream's client, learned
 //! challenge and token cache over to the new config while that upstream's own settings are
 //! unchanged, so a reload does not cause a burst of challenge round-trips and token exchanges.
 
 pub mod challenge;
+pub mod guard;
 pub mod token;
 
 pub use challenge::Challenge;
+pub use guard::{AddressGuard, Refusal};
 pub use token::{check_realm, fetch_token, RealmTrust, Token, TokenCache, TokenError, TokenKey};
 
 use std::collections::HashMap;
@@ -48,6 +55,9 @@ pub enum UpstreamError {
     },
     #[error("upstream {upstream} is unreachable: {message}")]
     Unreachable { upstream: String, message: String },
+    /// A redirect or an address the proxy does not follow (see [`guard`]).
+    #[error("upstream {upstream} sent the request where the proxy does not follow: {refusal}")]
+    Refused { upstream: String, refusal: Refusal },
     #[error("upstream {upstream} token exchange failed: {source}")]
     Token {
         upstream: String,
@@ -66,6 +76,7 @@ impl UpstreamError {
             UpstreamError::TooManyRequests { .. } => "rate_limited",
             UpstreamError::Status { .. } => "status",
             UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::Refused { refusal, .. } => refusal.metric_label(),
             UpstreamError::Token { .. } => "token",
         }
     }
@@ -117,14 +128,29 @@ pub struct Upstream {
     session: Arc<Session>,
     fetch_slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    /// Where requests may go; shared by every upstream and carried across reloads.
+    guard: Arc<AddressGuard>,
 }
+
+/// The two clients of an upstream; both resolve names through [`guard::GuardedResolver`] and
+/// never send `Referer`.
+#[derive(Clone)]
+struct Clients {
+    /// Follows no redirect: manifests, tags, referrers, token requests.
+    plain: reqwest::Client,
+    /// Follows up to [`MAX_REDIRECTS`] redirects that pass [`AddressGuard::check_target`].
+    blob: reqwest::Client,
+}
+
+/// Redirect hops followed for a blob.
+const MAX_REDIRECTS: usize = 5;
 
 /// What an upstream builds or learns while running: its HTTP client (and connection pool),
 /// the auth scheme it announced, and the tokens it handed out. It depends only on
 /// [`Settings`], so a reload that leaves those equal carries it over.
 struct Session {
     settings: Settings,
-    http: reqwest::Client,
+    http: Clients,
     scheme: RwLock<Scheme>,
     /// Keyed by realm, service, scopes and the credential's fingerprint ([`Credential::id`],
     /// a hash over the secret itself): a rotated credential never matches a token fetched with
@@ -187,6 +213,11 @@ impl Upstream {
             Ok(r) => status_class(r.status()),
             Err(e) => e.metric_label(),
         };
+        if let Err(UpstreamError::Refused { refusal, .. }) = &result {
+            // The one place a refused redirect or address is logged (and, below, counted).
+            tracing::warn!(upstream = %self.name, path = %req.path, reason = %refusal,
+                outcome, "upstream redirect or address refused");
+        }
         self.metrics
             .upstream_request(&self.name, outcome, started.elapsed());
         result.map(|response| UpstreamResponse { response, permit })
@@ -207,7 +238,7 @@ impl Upstream {
                 .await?;
             let resp = self.request(req, &url, auth).await?;
             if resp.status() != StatusCode::UNAUTHORIZED {
-                return self.check_status(resp);
+                return self.check_status(resp, req);
             }
             // 401: learn (or re-learn) the challenge; drop a refused token; retry once.
             let values: Vec<&str> = resp
@@ -286,6 +317,7 @@ impl Upstream {
                     realm,
                     &self.endpoint,
                     &self.session.settings.upstream.token_realm_hosts,
+                    &self.guard,
                 )
                 .map_err(|e| self.token_error(e))?;
                 let credential = match trust {
@@ -304,7 +336,7 @@ impl Upstream {
                     scopes: vec![scope.to_owned()],
                     credential: credential.id(),
                 };
-                let http = self.session.http.clone();
+                let http = self.session.http.plain.clone();
                 let (realm, service, scopes) = (realm.clone(), service.clone(), key.scopes.clone());
                 let metrics = self.metrics.clone();
                 let upstream = self.name.clone();
@@ -347,7 +379,15 @@ impl Upstream {
         url: &Url,
         auth: Option<HeaderValue>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let mut builder = self.session.http.request(req.method.clone(), url.clone());
+        // Only blob GETs and HEADs may follow a redirect (to a CDN), through the guarded policy.
+        let blob = req.path.starts_with("blobs/")
+            && (req.method == Method::GET || req.method == Method::HEAD);
+        let http = if blob {
+            &self.session.http.blob
+        } else {
+            &self.session.http.plain
+        };
+        let mut builder = http.request(req.method.clone(), url.clone());
         if let Some(accept) = req.accept {
             builder = builder.header(ACCEPT, accept);
         }
@@ -360,16 +400,33 @@ impl Upstream {
         builder
             .send()
             .await
-            .map_err(|e| self.unreachable(&describe_reqwest_error(&e)))
+            .map_err(|e| match guard::find_refusal(&e) {
+                Some(refusal) => UpstreamError::Refused {
+                    upstream: self.name.clone(),
+                    refusal,
+                },
+                None => self.unreachable(&describe_reqwest_error(&e)),
+            })
     }
 
-    fn check_status(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+    fn check_status(
+        &self,
+        resp: reqwest::Response,
+        req: &UpstreamRequest<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let status = resp.status();
         let upstream = self.name.clone();
         match status {
-            s if s.is_success() || s.is_redirection() || s == StatusCode::RANGE_NOT_SATISFIABLE => {
-                Ok(resp)
-            }
+            s if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE => Ok(resp),
+            // A redirect that reaches here was not followed: not a blob request, or no usable
+            // Location. It is never passed on to the client.
+            s if s.is_redirection() => Err(UpstreamError::Refused {
+                upstream,
+                refusal: Refusal::NotFollowed {
+                    kind: request_kind(req),
+                    target: redirect_target(&resp),
+                },
+            }),
             StatusCode::FORBIDDEN => Err(UpstreamError::Denied { upstream }),
             StatusCode::NOT_FOUND => Err(UpstreamError::NotFound { upstream }),
             StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::TooManyRequests {
@@ -394,6 +451,27 @@ impl Upstream {
             message: message.to_owned(),
         }
     }
+}
+
+/// What a request is, for a refusal's message.
+fn request_kind(req: &UpstreamRequest<'_>) -> &'static str {
+    match req.path.split('/').next() {
+        Some("manifests") => "manifests",
+        Some("blobs") => "blobs (no usable Location)",
+        Some("tags") => "tag lists",
+        Some("referrers") => "referrers",
+        _ => "this request",
+    }
+}
+
+/// The `host:port` a redirect points to (for the log; never its path or query).
+fn redirect_target(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get(http::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| resp.url().join(l).ok())
+        .and_then(|u| guard::authority(&u))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn same_scheme(a: &Scheme, b: &Scheme) -> bool {
@@ -468,8 +546,13 @@ pub struct Upstreams {
     dynamic: RwLock<HashMap<String, Arc<Upstream>>>,
     /// Host names that config upstreams are also known by (their endpoint's `host[:port]`).
     default_upstream: Option<String>,
-    /// The client of upstreams without a `ca_file`.
-    default_http: reqwest::Client,
+    /// The clients of upstreams without a `ca_file`.
+    default_http: Clients,
+    /// Where requests may go: every upstream's and token realm's `host:port`.
+    guard: Arc<AddressGuard>,
+    /// Every configured upstream's `token_realm_hosts`: the realms catalog-added upstreams
+    /// (which have no config entry) may send credentials to.
+    realm_hosts: Vec<String>,
     /// `limits.upstream_timeout`, which `default_http` was built with.
     timeout: Duration,
     /// One pool of `limits.max_concurrent_upstream_fetches` slots shared by every upstream.
@@ -532,6 +615,12 @@ impl Upstreams {
     ) -> Result<(Self, RebuildSummary), UpstreamSetupError> {
         let mut summary = RebuildSummary::default();
         let timeout = cfg.limits.upstream_timeout.0;
+        // One guard for the life of the process: kept clients resolve through it, so a reload
+        // updates what it allows in place.
+        let guard = match previous {
+            Some(p) => p.guard.clone(),
+            None => AddressGuard::new(),
+        };
         let fetch_limit = cfg.limits.max_concurrent_upstream_fetches;
         let fetch_slots = match previous {
             Some(p) if p.fetch_limit == fetch_limit => {
@@ -542,7 +631,7 @@ impl Upstreams {
         };
         let default_http = match previous {
             Some(p) if p.timeout == timeout => p.default_http.clone(),
-            _ => http_client(None, timeout).map_err(|message| UpstreamSetupError {
+            _ => http_clients(None, timeout, &guard).map_err(|message| UpstreamSetupError {
                 name: "default".into(),
                 message,
             })?,
@@ -563,7 +652,7 @@ impl Upstreams {
                     } else {
                         summary.added += 1;
                     }
-                    Arc::new(new_session(settings, &default_http)?)
+                    Arc::new(new_session(settings, &default_http, &guard)?)
                 }
             };
             let up = Upstream {
@@ -573,11 +662,13 @@ impl Upstreams {
                 session,
                 fetch_slots: fetch_slots.clone(),
                 metrics: metrics.clone(),
+                guard: guard.clone(),
             };
             configured.insert(name, Arc::new(up));
         }
         let tag_ttl = cfg.cache.tag_ttl.0;
         let mut dynamic = HashMap::new();
+        let realm_hosts = all_realm_hosts(&cfg.upstreams);
         if let Some(p) = previous {
             summary.removed = p
                 .configured
@@ -586,7 +677,10 @@ impl Upstreams {
                 .count();
             let old_dynamic = p.dynamic.read().map(|m| m.clone()).unwrap_or_default();
             for (name, old) in old_dynamic {
-                if configured.contains_key(&name) || old.session.settings.timeout != timeout {
+                if configured.contains_key(&name)
+                    || old.session.settings.timeout != timeout
+                    || old.session.settings.upstream.token_realm_hosts != realm_hosts
+                {
                     continue;
                 }
                 let up = Upstream {
@@ -596,6 +690,7 @@ impl Upstreams {
                     session: old.session.clone(),
                     fetch_slots: fetch_slots.clone(),
                     metrics: metrics.clone(),
+                    guard: guard.clone(),
                 };
                 dynamic.insert(name, Arc::new(up));
             }
@@ -603,7 +698,13 @@ impl Upstreams {
         } else {
             summary.added = configured.len();
         }
+        guard.set_allowed(allowed_authorities(
+            configured.values().chain(dynamic.values()),
+            &cfg.upstreams,
+        ));
         let upstreams = Upstreams {
+            guard,
+            realm_hosts,
             configured,
             dynamic: RwLock::new(dynamic),
             default_upstream: cfg
@@ -643,13 +744,18 @@ impl Upstreams {
         }
         let scheme = if insecure { "http" } else { "https" };
         let endpoint = Url::parse(&format!("{scheme}://{host}")).ok()?;
+        if !endpoint.username().is_empty() || endpoint.password().is_some() {
+            return None;
+        }
+        // A registry the catalog names is trusted like a configured one.
+        self.guard.allow(guard::authority(&endpoint)?);
         let settings = Settings {
             upstream: UpstreamConfig {
                 name: key.clone(),
                 endpoint: Some(endpoint.clone()),
                 ca_file: None,
                 tag_ttl: None,
-                token_realm_hosts: Vec::new(),
+                token_realm_hosts: self.realm_hosts.clone(),
             },
             ca_pem: None,
             timeout: self.timeout,
@@ -666,6 +772,7 @@ impl Upstreams {
             }),
             fetch_slots: self.fetch_slots.clone(),
             metrics: self.metrics.clone(),
+            guard: self.guard.clone(),
         });
         match self.dynamic.write() {
             Ok(mut map) => Some(map.entry(key).or_insert(up).clone()),
@@ -699,13 +806,42 @@ fn settings_for(u: &UpstreamConfig, timeout: Duration) -> Result<Settings, Upstr
     })
 }
 
+/// Every configured upstream's `token_realm_hosts`, de-duplicated, in config order.
+fn all_realm_hosts(configured: &[UpstreamConfig]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for entry in configured.iter().flat_map(|u| &u.token_realm_hosts) {
+        if !out.contains(entry) {
+            out.push(entry.clone());
+        }
+    }
+    out
+}
+
+/// The `host:port` of every upstream endpoint and every configured token realm host (a bare
+/// realm host stands for both its http and https default ports).
+fn allowed_authorities<'a>(
+    upstreams: impl Iterator<Item = &'a Arc<Upstream>>,
+    configured: &[UpstreamConfig],
+) -> Vec<String> {
+    let mut out: Vec<String> = upstreams
+        .filter_map(|u| guard::authority(&u.endpoint))
+        .collect();
+    for entry in configured.iter().flat_map(|u| &u.token_realm_hosts) {
+        for port in [443, 80] {
+            out.extend(token::realm_entry_authority(entry, Some(port)));
+        }
+    }
+    out
+}
+
 /// A fresh session: nothing learned, no tokens.
 fn new_session(
     settings: Settings,
-    default_http: &reqwest::Client,
+    default_http: &Clients,
+    guard: &Arc<AddressGuard>,
 ) -> Result<Session, UpstreamSetupError> {
     let http = match &settings.ca_pem {
-        Some(pem) => http_client(Some(pem), settings.timeout)
+        Some(pem) => http_clients(Some(pem), settings.timeout, guard)
             .map_err(|m| setup_error(&settings.upstream, m))?,
         None => default_http.clone(),
     };
@@ -717,9 +853,38 @@ fn new_session(
     })
 }
 
-fn http_client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Client, String> {
+/// The plain and the blob client (see [`Clients`]).
+fn http_clients(
+    ca_pem: Option<&[u8]>,
+    timeout: Duration,
+    guard: &Arc<AddressGuard>,
+) -> Result<Clients, String> {
+    let g = guard.clone();
+    let blob_policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(Refusal::TooManyRedirects);
+        }
+        match g.check_target(attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(refusal) => attempt.error(refusal),
+        }
+    });
+    Ok(Clients {
+        plain: http_client(ca_pem, timeout, guard, reqwest::redirect::Policy::none())?,
+        blob: http_client(ca_pem, timeout, guard, blob_policy)?,
+    })
+}
+
+fn http_client(
+    ca_pem: Option<&[u8]>,
+    timeout: Duration,
+    guard: &Arc<AddressGuard>,
+    redirect: reqwest::redirect::Policy,
+) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
-        .redirect(token::redirect_policy())
+        .redirect(redirect)
+        .referer(false)
+        .dns_resolver(Arc::new(guard::GuardedResolver::new(guard.clone())))
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(timeout)
         .user_agent(concat!("oci-proxy/", env!("CARGO_PKG_VERSION")))

@@ -5,18 +5,15 @@
 //! # Credentials never leave the trust boundary
 //!
 //! * The caller decides with [`check_realm`] whether a realm named by an upstream's challenge may
-//!   receive credentials at all; when it may not, it passes [`Credential::Anonymous`].
+//!   be used at all, and whether credentials may be sent to it; when they may not, it passes
+//!   [`Credential::Anonymous`]. Realms are compared by host **and port**: a realm on another port
+//!   of the upstream's host is another service.
 //! * [`fetch_token`] itself refuses realms that are not `http(s)`, carry userinfo, or point at a
-//!   link-local / cloud metadata address, whatever the caller decided.
-//! * Redirects: reqwest (0.12, `src/redirect.rs` `remove_sensitive_headers`) drops
-//!   `Authorization` whenever a redirect changes host or port, so Basic credentials on a GET
-//!   never follow a redirect to another host. A POST carries its secret (password or refresh
-//!   token) in the *body*, which tower-http's redirect layer re-sends on 307/308 when it can
-//!   clone it; the form is therefore sent as a one-shot *stream* body, which reqwest cannot
-//!   clone (`Body::try_clone` → `None`), so a 307/308 answer to a POST is never followed and
-//!   comes back as [`TokenError::Rejected`]. (301/302/303 turn the POST into a body-less GET.)
-//! * Clients used for token exchange should be built with [`redirect_policy`], which also stops
-//!   redirects to non-http(s) schemes and forbidden addresses.
+//!   link-local / cloud metadata / unspecified address, whatever the caller decided.
+//! * Redirects: token requests never follow one. The upstream clients are built without a
+//!   redirect policy for everything but blob GETs (see `super::guard`), so a 3xx from a token
+//!   server comes back as [`TokenError::Rejected`] and neither a password, a refresh token in a
+//!   POST body, nor the request itself reaches the redirect's target.
 
 use std::fmt;
 use std::future::Future;
@@ -34,6 +31,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use url::{Host, Url};
 
+use super::guard::{self, AddressClass, AddressGuard};
 use crate::credentials::{Credential, CredentialId, Secret};
 
 /// Largest token response body accepted.
@@ -46,8 +44,6 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(30);
 /// Timeout of one token request (distribution's client uses 15 s too).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// Redirect hops followed by [`redirect_policy`].
-const MAX_REDIRECTS: usize = 5;
 /// `client_id` sent in OAuth2 POST requests.
 pub const CLIENT_ID: &str = "oci-proxy";
 /// Username that goes with an identity token in Basic auth (docker credential helper convention).
@@ -146,40 +142,47 @@ pub enum RealmTrust {
 /// Whether `realm` may be used at all, and whether credentials may be sent to it.
 ///
 /// * Never: a scheme other than http(s), a realm with userinfo, a link-local address
-///   (169.254.0.0/16, fe80::/10), the unspecified address, or the metadata address
+///   (169.254.0.0/16 incl. the metadata address, fe80::/10), the unspecified address, or
 ///   `fd00:ec2::254`.
-/// * Usable: `https`, or any scheme when the realm host equals the upstream host (plain-http
-///   test upstreams); an `http` realm on another host is refused.
-/// * Credentials: only when the realm host equals the upstream host or is listed in
-///   `extra_hosts` (`host` or `host:port`, e.g. `auth.docker.io`), and never over plain http
-///   when the upstream itself is https (a downgrade).
-///
-/// Hosts are compared by name, ports ignored (a registry's token server often listens on
-/// another port of the same host). DNS names are not resolved.
+/// * Trusted (credentials may go there): the realm's `host:port` equals the upstream's, or is
+///   listed in `extra_hosts` (`host:port`, or `host` for the realm scheme's default port), and
+///   the realm is not plain http for an https upstream (a downgrade: usable, anonymously).
+///   Ports count: a realm on another port of the upstream's host is another service.
+/// * Otherwise the realm must pass the address guard ([`AddressGuard::check_target`]: no
+///   internal address, no other port of a configured host) and be https; it then gets
+///   anonymous requests only.
 pub fn check_realm(
     realm: &Url,
     upstream: &Url,
     extra_hosts: &[String],
+    guard: &AddressGuard,
 ) -> Result<RealmTrust, TokenError> {
     check_realm_target(realm)?;
-    let same_host = realm.host().is_some() && realm.host() == upstream.host();
-    if realm.scheme() != "https" && !same_host {
+    let own =
+        guard::authority(realm).is_some() && guard::authority(realm) == guard::authority(upstream);
+    if own || host_listed(realm, extra_hosts) {
+        let downgrade = upstream.scheme() == "https" && realm.scheme() != "https";
+        return Ok(if downgrade {
+            RealmTrust::AnonymousOnly
+        } else {
+            RealmTrust::WithCredentials
+        });
+    }
+    guard
+        .check_target(realm)
+        .map_err(|r| TokenError::BadRealm(r.to_string()))?;
+    if realm.scheme() != "https" {
         return Err(TokenError::BadRealm(format!(
-            "plain-{} realm on host {} other than the upstream's",
+            "plain-{} realm {} is neither the upstream nor in token_realm_hosts",
             realm.scheme(),
-            realm.host_str().unwrap_or_default()
+            guard::authority(realm).unwrap_or_default()
         )));
     }
-    let downgrade = upstream.scheme() == "https" && realm.scheme() != "https";
-    if (same_host || host_listed(realm, extra_hosts)) && !downgrade {
-        Ok(RealmTrust::WithCredentials)
-    } else {
-        Ok(RealmTrust::AnonymousOnly)
-    }
+    Ok(RealmTrust::AnonymousOnly)
 }
 
 /// The upstream-independent part of the realm rules: http(s), no userinfo, a host that is not
-/// forbidden.
+/// link-local, metadata or unspecified.
 fn check_realm_target(url: &Url) -> Result<(), TokenError> {
     if url.scheme() != "https" && url.scheme() != "http" {
         return Err(TokenError::BadRealm(format!(
@@ -196,7 +199,7 @@ fn check_realm_target(url: &Url) -> Result<(), TokenError> {
         Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
         Some(Host::Ipv6(v6)) => IpAddr::V6(v6),
     };
-    if forbidden_ip(ip) {
+    if guard::classify(ip) == AddressClass::Never {
         return Err(TokenError::BadRealm(format!(
             "address {ip} is link-local, unspecified or a metadata endpoint"
         )));
@@ -204,48 +207,48 @@ fn check_realm_target(url: &Url) -> Result<(), TokenError> {
     Ok(())
 }
 
-/// Link-local (incl. 169.254.169.254), unspecified, and the EC2 IPv6 metadata address;
-/// IPv4-mapped IPv6 addresses are judged as their IPv4 address.
-fn forbidden_ip(ip: IpAddr) -> bool {
-    const EC2_METADATA_V6: [u16; 8] = [0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254];
-    match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => forbidden_ip(IpAddr::V4(v4)),
-            None => {
-                (v6.segments()[0] & 0xffc0) == 0xfe80
-                    || v6.is_unspecified()
-                    || v6.segments() == EC2_METADATA_V6
-            }
-        },
-    }
-}
-
+/// Whether the realm's `host:port` is in `token_realm_hosts`; an entry without a port means
+/// the realm scheme's default port.
 fn host_listed(realm: &Url, extra_hosts: &[String]) -> bool {
-    let Some(host) = realm.host_str() else {
+    let Some(want) = guard::authority(realm) else {
         return false;
     };
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let with_port = realm.port_or_known_default().map(|p| format!("{host}:{p}"));
-    extra_hosts.iter().any(|entry| {
-        let entry = entry.trim().trim_end_matches('.').to_ascii_lowercase();
-        entry == host || entry == bare || with_port.as_deref() == Some(entry.as_str())
-    })
+    let default_port = match realm.scheme() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    extra_hosts
+        .iter()
+        .filter_map(|entry| realm_entry_authority(entry, default_port))
+        .any(|a| a == want)
 }
 
-/// The redirect policy for clients that talk to token servers: at most 5 hops; a redirect to a
-/// non-http(s) scheme, a URL with userinfo, or a forbidden address (see [`check_realm`]) is
-/// not followed (the 3xx response is returned and becomes [`TokenError::Rejected`]).
-pub fn redirect_policy() -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(|attempt| {
-        if attempt.previous().len() > MAX_REDIRECTS {
-            attempt.error("too many redirects")
-        } else if check_realm_target(attempt.url()).is_err() {
-            attempt.stop()
-        } else {
-            attempt.follow()
+/// A `token_realm_hosts` entry as `host:port` (see [`guard::authority`]), with `default_port`
+/// when it names none.
+pub fn realm_entry_authority(entry: &str, default_port: Option<u16>) -> Option<String> {
+    let entry = entry.trim();
+    let (host, port) = match entry.strip_prefix('[') {
+        Some(rest) => {
+            let (inner, tail) = rest.split_once(']')?;
+            (format!("[{inner}]"), tail.strip_prefix(':'))
         }
-    })
+        None => match entry.split_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (entry.to_owned(), None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok()?,
+        None => default_port?,
+    };
+    // Normalised as a URL host is (lower case, IPv4 forms, IPv6 compressed).
+    let url = Url::parse(&format!("http://{host}/")).ok()?;
+    let host = url.host_str()?.trim_end_matches('.').to_owned();
+    if host.is_empty() {
+        return None;
+    }
+    Some(format!("{host}:{port}"))
 }
 
 /// One token exchange with the token server at `realm`.
@@ -825,7 +828,7 @@ mod tests {
     fn client() -> reqwest::Client {
         reqwest::Client::builder()
             .no_proxy()
-            .redirect(redirect_policy())
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap()
     }
@@ -1095,38 +1098,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn redirects_never_carry_credentials_to_another_host() {
+    async fn token_requests_never_follow_redirects() {
         let other = start(None).await;
         let srv = start(Some(other.addr)).await;
-
-        // GET with Basic: followed, but reqwest drops Authorization on the cross-host hop.
-        let token = fetch_at(&srv, "/redirect", Some("svc"), &[], &alice())
-            .await
-            .unwrap();
-        assert_eq!(token.value.expose(), "tok-record");
-        assert_eq!(srv.seen()[0].basic, Some(("alice".into(), "s3cret".into())));
-        let at_other = other.seen();
-        assert_eq!(at_other.len(), 1);
-        assert_eq!(at_other[0].basic, None);
-
-        // POST with a refresh token in the body: the 307 is not followed at all.
-        let err = fetch_at(&srv, "/redirect", Some("svc"), &[], &refresh_1())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, TokenError::Rejected { status } if status == StatusCode::TEMPORARY_REDIRECT),
-            "{err}"
-        );
+        // Neither the GET with Basic nor the POST with a refresh token in its body follows.
+        for credential in [alice(), refresh_1(), Credential::Anonymous] {
+            let err = fetch_at(&srv, "/redirect", Some("svc"), &[], &credential)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, TokenError::Rejected { status } if status.is_redirection()),
+                "{err}"
+            );
+        }
         assert_eq!(
             other.seen().len(),
-            1,
-            "the refresh token must not reach the other host"
+            0,
+            "nothing may reach the redirect target"
         );
-    }
-
-    #[tokio::test]
-    async fn redirect_to_metadata_address_is_not_followed() {
-        let srv = start(None).await;
         let err = fetch_at(
             &srv,
             "/redirect-metadata",
@@ -1205,11 +1194,24 @@ mod tests {
     // ---------------------------------------------------------------- realm trust
 
     fn trust(realm: &str, upstream: &str, extra: &[&str]) -> Result<RealmTrust, TokenError> {
+        trust_with(realm, upstream, extra, &[])
+    }
+
+    /// [`check_realm`] with `allowed` authorities in the address guard (other upstreams).
+    fn trust_with(
+        realm: &str,
+        upstream: &str,
+        extra: &[&str],
+        allowed: &[&str],
+    ) -> Result<RealmTrust, TokenError> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let guard = AddressGuard::new();
+        guard.set_allowed(allowed.iter().map(|s| s.to_string()));
         check_realm(
             &Url::parse(realm).unwrap(),
             &Url::parse(upstream).unwrap(),
             &extra,
+            &guard,
         )
     }
 
@@ -1217,16 +1219,46 @@ mod tests {
     fn realm_rules() {
         use RealmTrust::*;
         let hub = "https://registry-1.docker.io";
-        // Same host (any port, any scheme for a plain-http upstream).
+        // Same host and port (any scheme for a plain-http upstream).
         assert_eq!(
             trust("https://ghcr.io/token", "https://ghcr.io", &[]).unwrap(),
             WithCredentials
         );
         assert_eq!(
-            trust("http://127.0.0.1:5002/token", "http://127.0.0.1:5000", &[]).unwrap(),
+            trust("https://ghcr.io:443/token", "https://ghcr.io", &[]).unwrap(),
             WithCredentials
         );
-        // Allow-list, case-insensitive, with or without port.
+        assert_eq!(
+            trust("http://127.0.0.1:5000/token", "http://127.0.0.1:5000", &[]).unwrap(),
+            WithCredentials
+        );
+        // Another port of the upstream's host is another service: on a loopback address it
+        // is refused, on a public name it is a foreign https realm (anonymous only).
+        assert!(matches!(
+            trust("http://127.0.0.1:5002/token", "http://127.0.0.1:5000", &[]),
+            Err(TokenError::BadRealm(_))
+        ));
+        assert_eq!(
+            trust("https://ghcr.io:8443/token", "https://ghcr.io", &[]).unwrap(),
+            AnonymousOnly
+        );
+        // ... unless listed with its port.
+        assert_eq!(
+            trust(
+                "http://127.0.0.1:5002/token",
+                "http://127.0.0.1:5000",
+                &["127.0.0.1:5002"]
+            )
+            .unwrap(),
+            WithCredentials
+        );
+        assert!(trust(
+            "http://127.0.0.1:5002/token",
+            "http://127.0.0.1:5000",
+            &["127.0.0.1:5003", "127.0.0.1"]
+        )
+        .is_err());
+        // Allow-list, case-insensitive; a bare host means the realm scheme's default port.
         assert_eq!(
             trust("https://auth.docker.io/token", hub, &["auth.docker.io"]).unwrap(),
             WithCredentials
@@ -1239,15 +1271,12 @@ mod tests {
             trust("https://auth.docker.io/token", hub, &["auth.docker.io:443"]).unwrap(),
             WithCredentials
         );
-        assert_eq!(
-            trust(
-                "https://auth.docker.io:8443/token",
-                hub,
-                &["auth.docker.io:443"]
-            )
-            .unwrap(),
-            AnonymousOnly
-        );
+        for extra in [&["auth.docker.io:443"][..], &["auth.docker.io"][..]] {
+            assert_eq!(
+                trust("https://auth.docker.io:8443/token", hub, extra).unwrap(),
+                AnonymousOnly
+            );
+        }
         // https on another host: anonymous only.
         assert_eq!(
             trust("https://auth.docker.io/token", hub, &[]).unwrap(),
@@ -1257,19 +1286,42 @@ mod tests {
             trust("https://evil.example/token", hub, &["auth.docker.io"]).unwrap(),
             AnonymousOnly
         );
-        // Plain http downgrade on the same host: usable, but no credentials.
+        // Plain http on the https upstream's host is port 80: another service, refused; a
+        // listed plain-http realm for an https upstream is a downgrade: no credentials.
+        assert!(trust("http://ghcr.io/token", "https://ghcr.io", &[]).is_err());
         assert_eq!(
-            trust("http://ghcr.io/token", "https://ghcr.io", &[]).unwrap(),
+            trust(
+                "http://auth.ghcr.io/token",
+                "https://ghcr.io",
+                &["auth.ghcr.io:80"]
+            )
+            .unwrap(),
             AnonymousOnly
         );
-        // Plain http on another host: unusable, even when listed.
-        for extra in [&[][..], &["auth.docker.io"][..]] {
-            assert!(matches!(
-                trust("http://auth.docker.io/token", hub, extra),
-                Err(TokenError::BadRealm(_))
-            ));
-        }
+        // Plain http on another host: unusable unless listed.
+        assert!(matches!(
+            trust("http://auth.docker.io/token", hub, &[]),
+            Err(TokenError::BadRealm(_))
+        ));
         assert!(trust("http://127.0.0.2:5002/token", "http://127.0.0.1:5000", &[]).is_err());
+        // Internal addresses and names: refused unless they are an allowed authority.
+        for realm in [
+            "https://10.0.0.1/token",
+            "https://127.0.0.1:9999/token",
+            "https://[::1]/token",
+            "https://100.64.0.1/token",
+            "https://[fd12::1]/token",
+            "https://localhost/token",
+        ] {
+            assert!(
+                matches!(trust(realm, hub, &[]), Err(TokenError::BadRealm(_))),
+                "{realm}"
+            );
+        }
+        assert_eq!(
+            trust_with("https://10.0.0.1/token", hub, &[], &["10.0.0.1:443"]).unwrap(),
+            AnonymousOnly
+        );
         // Never: metadata / link-local / unspecified / odd schemes / userinfo, even on the
         // upstream's own host or the allow-list.
         for realm in [
@@ -1298,11 +1350,24 @@ mod tests {
                 );
             }
         }
-        // fe80::/10 ends at febf; fec0:: is not link-local.
+    }
+
+    #[test]
+    fn realm_entries() {
         assert_eq!(
-            trust("https://[fec0::1]/t", hub, &[]).unwrap(),
-            AnonymousOnly
+            realm_entry_authority("Auth.Example", Some(443)).as_deref(),
+            Some("auth.example:443")
         );
+        assert_eq!(
+            realm_entry_authority("auth.example:80", Some(443)).as_deref(),
+            Some("auth.example:80")
+        );
+        assert_eq!(
+            realm_entry_authority("[::1]:5000", None).as_deref(),
+            Some("[::1]:5000")
+        );
+        assert_eq!(realm_entry_authority("auth.example:x", Some(443)), None);
+        assert_eq!(realm_entry_authority("auth.example", None), None);
     }
 
     // ---------------------------------------------------------------- cache

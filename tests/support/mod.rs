@@ -121,6 +121,31 @@ pub fn assert_no_secrets(log: &str, what: &str) {
     assert!(!log.contains("eyJ"), "{what} contains a JWT");
 }
 
+/// Adds `token_realm_hosts: ["<realm_host>"]` to the upstream whose `endpoint:` line (indented
+/// four spaces, as every test config writes it, quoted or not) is `endpoint`.
+pub fn trust_realm(yaml: &str, endpoint: &str, realm_host: &str) -> String {
+    let plain = format!("    endpoint: {endpoint}\n");
+    let quoted = format!("    endpoint: \"{endpoint}\"\n");
+    let line = if yaml.contains(&plain) { plain } else { quoted };
+    assert!(yaml.contains(&line), "no upstream with endpoint {endpoint}");
+    yaml.replace(
+        &line,
+        &format!("{line}    token_realm_hosts: [\"{realm_host}\"]\n"),
+    )
+}
+
+/// [`trust_realm`] for `reg`'s token server when it uses token auth; `yaml` unchanged
+/// otherwise.
+pub fn trust_registry_realm(yaml: &str, reg: &Registry) -> String {
+    match reg.auth() {
+        RegistryAuth::Token(info) => {
+            let host = info.realm.trim_start_matches("http://");
+            trust_realm(yaml, &reg.url(), host.split('/').next().unwrap_or_default())
+        }
+        _ => yaml.to_string(),
+    }
+}
+
 /// The token server's admin user and password, as the seeding helpers take them.
 pub const ADMIN: Option<(&str, &str)> = Some((ADMIN_USER, ADMIN_PASSWORD));
 

@@ -269,6 +269,13 @@ impl TokenServer {
         &self.info.realm
     }
 
+    /// `127.0.0.1:<port>`: the `token_realm_hosts` entry that lets the proxy use this server
+    /// (it is another port of the registry's host, so another service).
+    pub fn realm_host(&self) -> String {
+        let rest = self.info.realm.trim_start_matches("http://");
+        rest.split('/').next().unwrap_or_default().to_string()
+    }
+
     /// Adds a user or changes their password; takes effect for the next request.
     pub fn set_password(&self, user: &str, password: &str) {
         self.update_policy(|p| {
