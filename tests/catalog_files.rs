@@ -206,17 +206,12 @@ mod kubernetes {
     use super::*;
     use oci_proxy::config::KubernetesSource;
 
+    /// A Lifecycle Manager sample object from `tests/data/kyma/`.
     fn sample(name: &str) -> serde_json::Value {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let candidates = [
-            root.join("../shared/testdata/kyma"),
-            root.join("../../shared/testdata/kyma"),
-        ];
-        let dir = candidates
-            .iter()
-            .find(|d| d.is_dir())
-            .unwrap_or(&candidates[0]);
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/kyma")
+            .join(name);
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     fn regcred(password: &str) -> serde_json::Value {

@@ -9,19 +9,11 @@ const REG: &str = "europe-west3-docker.pkg.dev";
 const LABEL_ERA_REPO: &str =
     "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator";
 
-/// A sample from `shared/testdata/kyma/`, which sits beside the repository (`../shared`), or
-/// beside the directory holding a worktree (`../../shared`).
+/// A Lifecycle Manager sample object from `tests/data/kyma/` (see its README for origins).
 pub(super) fn sample(name: &str) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        root.join("../shared/testdata/kyma"),
-        root.join("../../shared/testdata/kyma"),
-    ];
-    let dir = candidates
-        .iter()
-        .find(|d| d.is_dir())
-        .unwrap_or(&candidates[0]);
-    let path = dir.join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/kyma")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap()
 }
