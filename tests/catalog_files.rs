@@ -230,7 +230,11 @@ mod kubernetes {
         const REG: &str = "europe-west3-docker.pkg.dev";
         const REPO: &str = "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator";
         let api = kube_api::FakeKubeApi::start().await;
-        api.apply(sample("moduletemplate-oci-registry-cred-label.yaml"));
+        // LM's sample lives in `default`; here it is where LM keeps templates (kcp-system),
+        // the namespace the source watches by default and the Secret's namespace.
+        let mut mt = sample("moduletemplate-oci-registry-cred-label.yaml");
+        mt["metadata"]["namespace"] = "kcp-system".into();
+        api.apply(mt);
         api.apply(regcred("pw-k8s-1"));
         let cfg = CatalogConfig {
             kubernetes: Some(KubernetesSource::default()),
