@@ -722,6 +722,34 @@ mod tests {
     }
 
     #[test]
+    fn catalog_trust_defaults() {
+        let cfg = Config::parse("catalog:\n  kubernetes: {}\n").unwrap();
+        let k = cfg.catalog.kubernetes.as_ref().unwrap();
+        assert_eq!(k.namespaces, ["kcp-system"]);
+        assert!(!cfg.catalog.image_credentials);
+        let cfg =
+            Config::parse("catalog:\n  image_credentials: true\n  kubernetes: {namespaces: []}\n")
+                .unwrap();
+        assert!(cfg.catalog.image_credentials);
+        assert!(cfg.catalog.kubernetes.unwrap().namespaces.is_empty());
+        let e = Config::parse("catalog:\n  kubernetes: {namespaces: [\" \"]}\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("catalog.kubernetes.namespaces:"),
+            "{e}"
+        );
+        let e = Config::parse("catalog:\n  default_secret: {namespace: a, name: \"x,y\"}\n")
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("catalog.default_secret.name:"),
+            "{e}"
+        );
+        assert!(
+            Config::parse("catalog:\n  own_upstream: x\n").is_err(),
+            "not a config key"
+        );
+    }
+
+    #[test]
     fn errors_name_the_key_path() {
         let e = Config::parse("upstreams:\n  - name: a.io\n    endpoint: ftp://x\n").unwrap_err();
         assert_eq!(

@@ -59,7 +59,8 @@ const FILES_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub struct ModuleHost {
     /// `host[:port]`, lower case.
     pub host: String,
-    /// Named with `http://`: the upstream speaks plain HTTP.
+    /// Some object named it with `http://`. Informational: the scheme is decided per
+    /// repository (see `HostSource::lookup_host`), so this never downgrades the whole host.
     pub insecure: bool,
 }
 
