@@ -239,6 +239,16 @@ pub struct CatalogConfig {
     /// on loopback, are always included.
     #[serde(default)]
     pub proxy_hosts: Vec<String>,
+    /// Whether the images a module's `ociArtifact` resources name get the module's
+    /// credentials. Off by default: Lifecycle Manager itself never pulls images with module
+    /// credentials, and an image reference can name any repository.
+    #[serde(default)]
+    pub image_credentials: bool,
+    /// The top-level `default_upstream`, filled in by the server (not a config key): a
+    /// repository that LM reaches on the proxy's own address under a path that names no
+    /// registry host is on this upstream, as for any other client.
+    #[serde(skip)]
+    pub own_upstream: Option<String>,
 }
 
 impl CatalogConfig {
@@ -251,7 +261,9 @@ impl CatalogConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesSource {
-    /// Namespaces to watch; empty means all.
+    /// Namespaces to watch (ModuleTemplates, ModuleReleaseMetas, Manifests, Secrets):
+    /// `[kcp-system]`, where Lifecycle Manager keeps them, by default. An explicit empty list
+    /// means all namespaces.
     pub namespaces: Vec<String>,
     /// Only Secrets matching this label selector are watched.
     pub secret_label_selector: String,
@@ -260,7 +272,7 @@ pub struct KubernetesSource {
 impl Default for KubernetesSource {
     fn default() -> Self {
         KubernetesSource {
-            namespaces: Vec::new(),
+            namespaces: vec!["kcp-system".into()],
             secret_label_selector: "operator.kyma-project.io/managed-by=lifecycle-manager".into(),
         }
     }
@@ -432,6 +444,20 @@ impl Config {
                 return Err(invalid(
                     "catalog.default_secret",
                     "namespace and name are required",
+                ));
+            }
+            if ds.name.contains([',', '=', '!']) {
+                return Err(invalid(
+                    "catalog.default_secret.name",
+                    "is not a Secret name",
+                ));
+            }
+        }
+        if let Some(k) = &self.catalog.kubernetes {
+            if k.namespaces.iter().any(|n| n.trim().is_empty()) {
+                return Err(invalid(
+                    "catalog.kubernetes.namespaces",
+                    "contains an empty name",
                 ));
             }
         }
@@ -711,6 +737,34 @@ mod tests {
         assert!(e.to_string().starts_with("cache.local_max_size"), "{e}");
         let e = Config::parse("cache:\n  backend: gcs\n").unwrap_err();
         assert!(e.to_string().starts_with("cache.backend"), "{e}");
+    }
+
+    #[test]
+    fn catalog_trust_defaults() {
+        let cfg = Config::parse("catalog:\n  kubernetes: {}\n").unwrap();
+        let k = cfg.catalog.kubernetes.as_ref().unwrap();
+        assert_eq!(k.namespaces, ["kcp-system"]);
+        assert!(!cfg.catalog.image_credentials);
+        let cfg =
+            Config::parse("catalog:\n  image_credentials: true\n  kubernetes: {namespaces: []}\n")
+                .unwrap();
+        assert!(cfg.catalog.image_credentials);
+        assert!(cfg.catalog.kubernetes.unwrap().namespaces.is_empty());
+        let e = Config::parse("catalog:\n  kubernetes: {namespaces: [\" \"]}\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("catalog.kubernetes.namespaces:"),
+            "{e}"
+        );
+        let e = Config::parse("catalog:\n  default_secret: {namespace: a, name: \"x,y\"}\n")
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("catalog.default_secret.name:"),
+            "{e}"
+        );
+        assert!(
+            Config::parse("catalog:\n  own_upstream: x\n").is_err(),
+            "not a config key"
+        );
     }
 
     #[test]

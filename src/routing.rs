@@ -1,5 +1,11 @@
 //! Which upstream and repository a client path names. Only configured upstreams and registry
 //! hosts named by the module catalog are ever reachable: the proxy is not an open proxy.
+//!
+//! A first path segment names a registry only by the rules OCI clients use (docker,
+//! go-containerregistry): it contains a dot or a port, or is `localhost`. Anything else
+//! (`modules/...`, `library/...`) is a path on the default upstream, whatever a catalog object
+//! says. The catalog also decides the scheme per repository: a module's `http://` baseUrl
+//! makes that module's repositories plain HTTP, never its host's other repositories.
 
 use std::sync::Arc;
 
@@ -23,8 +29,18 @@ impl Target {
 
 /// Extra registry hosts (from the module catalog) that may be routed to.
 pub trait HostSource: Send + Sync {
-    /// `Some(insecure)` when the host is named by a module.
-    fn lookup_host(&self, host: &str) -> Option<bool>;
+    /// `Some(insecure)` when the host is named by the catalog: whether `repository` on it is
+    /// reached over plain HTTP.
+    fn lookup_host(&self, host: &str, repository: &str) -> Option<bool>;
+}
+
+/// Whether a path segment names a registry host by the client rules: a valid host name that
+/// contains a dot or a port, or is `localhost`.
+pub fn names_registry_host(segment: &str) -> bool {
+    is_registry_host(segment)
+        && (segment.contains('.')
+            || segment.contains(':')
+            || segment.eq_ignore_ascii_case("localhost"))
 }
 
 /// Resolves a validated request name (and containerd's `ns=`) to a target:
@@ -37,19 +53,24 @@ pub fn resolve(
     name: &str,
     ns: Option<&str>,
 ) -> Result<Target, OciError> {
-    let find = |host: &str| -> Option<Arc<Upstream>> {
-        upstreams.get(host).or_else(|| {
-            let insecure = hosts?.lookup_host(host)?;
-            upstreams.ensure_host(host, insecure)
-        })
+    // Configured upstreams win; a catalog host gets the scheme the catalog gives this
+    // repository (`ensure_host` keeps one upstream per host and scheme).
+    let find = |host: &str, repository: &str| -> Option<Arc<Upstream>> {
+        let catalog = hosts
+            .filter(|_| names_registry_host(host))
+            .and_then(|h| h.lookup_host(host, repository));
+        match catalog {
+            Some(insecure) => upstreams.ensure_host(host, insecure),
+            None => upstreams.get(host),
+        }
     };
     if let Some(ns) = ns {
-        let upstream = find(ns).ok_or_else(|| unknown_upstream(ns))?;
+        let upstream = find(ns, name).ok_or_else(|| unknown_upstream(ns))?;
         return target(upstream, name);
     }
     if let Some((first, rest)) = name.split_once('/') {
         if is_registry_host(first) {
-            if let Some(upstream) = find(first) {
+            if let Some(upstream) = find(first, rest) {
                 return target(upstream, rest);
             }
         }
@@ -88,4 +109,25 @@ fn unknown_upstream(host: &str) -> OciError {
             crate::protocol::grammar::truncate(host)
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_hosts_by_the_client_rules() {
+        for yes in [
+            "reg.io",
+            "127.0.0.1:5000",
+            "localhost",
+            "LOCALHOST",
+            "reg:443",
+        ] {
+            assert!(names_registry_host(yes), "{yes}");
+        }
+        for no in ["modules", "library", "kyma-project", "", "a..b", "x:y"] {
+            assert!(!names_registry_host(no), "{no}");
+        }
+    }
 }

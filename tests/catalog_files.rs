@@ -206,17 +206,12 @@ mod kubernetes {
     use super::*;
     use oci_proxy::config::KubernetesSource;
 
+    /// A Lifecycle Manager sample object from `tests/data/kyma/`.
     fn sample(name: &str) -> serde_json::Value {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let candidates = [
-            root.join("../shared/testdata/kyma"),
-            root.join("../../shared/testdata/kyma"),
-        ];
-        let dir = candidates
-            .iter()
-            .find(|d| d.is_dir())
-            .unwrap_or(&candidates[0]);
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/kyma")
+            .join(name);
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     fn regcred(password: &str) -> serde_json::Value {
@@ -235,7 +230,11 @@ mod kubernetes {
         const REG: &str = "europe-west3-docker.pkg.dev";
         const REPO: &str = "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator";
         let api = kube_api::FakeKubeApi::start().await;
-        api.apply(sample("moduletemplate-oci-registry-cred-label.yaml"));
+        // LM's sample lives in `default`; here it is where LM keeps templates (kcp-system),
+        // the namespace the source watches by default and the Secret's namespace.
+        let mut mt = sample("moduletemplate-oci-registry-cred-label.yaml");
+        mt["metadata"]["namespace"] = "kcp-system".into();
+        api.apply(mt);
         api.apply(regcred("pw-k8s-1"));
         let cfg = CatalogConfig {
             kubernetes: Some(KubernetesSource::default()),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use kube_api::{FakeKubeApi, LoggedRequest, Res};
 use oci_proxy::catalog::kube as source;
-use oci_proxy::config::KubernetesSource;
+use oci_proxy::config::{DefaultSecret, KubernetesSource};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -106,6 +106,15 @@ impl Drop for Harness {
 
 impl Harness {
     async fn start(api: FakeKubeApi, cfg: KubernetesSource) -> Harness {
+        Harness::start_with(api, cfg, None).await
+    }
+
+    /// [`Harness::start`] with a named default Secret.
+    async fn start_with(
+        api: FakeKubeApi,
+        cfg: KubernetesSource,
+        default_secret: Option<DefaultSecret>,
+    ) -> Harness {
         let (pub_tx, published) = watch::channel((0usize, Vec::new()));
         let (sync_tx, synced) = watch::channel((0usize, 0usize));
         let pub_tx = std::sync::Arc::new(pub_tx);
@@ -115,6 +124,7 @@ impl Harness {
             let result = source::run(
                 client,
                 cfg,
+                default_secret,
                 move |objects| pub_tx.send_modify(|(n, set)| (*n, *set) = (*n + 1, objects)),
                 move || {
                     let publishes = pub_count.borrow().0;
@@ -187,8 +197,10 @@ async fn initial_list_publishes_all_kinds_then_syncs_once() {
         "template-operator-1.0.0",
         "1.0.0",
     ));
-    api.apply(manifest("kyma-system", "manifest-a"));
+    api.apply(manifest("kcp-system", "manifest-a"));
+    api.apply(manifest("kyma-system", "outside-kcp-system"));
     api.apply(managed_secret("kcp-system", "regcred", "s3cret"));
+    // The default namespaces are [kcp-system], where LM keeps its objects.
     let mut h = Harness::start(api, KubernetesSource::default()).await;
     h.wait_synced().await;
 
@@ -202,7 +214,7 @@ async fn initial_list_publishes_all_kinds_then_syncs_once() {
     assert_eq!(
         ids(&set),
         vec![
-            "Manifest/kyma-system/manifest-a",
+            "Manifest/kcp-system/manifest-a",
             "ModuleTemplate/kcp-system/template-operator-1.0.0",
             "Secret/kcp-system/regcred",
         ]
@@ -210,7 +222,7 @@ async fn initial_list_publishes_all_kinds_then_syncs_once() {
     let mt = find(&set, "ModuleTemplate/kcp-system/template-operator-1.0.0").expect("mt");
     assert_eq!(mt["apiVersion"], "operator.kyma-project.io/v1beta2");
     assert_eq!(mt["spec"]["version"], "1.0.0");
-    let m = find(&set, "Manifest/kyma-system/manifest-a").expect("manifest");
+    let m = find(&set, "Manifest/kcp-system/manifest-a").expect("manifest");
     assert_eq!(
         m["spec"]["install"]["source"]["credSecretSelector"]["matchLabels"]
             ["operator.kyma-project.io/oci-registry-cred"],
@@ -255,7 +267,7 @@ async fn secrets_are_filtered_by_the_default_label_selector_on_the_server() {
     assert!(find(&set, "Secret/kcp-system/unmanaged").is_none());
 
     // The selector travels with every Secret list and watch request, and only there.
-    h.wait_open_watches(3).await;
+    h.wait_open_watches(4).await;
     let log = h.api.request_log();
     let secrets = requests_for(&log, Res::Secrets);
     assert!(secrets.iter().any(|r| !r.is_watch()), "a list: {secrets:?}");
@@ -476,7 +488,7 @@ async fn a_410_gone_forces_a_relist_and_the_state_converges() {
     api.apply(managed_secret("kcp-system", "regcred", "v1"));
     let mut h = Harness::start(api, KubernetesSource::default()).await;
     h.wait_synced().await;
-    h.wait_open_watches(3).await;
+    h.wait_open_watches(4).await;
     let lists_before = requests_for(&h.api.request_log(), Res::Secrets)
         .iter()
         .filter(|r| !r.is_watch())
@@ -528,7 +540,7 @@ async fn bookmarks_do_not_disturb_the_watch() {
     api.apply(managed_secret("kcp-system", "regcred", "a"));
     let mut h = Harness::start(api, KubernetesSource::default()).await;
     h.wait_synced().await;
-    h.wait_open_watches(3).await;
+    h.wait_open_watches(4).await;
 
     let log = h.api.request_log();
     let watches: Vec<_> = log.iter().filter(|r| r.is_watch()).collect();
@@ -540,10 +552,10 @@ async fn bookmarks_do_not_disturb_the_watch() {
 
     let watch_requests = |h: &Harness| h.api.request_log().iter().filter(|r| r.is_watch()).count();
     let watches_before = watch_requests(&h);
-    assert_eq!(h.api.send_bookmarks(), 3);
+    assert_eq!(h.api.send_bookmarks(), 4);
     // Bookmarks move the watch's resource version past changes of other kinds.
     h.api.apply(module_template("kcp-system", "mt", "1.0.0"));
-    assert_eq!(h.api.send_bookmarks(), 3);
+    assert_eq!(h.api.send_bookmarks(), 4);
     h.api.apply(managed_secret("kcp-system", "regcred", "b"));
     let set = h
         .wait_published("changes after bookmarks", |s| {
@@ -674,4 +686,81 @@ async fn client_without_any_configuration_fails_clearly() {
         panic!("a client without any configuration");
     };
     assert!(err.to_string().contains("kubeconfig"), "{err}");
+}
+
+/// LM's own named Secret has no labels (`kubectl create secret docker-registry`): it is
+/// watched by name in its namespace, whatever the label selector and the watched namespaces.
+#[tokio::test]
+async fn the_named_secret_is_watched_by_name_whatever_its_labels() {
+    let api = FakeKubeApi::start().await;
+    api.apply(secret(
+        "kcp-system",
+        "private-oci-reg-creds",
+        "kubernetes.io/dockerconfigjson",
+        json!({}),
+        "named",
+    ));
+    api.apply(secret(
+        "kcp-system",
+        "unlabelled-other",
+        "kubernetes.io/dockerconfigjson",
+        json!({}),
+        "other",
+    ));
+    api.apply(json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleReleaseMeta",
+        "metadata": {"name": "template-operator", "namespace": "kcp-system"},
+        "spec": {"moduleName": "template-operator", "ocmComponentName": "kyma-project.io/module/template-operator",
+            "channels": [{"channel": "regular", "version": "1.0.5"}]}}));
+    let ds = DefaultSecret {
+        namespace: "kcp-system".into(),
+        name: "private-oci-reg-creds".into(),
+        subpath: None,
+    };
+    let mut h = Harness::start_with(api, KubernetesSource::default(), Some(ds)).await;
+    h.wait_synced().await;
+    assert_eq!(
+        ids(&h.current()),
+        vec![
+            "ModuleReleaseMeta/kcp-system/template-operator",
+            "Secret/kcp-system/private-oci-reg-creds",
+        ]
+    );
+    assert_eq!(
+        password_of(find(&h.current(), "Secret/kcp-system/private-oci-reg-creds").unwrap())
+            .as_deref(),
+        Some("named")
+    );
+    // Rotation is followed; the request names the Secret by field selector, without labels.
+    h.api.apply(secret(
+        "kcp-system",
+        "private-oci-reg-creds",
+        "kubernetes.io/dockerconfigjson",
+        json!({}),
+        "rotated",
+    ));
+    h.wait_published("rotated named Secret", |s| {
+        find(s, "Secret/kcp-system/private-oci-reg-creds")
+            .and_then(password_of)
+            .as_deref()
+            == Some("rotated")
+    })
+    .await;
+    let log = h.api.request_log();
+    let by_name: Vec<_> = requests_for(&log, Res::Secrets)
+        .into_iter()
+        .filter(|r| r.param("fieldSelector") == Some("metadata.name=private-oci-reg-creds"))
+        .collect();
+    assert!(!by_name.is_empty(), "{log:?}");
+    for r in &by_name {
+        assert_eq!(r.param("labelSelector"), None, "{r:?}");
+        assert_eq!(r.path, "/api/v1/namespaces/kcp-system/secrets", "{r:?}");
+    }
+    // Deleting it is published too.
+    assert!(h
+        .api
+        .delete("Secret", "kcp-system", "private-oci-reg-creds"));
+    h.wait_published("deleted named Secret", |s| {
+        find(s, "Secret/kcp-system/private-oci-reg-creds").is_none()
+    })
+    .await;
 }

@@ -561,6 +561,7 @@ fn cluster_role_grants_only_read_on_moduletemplates_manifests_and_secrets() {
     let test = "cluster_role_grants_only_read_on_moduletemplates_manifests_and_secrets";
     let expected: BTreeSet<(String, String)> = [
         ("operator.kyma-project.io", "moduletemplates"),
+        ("operator.kyma-project.io", "modulereleasemetas"),
         ("operator.kyma-project.io", "manifests"),
         ("", "secrets"),
     ]

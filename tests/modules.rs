@@ -35,7 +35,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::kyma::{self, docker_secret, lm_pull, module_repository, module_template, KCP_SYSTEM};
+use support::kyma::{
+    self, docker_secret, lm_pull, module_repository, module_template, CRED_LABEL, KCP_SYSTEM,
+};
 use support::*;
 
 /// A port-less name for the registry, configured as an upstream with the registry's real
@@ -609,38 +611,33 @@ async fn module_pulls(w: &World) {
     }
 }
 
-/// Scenario 2: repositories no module names get no credentials.
+/// Scenario 2: repositories no module names get no credentials. On the port-addressed host
+/// (named by a module as `http://`), only that module's own repositories are plain HTTP: any
+/// other repository there is asked over https, which the plain-HTTP registry cannot answer
+/// (502), and no HTTP request for it ever reaches the registry.
 async fn unrelated_repositories(w: &World) {
-    let names = [
-        (
-            format!("{ALIAS}/{UNRELATED}"),
-            &w.alias_gate,
-            UNRELATED.to_string(),
-        ),
-        (
-            format!("{}/{UNRELATED}", w.port_gate.host()),
-            &w.port_gate,
-            UNRELATED.to_string(),
-        ),
-        // The template module's repository, but on a host its baseUrl does not name.
-        (
-            format!("{}/{}", w.port_gate.host(), TEMPLATE.repository()),
-            &w.port_gate,
-            TEMPLATE.repository(),
-        ),
-    ];
-    for (name, gate, repo) in &names {
-        let (status, body) = w.get_manifest(name, "v1").await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{name}: {body}");
-        assert_eq!(error_code(&body), "UNAUTHORIZED", "{name}: {body}");
-        let seen = gate.requests_for(repo);
-        assert!(!seen.is_empty(), "the proxy asked the registry for {name}");
-        if w.auth == AuthKind::Htpasswd {
-            assert!(
-                seen.iter().all(|r| r.authorization.is_none()),
-                "{name} reached the registry with credentials: {seen:?}"
-            );
-        }
+    let (status, body) = w.get_manifest(&format!("{ALIAS}/{UNRELATED}"), "v1").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(error_code(&body), "UNAUTHORIZED", "{body}");
+    let seen = w.alias_gate.requests_for(UNRELATED);
+    assert!(
+        !seen.is_empty(),
+        "the proxy asked the registry for {UNRELATED}"
+    );
+    if w.auth == AuthKind::Htpasswd {
+        assert!(
+            seen.iter().all(|r| r.authorization.is_none()),
+            "{UNRELATED} reached the registry with credentials: {seen:?}"
+        );
+    }
+    // The template module's repository too, on a host its baseUrl does not name.
+    for repo in [UNRELATED.to_string(), TEMPLATE.repository()] {
+        let name = format!("{}/{repo}", w.port_gate.host());
+        let (status, body) = w.get_manifest(&name, "v1").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{name}: {body}");
+        assert_eq!(error_code(&body), "UNAVAILABLE", "{name}: {body}");
+        let seen = w.port_gate.requests_for(&repo);
+        assert!(seen.is_empty(), "{name} went out over plain HTTP: {seen:?}");
     }
     if w.auth == AuthKind::Token {
         let reqs = w.token_requests(&format!("repository:{UNRELATED}:pull"));
@@ -648,14 +645,6 @@ async fn unrelated_repositories(w: &World) {
         assert!(
             reqs.iter()
                 .all(|r| r.authorized_user.is_none() && r.basic_password_seen.is_none()),
-            "{reqs:?}"
-        );
-        // The template repository's scope: the module's own pulls used its user; the request
-        // through the foreign host must have asked anonymously.
-        let reqs = w.token_requests(&TEMPLATE.scope());
-        assert!(
-            reqs.iter()
-                .any(|r| r.authorized_user.is_none() && r.basic_password_seen.is_none()),
             "{reqs:?}"
         );
     }
@@ -1115,4 +1104,406 @@ async fn dev_catalog_example_works() {
     }
     let logs = proxy.logs();
     assert!(!logs.contains("dev-only-"), "{logs}");
+}
+
+// -------------------------------------------------------------------------------------------
+// Current LM (≥ 1.8) as a sidecar, a migrated landscape, and the trust model's attacks, each
+// through the files source and the Kubernetes source.
+
+const NAMED_SECRET: &str = "private-oci-reg-creds";
+const TEAM_USER: &str = "team-robot";
+const TEAM_PW: &str = "team-pw-9e41aa";
+/// The repository LM ≥ 1.8 pulls: `<subpath>/component-descriptors/<ocmComponentName>`.
+const CURRENT_REPO: &str = "modules/component-descriptors/kyma-project.io/module/template-operator";
+/// A label-era template's repository under the named Secret's base (its label matches nothing).
+const MIGRATED_REPO: &str = "modules/component-descriptors/kyma-project.io/module/migrated";
+/// `tenant`'s template borrowing a kcp-system Secret by label.
+const TENANT_REPO: &str = "team/component-descriptors/kyma-project.io/module/tenant";
+/// A template with `oci-registry-cred: {}`.
+const EMPTY_REPO: &str = "team/component-descriptors/kyma-project.io/module/empty";
+/// The legitimate team module, which also names [`FOREIGN_IMAGE`] as an ociArtifact.
+const TEAM_REPO: &str = "team/component-descriptors/kyma-project.io/module/team";
+const FOREIGN_IMAGE: &str = "private/app";
+/// On the port-addressed host: the victim module (https baseUrl) and the attacker (http://).
+const VICTIM_REPO: &str = "secure/component-descriptors/kyma-project.io/module/victim";
+
+/// LM's sample objects (`tests/data/kyma/current-lm-sidecar.yaml`) by kind.
+fn current_lm_sample(kind: &str) -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kyma/current-lm-sidecar.yaml");
+    let text = std::fs::read_to_string(path).expect("sample");
+    let found = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
+        .find(|v: &Value| v["kind"] == kind);
+    found.unwrap_or_else(|| panic!("no {kind} in the sample"))
+}
+
+/// A Secret as `kubectl create secret docker-registry` writes it: no labels at all.
+fn unlabelled_secret(name: &str, auths: &[kyma::Auth<'_>]) -> Value {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(kyma::docker_config_json(auths));
+    serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": name, "namespace": KCP_SYSTEM}, "data": {".dockerconfigjson": b64}})
+}
+
+/// A label-era template with `oci-registry-cred` set to `label` (any JSON) and extra resources.
+fn template_with_label(
+    ns: &str,
+    name: &str,
+    base_url: &str,
+    label: Value,
+    extra: Vec<Value>,
+) -> Value {
+    let component = format!("kyma-project.io/module/{name}");
+    let mut t = module_template(ns, name, base_url, &component, "1.0.0", Some("x"));
+    let labels = serde_json::json!([{"name": "oci-registry-cred", "value": label}]);
+    let c = &mut t["spec"]["descriptor"]["component"];
+    c["labels"] = labels.clone();
+    for r in c["resources"].as_array_mut().expect("resources") {
+        r["labels"] = labels.clone();
+    }
+    c["resources"]
+        .as_array_mut()
+        .expect("resources")
+        .extend(extra);
+    t
+}
+
+struct CurrentWorld {
+    source: Source,
+    gate: kyma::Gate,
+    port_gate: kyma::Gate,
+    proxy: ProxyProcess,
+    pushed: std::collections::BTreeMap<String, PushedImage>,
+    _reg: Registry,
+}
+
+impl CurrentWorld {
+    async fn start(kind: SourceKind) -> CurrentWorld {
+        let reg = Registry::start(RegistryAuth::htpasswd(&[
+            (ADMIN_USER, ADMIN_PASSWORD),
+            (KLM_USER, KLM_PW),
+            (TEAM_USER, TEAM_PW),
+        ]))
+        .await;
+        let admin = Some((ADMIN_USER, ADMIN_PASSWORD));
+        let mut pushed = std::collections::BTreeMap::new();
+        for (i, repo) in [
+            CURRENT_REPO,
+            MIGRATED_REPO,
+            TENANT_REPO,
+            EMPTY_REPO,
+            TEAM_REPO,
+            FOREIGN_IMAGE,
+            VICTIM_REPO,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // config blob, descriptor blob, raw-manifest blob
+            let tag = if repo == CURRENT_REPO {
+                "1.0.5"
+            } else {
+                "1.0.0"
+            };
+            pushed.insert(
+                repo.to_string(),
+                push_image(&reg, admin, repo, tag, &layers(40 + i as u64)).await,
+            );
+        }
+        let reg_addr: SocketAddr = reg.host().parse().expect("registry address");
+        let gate = kyma::Gate::forwarder(reg_addr).await;
+        let port_gate = kyma::Gate::forwarder(reg_addr).await;
+        let port_host = port_gate.host();
+        let source = Source::start(kind).await;
+
+        // Current LM: the unlabelled named Secret, a `descriptor: {}` template, a ModuleReleaseMeta.
+        source.apply(unlabelled_secret(
+            NAMED_SECRET,
+            &[(ALIAS, KLM_USER, KLM_PW)],
+        ));
+        source.apply(current_lm_sample("ModuleTemplate"));
+        source.apply(current_lm_sample("ModuleReleaseMeta"));
+        // Migrated: a label-era template under the base whose label matches no Secret.
+        source.apply(template_with_label(
+            KCP_SYSTEM,
+            "migrated",
+            &format!("http://{ALIAS}/modules"),
+            serde_json::json!({CRED_LABEL: "gone"}),
+            vec![],
+        ));
+        // The team's Secret in kcp-system, for the team module (and for borrowers to try).
+        source.apply(docker_secret(
+            KCP_SYSTEM,
+            "team-cred",
+            Some("team"),
+            &[
+                (ALIAS, TEAM_USER, TEAM_PW),
+                (&port_host, TEAM_USER, TEAM_PW),
+            ],
+        ));
+        // Attack: another namespace's template selecting kcp-system's team Secret.
+        source.apply(template_with_label(
+            "tenant",
+            "tenant",
+            &format!("http://{ALIAS}/team"),
+            serde_json::json!({CRED_LABEL: "team"}),
+            vec![],
+        ));
+        // Attack: `{}`.
+        source.apply(template_with_label(
+            KCP_SYSTEM,
+            "empty",
+            &format!("http://{ALIAS}/team"),
+            serde_json::json!({}),
+            vec![],
+        ));
+        // Attack: the legitimate team module names somebody else's image as an ociArtifact.
+        let image = serde_json::json!({"name": "app", "type": "ociArtifact", "relation": "external",
+            "access": {"type": "ociArtifact", "imageReference": format!("{ALIAS}/{FOREIGN_IMAGE}:1.0.0")}});
+        source.apply(template_with_label(
+            KCP_SYSTEM,
+            "team",
+            &format!("http://{ALIAS}/team"),
+            serde_json::json!({CRED_LABEL: "team"}),
+            vec![image],
+        ));
+        // Attack: an http:// baseUrl on the host where the victim module is https.
+        source.apply(template_with_label(
+            KCP_SYSTEM,
+            "victim",
+            &format!("{port_host}/secure"),
+            serde_json::json!({CRED_LABEL: "team"}),
+            vec![],
+        ));
+        source.apply(template_with_label(
+            KCP_SYSTEM,
+            "downgrader",
+            &format!("http://{port_host}/x"),
+            serde_json::json!({CRED_LABEL: "team"}),
+            vec![],
+        ));
+
+        let catalog = match &source {
+            Source::Files(dir) => format!("  files: \"{}\"\n", dir.path().display()),
+            Source::Kubernetes { .. } => "  kubernetes: {}\n".to_string(),
+        };
+        let config = format!(
+            "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n  tag_ttl: 0s\n\
+             upstreams:\n  - name: {ALIAS}\n    endpoint: {}\ndefault_upstream: {ALIAS}\n\
+             catalog:\n{catalog}  default_secret: {{namespace: {KCP_SYSTEM}, name: {NAMED_SECRET}, subpath: modules}}\n",
+            gate.url(),
+        );
+        let proxy = ProxyProcess::start_with_env(&config, &source.env()).await;
+        if let Source::Kubernetes { gate, .. } = &source {
+            gate.open();
+        }
+        wait_until(CHANGE_DEADLINE, "/readyz 200", || async {
+            http_client()
+                .get(format!("{}/readyz", proxy.url()))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        })
+        .await;
+        CurrentWorld {
+            source,
+            gate,
+            port_gate,
+            proxy,
+            pushed,
+            _reg: reg,
+        }
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.proxy.metrics().await, series)
+    }
+
+    /// LM ≥ 1.8's sequence for the current module; checks digests and that every request
+    /// reached the registry with the named Secret's user.
+    async fn lm_pull_current(&self) {
+        let got = lm_pull(&self.proxy.url(), CURRENT_REPO, "1.0.5")
+            .await
+            .unwrap_or_else(|e| panic!("LM pull of {CURRENT_REPO}: {e:?}"));
+        let want = &self.pushed[CURRENT_REPO];
+        assert_eq!(got.manifest_digest, want.manifest_digest);
+        assert_eq!(got.layer_digests, want.layer_digests);
+        Self::only_user(&self.gate, CURRENT_REPO, KLM_USER, KLM_PW);
+    }
+
+    async fn get_manifest(&self, name: &str, reference: &str) -> (StatusCode, Value) {
+        let resp = http_client()
+            .get(format!(
+                "{}/v2/{name}/manifests/{reference}",
+                self.proxy.url()
+            ))
+            .header("Accept", kyma::GGCR_MANIFEST_ACCEPT)
+            .send()
+            .await
+            .expect("GET manifest through the proxy");
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn resolve(&self, name: &str, wants: &[&str]) {
+        let config = self.proxy.dir().join("config.yaml");
+        let (ok, text) = kyma::resolve(&config, name, &self.source.env()).await;
+        assert!(ok, "resolve {name}:\n{text}");
+        for w in wants {
+            assert!(text.contains(w), "resolve {name}: no {w:?} in\n{text}");
+        }
+        for pw in [KLM_PW, TEAM_PW] {
+            assert!(!text.contains(pw), "resolve printed a password:\n{text}");
+        }
+    }
+
+    /// Requests for `repo` reached `gate` with `user`'s credentials (after the anonymous
+    /// challenge probe), and with no other credentials.
+    fn only_user(gate: &kyma::Gate, repo: &str, user: &str, password: &str) {
+        let seen = gate.requests_for(repo);
+        let want = Some((user.to_string(), password.to_string()));
+        assert!(seen.iter().any(|r| r.basic() == want), "{repo}: {seen:?}");
+        assert!(
+            seen.iter()
+                .all(|r| r.authorization.is_none() || r.basic() == want),
+            "{repo}: {seen:?}"
+        );
+    }
+
+    /// No request for `repo` reached `gate` with credentials.
+    fn no_credentials(gate: &kyma::Gate, repo: &str) {
+        let seen = gate.requests_for(repo);
+        assert!(
+            seen.iter().all(|r| r.authorization.is_none()),
+            "{repo}: {seen:?}"
+        );
+    }
+}
+
+async fn current_lm_and_attacks(kind: SourceKind) {
+    let w = CurrentWorld::start(kind).await;
+
+    // Current LM before the Manifest exists; a current control plane has no skipped objects.
+    w.lm_pull_current().await;
+    assert_eq!(w.metric("oci_proxy_catalog_skipped_objects").await, 0.0);
+    w.resolve(
+        CURRENT_REPO,
+        &[
+            "ModuleReleaseMeta kcp-system/template-operator",
+            "module name: template-operator",
+            "versions: 1.0.5",
+            &format!("decision: default Secret {KCP_SYSTEM}/{NAMED_SECRET}"),
+            "credential: basic",
+        ],
+    )
+    .await;
+
+    // The Manifest LM then writes (repo on the proxy's own address, no /component-descriptors).
+    let mut manifest = current_lm_sample("Manifest");
+    manifest["spec"]["install"]["source"]["repo"] = format!("{}/modules", w.proxy.host()).into();
+    manifest["spec"]["install"]["source"]["ref"] =
+        w.pushed[CURRENT_REPO].manifest_digest.clone().into();
+    let modules_before = w.metric("oci_proxy_catalog_modules").await;
+    w.source.apply(manifest);
+    wait_until(CHANGE_DEADLINE, "the Manifest in the catalog", || async {
+        w.metric("oci_proxy_catalog_modules").await > modules_before
+    })
+    .await;
+    w.lm_pull_current().await;
+    assert_eq!(w.metric("oci_proxy_catalog_skipped_objects").await, 0.0);
+    // `modules` did not become a registry: its paths still go to the default upstream.
+    w.resolve(
+        CURRENT_REPO,
+        &[
+            &format!("upstream: {ALIAS}"),
+            "Manifest kcp-system/kyma-sample-template-operator",
+        ],
+    )
+    .await;
+
+    // Migrated landscape: the stale label is ignored under the named Secret's base.
+    let (status, body) = w.get_manifest(MIGRATED_REPO, "1.0.0").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    CurrentWorld::only_user(&w.gate, MIGRATED_REPO, KLM_USER, KLM_PW);
+
+    // Another namespace's template cannot borrow kcp-system's Secret.
+    let (status, body) = w
+        .get_manifest(&format!("{ALIAS}/{TENANT_REPO}"), "1.0.0")
+        .await;
+    match kind {
+        // Not read at all (namespaces: [kcp-system]): no module, anonymous.
+        SourceKind::Kubernetes => assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}"),
+        // Read, but its selector matches only Secrets of its own namespace.
+        SourceKind::Files => {
+            assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+            assert_eq!(error_code(&body), "DENIED", "{body}");
+            w.resolve(
+                &format!("{ALIAS}/{TENANT_REPO}"),
+                &["matches no Secret in namespace tenant"],
+            )
+            .await;
+        }
+    }
+    CurrentWorld::no_credentials(&w.gate, TENANT_REPO);
+
+    // `{}` matches nothing: DENIED, reported by metric and resolve, the registry never asked.
+    let (status, body) = w
+        .get_manifest(&format!("{ALIAS}/{EMPTY_REPO}"), "1.0.0")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(error_code(&body), "DENIED", "{body}");
+    assert!(w.gate.requests_for(EMPTY_REPO).is_empty());
+    assert_eq!(w.metric("oci_proxy_catalog_empty_selectors").await, 1.0);
+    w.resolve(
+        &format!("{ALIAS}/{EMPTY_REPO}"),
+        &["empty credential selector"],
+    )
+    .await;
+
+    // The team module gets its Secret; the image it names elsewhere does not.
+    let (status, body) = w
+        .get_manifest(&format!("{ALIAS}/{TEAM_REPO}"), "1.0.0")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(w
+        .gate
+        .requests_for(TEAM_REPO)
+        .iter()
+        .any(|r| r.basic() == Some((TEAM_USER.into(), TEAM_PW.into()))));
+    let (status, body) = w
+        .get_manifest(&format!("{ALIAS}/{FOREIGN_IMAGE}"), "1.0.0")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    CurrentWorld::no_credentials(&w.gate, FOREIGN_IMAGE);
+    w.resolve(
+        &format!("{ALIAS}/{FOREIGN_IMAGE}"),
+        &["not a module repository"],
+    )
+    .await;
+
+    // http:// downgrade: the attacker's baseUrl does not make the victim's repository plain
+    // HTTP; its credentials never travel in clear (https to a plain-HTTP registry fails).
+    let victim = format!("{}/{VICTIM_REPO}", w.port_gate.host());
+    let (status, body) = w.get_manifest(&victim, "1.0.0").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        w.port_gate.requests_for(VICTIM_REPO).is_empty(),
+        "{:?}",
+        w.port_gate.requests_for(VICTIM_REPO)
+    );
+    w.resolve(
+        &victim,
+        &[&format!("endpoint: https://{}", w.port_gate.host())],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_lm_and_attacks_files_source() {
+    current_lm_and_attacks(SourceKind::Files).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_lm_and_attacks_kubernetes_source() {
+    current_lm_and_attacks(SourceKind::Kubernetes).await;
 }

@@ -4,7 +4,6 @@
 use crate::credentials::chain::{ModuleCredentials, ModuleDecision};
 use crate::routing::HostSource;
 
-use super::index::normalize_host;
 use super::{Catalog, Decision};
 
 impl ModuleCredentials for Catalog {
@@ -33,13 +32,8 @@ impl ModuleCredentials for Catalog {
 }
 
 impl HostSource for Catalog {
-    fn lookup_host(&self, host: &str) -> Option<bool> {
-        let wanted = normalize_host(host);
-        self.current()
-            .hosts
-            .iter()
-            .find(|h| normalize_host(&h.host) == wanted)
-            .map(|h| h.insecure)
+    fn lookup_host(&self, host: &str, repository: &str) -> Option<bool> {
+        self.current().scheme(host, repository)
     }
 }
 
@@ -74,7 +68,12 @@ mod tests {
             ModuleDecision::NotAModule
         ));
         let hosts: &dyn HostSource = c.as_ref();
-        assert_eq!(hosts.lookup_host("REG.localhost:5000"), Some(true));
-        assert_eq!(hosts.lookup_host("ghcr.io"), None);
+        assert_eq!(hosts.lookup_host("REG.localhost:5000", repo), Some(true));
+        // The module's http:// is for its own repositories only.
+        assert_eq!(
+            hosts.lookup_host("reg.localhost:5000", "other"),
+            Some(false)
+        );
+        assert_eq!(hosts.lookup_host("ghcr.io", repo), None);
     }
 }

@@ -14,6 +14,10 @@ pub struct ModuleExplanation {
     pub kind: String,
     /// `namespace/name`.
     pub module: String,
+    /// The module's name (`spec.moduleName`), when known.
+    pub module_name: Option<String>,
+    /// The versions it offers (template version, ModuleReleaseMeta channels, Manifest ref).
+    pub versions: Vec<String>,
     /// How it names the repository (e.g. `component descriptor repository`).
     pub via: String,
     /// The selector in Kubernetes syntax, or why there is none / it is unusable.
@@ -89,6 +93,8 @@ pub(super) fn explain(index: &Index, ready: bool, host: &str, repository: &str) 
             ModuleExplanation {
                 kind: e.kind.to_owned(),
                 module: e.id.to_string(),
+                module_name: e.module_name.clone(),
+                versions: e.versions.clone(),
                 via: c.via.clone(),
                 selector,
                 selector_origin,
@@ -174,6 +180,12 @@ impl fmt::Display for Explanation {
         for m in &self.modules {
             let mark = if m.chosen { " [chosen]" } else { "" };
             writeln!(f, "module: {} {}{mark}", m.kind, m.module)?;
+            if let Some(n) = &m.module_name {
+                writeln!(f, "  module name: {n}")?;
+            }
+            if !m.versions.is_empty() {
+                writeln!(f, "  versions: {}", m.versions.join(", "))?;
+            }
             writeln!(f, "  names it as: {}", m.via)?;
             match &m.selector_origin {
                 Some(o) => writeln!(f, "  selector: {} (from {o})", m.selector)?,

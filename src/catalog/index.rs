@@ -1,14 +1,23 @@
 //! The immutable catalog index, rebuilt from a snapshot of all sources' objects:
 //! (registry host, repository) → claiming module(s) → selector → matching Secrets → keychain,
-//! plus the named default Secret (KLM's `--oci-registry-cred-secret` mode).
+//! plus the named default Secret (LM's `--oci-registry-cred-secret`).
 //!
-//! [`Index::verdict`] is the one place the precedence rules live: the module's own credentials,
-//! else the default Secret, else nothing (the server falls back further).
+//! [`Index::verdict`] is the one place the precedence rules live, as LM ≥ 1.3.11 has them: a
+//! repository under the named Secret's base gets the named Secret; outside it, the claiming
+//! module's own selector decides; else nothing (the server falls back further).
+//!
+//! The trust rules live in [`Index::build`]: a selector matches Secrets only in the namespace
+//! of the object carrying it; an empty selector matches nothing (it would lend every Secret
+//! to whoever wrote it); `ociArtifact` images are claimed only with `image_credentials`; and
+//! each claim keeps its own scheme, so one module's `http://` baseUrl concerns only its own
+//! repositories.
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::creds::{Keychain, KeychainMatch};
-use super::model::{Object, ObjectRef, PullSecret, RepoLocation, SelectorSpec};
+use super::model::{
+    Object, ObjectRef, PullSecret, RepoLocation, SelectorSpec, COMPONENT_DESCRIPTORS,
+};
 use super::ModuleHost;
 use crate::config::DefaultSecret;
 
@@ -24,15 +33,51 @@ pub(super) struct SecretSummary {
 pub(super) struct ModuleEntry {
     pub kind: &'static str,
     pub id: ObjectRef,
+    /// The module's name (`spec.moduleName`), when known.
+    pub module_name: Option<String>,
+    /// The versions it offers (template version, ModuleReleaseMeta channels).
+    pub versions: Vec<String>,
     pub selector: SelectorSpec,
     pub secrets: Vec<SecretSummary>,
     pub keychain: Keychain,
+}
+
+impl ModuleEntry {
+    /// `ModuleReleaseMeta kcp-system/x (module x, versions 1.0.5)`, for messages.
+    pub fn describe(&self) -> String {
+        let mut extra = Vec::new();
+        if let Some(n) = &self.module_name {
+            extra.push(format!("module {n}"));
+        }
+        if !self.versions.is_empty() {
+            extra.push(format!("versions {}", self.versions.join(", ")));
+        }
+        if extra.is_empty() {
+            format!("{} {}", self.kind, self.id)
+        } else {
+            format!("{} {} ({})", self.kind, self.id, extra.join(", "))
+        }
+    }
+
+    /// The selector is `{}`: refused, it matches nothing.
+    pub fn empty_selector(&self) -> bool {
+        matches!(&self.selector, SelectorSpec::Valid { selector, .. } if selector.is_everything())
+    }
 }
 
 /// A module naming a repository, and how.
 pub(super) struct Claim {
     pub module: usize,
     pub via: String,
+    /// The module named it with `http://`.
+    pub insecure: bool,
+}
+
+/// Build options from the config.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Options {
+    /// `catalog.image_credentials`.
+    pub image_credentials: bool,
 }
 
 /// Registry base of the default Secret: its single `auths` registry plus the subpath.
@@ -101,6 +146,26 @@ pub(super) struct Index {
     pub secret_count: usize,
 }
 
+/// The versions of the ModuleTemplates of `module_name` in `namespace`, with the release
+/// meta's own.
+fn module_versions(
+    objects: &[&Object],
+    namespace: &str,
+    module_name: &str,
+    mut v: Vec<String>,
+) -> Vec<String> {
+    for o in objects {
+        if let Object::ModuleTemplate(t) = o {
+            if t.id.namespace == namespace && t.module_name.as_deref() == Some(module_name) {
+                v.extend(t.version.clone());
+            }
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// The outcome for one repository, borrowing from the index.
 pub(super) enum Verdict<'a> {
     NotAModule {
@@ -144,6 +209,7 @@ impl Index {
         skipped: Vec<String>,
         default_secret: Option<&DefaultSecret>,
         last_base: Option<Base>,
+        options: Options,
     ) -> Index {
         let mut secrets: Vec<&PullSecret> = objects
             .iter()
@@ -153,37 +219,94 @@ impl Index {
             })
             .collect();
         secrets.sort_by(|a, b| a.id.cmp(&b.id));
+        let default = default_state(default_secret, &secrets, last_base);
 
         let mut modules = Vec::new();
         let mut claims: Vec<(RepoLocation, Claim)> = Vec::new();
-        let mut add =
-            |kind, id: &ObjectRef, selector: &SelectorSpec, repos: Vec<(RepoLocation, String)>| {
-                let module = modules.len();
-                modules.push(module_entry(kind, id, selector, &secrets));
-                for (location, via) in repos {
-                    claims.push((location, Claim { module, via }));
-                }
-            };
+        let mut add = |kind,
+                       id: &ObjectRef,
+                       module_name: Option<String>,
+                       versions: Vec<String>,
+                       selector: &SelectorSpec,
+                       repos: Vec<(RepoLocation, String)>| {
+            let module = modules.len();
+            let mut entry = module_entry(kind, id, selector, &secrets);
+            entry.module_name = module_name;
+            entry.versions = versions;
+            modules.push(entry);
+            for (location, via) in repos {
+                let insecure = location.insecure;
+                claims.push((
+                    location,
+                    Claim {
+                        module,
+                        via,
+                        insecure,
+                    },
+                ));
+            }
+        };
         for o in objects {
             match o {
                 Object::ModuleTemplate(m) => {
-                    let mut repos = vec![(
-                        m.descriptor_repository.clone(),
-                        "component descriptor repository".to_owned(),
-                    )];
-                    for i in &m.images {
+                    let mut repos = Vec::new();
+                    if let Some(d) = &m.descriptor_repository {
+                        repos.push((d.clone(), "component descriptor repository".to_owned()));
+                    }
+                    if options.image_credentials {
+                        for i in &m.images {
+                            repos.push((
+                                i.location.clone(),
+                                format!("ociArtifact resource {}", i.resource),
+                            ));
+                        }
+                    }
+                    add(
+                        "ModuleTemplate",
+                        &m.id,
+                        m.module_name.clone(),
+                        m.version.iter().cloned().collect(),
+                        &m.selector,
+                        repos,
+                    );
+                }
+                Object::ModuleReleaseMeta(r) => {
+                    // LM ≥ 1.8 pulls `<registry>[/<subpath>]/component-descriptors/<component>`
+                    // with the named Secret: under its base by construction.
+                    let mut repos = Vec::new();
+                    if let (Some(component), Some(base)) = (&r.ocm_component_name, default.base()) {
                         repos.push((
-                            i.location.clone(),
-                            format!("ociArtifact resource {}", i.resource),
+                            RepoLocation {
+                                host: base.host.clone(),
+                                repository: join_path(
+                                    &join_path(&base.path, COMPONENT_DESCRIPTORS),
+                                    component,
+                                ),
+                                insecure: base.insecure,
+                            },
+                            format!("ocmComponentName {component} under the default Secret's base"),
                         ));
                     }
-                    add("ModuleTemplate", &m.id, &m.selector, repos);
+                    let versions = match &r.module_name {
+                        Some(n) => module_versions(objects, &r.id.namespace, n, r.versions()),
+                        None => r.versions(),
+                    };
+                    add(
+                        "ModuleReleaseMeta",
+                        &r.id,
+                        r.module_name.clone(),
+                        versions,
+                        &SelectorSpec::None,
+                        repos,
+                    );
                 }
                 Object::Manifest(m) => {
                     for s in &m.sources {
                         add(
                             "Manifest",
                             &m.id,
+                            None,
+                            s.reference.iter().cloned().collect(),
                             &s.selector,
                             vec![(s.location.clone(), s.field.to_owned())],
                         );
@@ -216,7 +339,6 @@ impl Index {
             list.dedup_by(|a, b| a.module == b.module);
         }
 
-        let default = default_state(default_secret, &secrets, last_base);
         if let Some(base) = default.base() {
             *host_flags.entry(base.host.clone()).or_default() |= base.insecure;
         }
@@ -235,6 +357,28 @@ impl Index {
         }
     }
 
+    /// `Some(insecure)` when the catalog names `host`: plain HTTP for `repository` only when
+    /// the Secret or module that decides it named the registry with `http://`.
+    pub fn scheme(&self, host: &str, repository: &str) -> Option<bool> {
+        let wanted = normalize_host(host);
+        if !self.hosts.iter().any(|h| normalize_host(&h.host) == wanted) {
+            return None;
+        }
+        let repository = repository.trim_matches('/');
+        if let Some(base) = self
+            .default
+            .base()
+            .filter(|b| b.covers(&wanted, repository))
+        {
+            return Some(base.insecure);
+        }
+        Some(
+            self.claims(host, repository)
+                .first()
+                .is_some_and(|c| c.insecure),
+        )
+    }
+
     pub fn claims(&self, host: &str, repository: &str) -> &[Claim] {
         self.repos
             .get(&(
@@ -248,36 +392,9 @@ impl Index {
     pub fn verdict(&self, host: &str, repository: &str) -> Verdict<'_> {
         let repository = repository.trim_matches('/');
         let keychain_host = host.trim().to_ascii_lowercase();
-        let claims = self.claims(host, repository);
-        if let Some(first) = claims.first() {
-            let entry = &self.modules[first.module];
-            match &entry.selector {
-                SelectorSpec::Invalid { message, origin } => {
-                    return Verdict::Denied {
-                        message: format!(
-                            "{} {}: unusable credential selector ({origin}): {message}",
-                            entry.kind, entry.id
-                        ),
-                    }
-                }
-                SelectorSpec::Valid { selector, .. } if entry.secrets.is_empty() => {
-                    return Verdict::Denied {
-                        message: format!(
-                            "{} {}: credential selector {selector} matches no Secret",
-                            entry.kind, entry.id
-                        ),
-                    }
-                }
-                SelectorSpec::Valid { .. } => {
-                    return Verdict::Module {
-                        entry,
-                        matched: entry.keychain.resolve(&keychain_host, repository),
-                    }
-                }
-                SelectorSpec::None => {}
-            }
-        }
         let host_key = normalize_host(host);
+        let claims = self.claims(host, repository);
+        // 1. Under the named Secret's base the named Secret decides (LM ≥ 1.3.11 ignores labels).
         match &self.default {
             DefaultState::Active {
                 secret,
@@ -294,24 +411,75 @@ impl Index {
                 last_base: Some(base),
                 reason,
             } if base.covers(&host_key, repository) => {
+                let modules: Vec<String> = claims
+                    .iter()
+                    .map(|c| self.modules[c.module].describe())
+                    .collect();
+                let prefix = if modules.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}: ", modules.join("; "))
+                };
                 return Verdict::Denied {
-                    message: format!("default Secret {secret}: {reason}"),
-                }
+                    message: format!("{prefix}default Secret {secret}: {reason}"),
+                };
             }
             _ => {}
         }
+        // 2. Outside it, the claiming module's own selector.
+        if let Some(first) = claims.first() {
+            let entry = &self.modules[first.module];
+            match &entry.selector {
+                SelectorSpec::Invalid { message, origin } => {
+                    return Verdict::Denied {
+                        message: format!(
+                            "{}: unusable credential selector ({origin}): {message}",
+                            entry.describe()
+                        ),
+                    }
+                }
+                SelectorSpec::Valid { .. } if entry.empty_selector() => {
+                    return Verdict::Denied {
+                        message: format!(
+                            "{}: empty credential selector {{}} matches no Secret (it would select every Secret)",
+                            entry.describe()
+                        ),
+                    }
+                }
+                SelectorSpec::Valid { selector, .. } if entry.secrets.is_empty() => {
+                    return Verdict::Denied {
+                        message: format!(
+                            "{}: credential selector {selector} matches no Secret in namespace {}",
+                            entry.describe(),
+                            entry.id.namespace
+                        ),
+                    }
+                }
+                SelectorSpec::Valid { .. } => {
+                    return Verdict::Module {
+                        entry,
+                        matched: entry.keychain.resolve(&keychain_host, repository),
+                    }
+                }
+                SelectorSpec::None => {}
+            }
+        }
         let reason = match claims.first() {
             Some(c) => {
-                let e = &self.modules[c.module];
                 format!(
-                    "{} {} names it but has no credential selector, and the default Secret does not cover it",
-                    e.kind, e.id
+                    "{} names it but has no credential selector, and the default Secret does not cover it",
+                    self.modules[c.module].describe()
                 )
             }
             None => "no module names this repository, and the default Secret does not cover it"
                 .to_owned(),
         };
         Verdict::NotAModule { reason }
+    }
+
+    /// Modules whose selector is `{}` (refused).
+    pub fn empty_selectors(&self) -> impl Iterator<Item = &ModuleEntry> {
+        self.modules.iter().filter(|m| m.empty_selector())
     }
 }
 
@@ -323,8 +491,13 @@ fn module_entry(
 ) -> ModuleEntry {
     let mut keychain = Keychain::new();
     let mut matched = Vec::new();
+    // Only Secrets in the module's own namespace, and never all of them for `{}`.
     if let SelectorSpec::Valid { selector: sel, .. } = selector {
-        for s in secrets.iter().filter(|s| sel.matches(&s.labels)) {
+        let usable = !sel.is_everything();
+        for s in secrets
+            .iter()
+            .filter(|s| usable && s.id.namespace == id.namespace && sel.matches(&s.labels))
+        {
             let note = match &s.config {
                 Some(cfg) if !cfg.auths.is_empty() => {
                     keychain.add(&s.id.to_string(), cfg);
@@ -342,6 +515,8 @@ fn module_entry(
     ModuleEntry {
         kind,
         id: id.clone(),
+        module_name: None,
+        versions: Vec::new(),
         selector: selector.clone(),
         secrets: matched,
         keychain,

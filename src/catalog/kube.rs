@@ -1,10 +1,13 @@
 //! The Kubernetes source of the module catalog.
 //!
-//! This module owns the watches on the cluster: ModuleTemplates and Manifests
-//! (`operator.kyma-project.io/v1beta2`, as [`DynamicObject`]s) and docker-registry
-//! Secrets (core/v1, filtered by a label selector on the server and by type here).
+//! This module owns the watches on the cluster: ModuleTemplates, ModuleReleaseMetas and
+//! Manifests (`operator.kyma-project.io/v1beta2`, as [`DynamicObject`]s) and docker-registry
+//! Secrets (core/v1, filtered by a label selector on the server and by type here), in the
+//! configured namespaces (`kcp-system` by default). The named default Secret is watched on
+//! its own, by name (`metadata.name` field selector) in its namespace and whatever its
+//! labels: LM's own Secret, created with `kubectl create secret docker-registry`, has none.
 //! Each watch feeds a kube-runtime reflector store; after every change (debounced) the
-//! full current set of all three kinds is handed to a `publish` callback as plain
+//! full current set of all kinds is handed to a `publish` callback as plain
 //! Kubernetes JSON objects, the shape `kubectl get -o json` prints.
 //!
 //! Secret contents are passed to `publish` (the index needs them) but never logged:
@@ -25,7 +28,7 @@ use kube::runtime::WatchStreamExt;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::config::KubernetesSource;
+use crate::config::{DefaultSecret, KubernetesSource};
 
 /// API group of the Kyma operator CRDs.
 pub const KYMA_GROUP: &str = "operator.kyma-project.io";
@@ -76,15 +79,24 @@ pub fn manifest_resource() -> ApiResource {
     )
 }
 
+/// The `ApiResource` of ModuleReleaseMetas (`modulereleasemetas`).
+pub fn module_release_meta_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(KYMA_GROUP, KYMA_VERSION, "ModuleReleaseMeta"),
+        "modulereleasemetas",
+    )
+}
+
 /// Whether a Secret of this `type` carries docker registry credentials.
 pub fn is_docker_secret_type(secret_type: Option<&str>) -> bool {
     secret_type.is_some_and(|t| DOCKER_SECRET_TYPES.contains(&t))
 }
 
-/// Watches ModuleTemplates, Manifests (operator.kyma-project.io/v1beta2) and Secrets
-/// (core/v1, filtered by `cfg.secret_label_selector`; only types
-/// `kubernetes.io/dockerconfigjson` and `kubernetes.io/dockercfg` are kept), in all
-/// namespaces or in each of `cfg.namespaces`, with kube-runtime watchers and reflector stores.
+/// Watches ModuleTemplates, ModuleReleaseMetas, Manifests (operator.kyma-project.io/v1beta2)
+/// and Secrets (core/v1, filtered by `cfg.secret_label_selector`; only types
+/// `kubernetes.io/dockerconfigjson` and `kubernetes.io/dockercfg` are kept) in each of
+/// `cfg.namespaces` (all namespaces for an empty list), plus `default_secret` by name in its
+/// namespace, with kube-runtime watchers and reflector stores.
 ///
 /// Once every watch finished its initial list, the full set is published and `synced`
 /// is called (once). After that every change is published, debounced by 200 ms, as the
@@ -98,6 +110,7 @@ pub fn is_docker_secret_type(secret_type: Option<&str>) -> bool {
 pub async fn run(
     client: kube::Client,
     cfg: KubernetesSource,
+    default_secret: Option<DefaultSecret>,
     publish: impl Fn(Vec<Value>) + Send + Sync + 'static,
     synced: impl Fn() + Send + Sync + 'static,
     watch_failed: impl Fn(&str) + Send + Sync + 'static,
@@ -110,7 +123,11 @@ pub async fn run(
     let mut labels: Vec<WatchLabel> = Vec::new();
 
     for ns in &namespaces {
-        for ar in [module_template_resource(), manifest_resource()] {
+        for ar in [
+            module_template_resource(),
+            module_release_meta_resource(),
+            manifest_resource(),
+        ] {
             let api: Api<DynamicObject> = match ns {
                 Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
                 None => Api::all_with(client.clone(), &ar),
@@ -141,6 +158,23 @@ pub async fn run(
         if !selector.is_empty() {
             wc = wc.labels(&selector);
         }
+        let events = watcher::watcher(api, wc).default_backoff();
+        streams.push(drive(idx, events, writer, |s: &Secret| {
+            is_docker_secret_type(s.type_.as_deref())
+        }));
+    }
+
+    if let Some(ds) = &default_secret {
+        // By name, whatever its labels and whichever namespaces are watched otherwise.
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ds.namespace);
+        let writer = Writer::<Secret>::default();
+        stores.secrets.push(writer.as_reader());
+        let idx = labels.len();
+        labels.push(WatchLabel {
+            resource: "secrets".into(),
+            namespace: Some(ds.namespace.clone()),
+        });
+        let wc = watcher::Config::default().fields(&format!("metadata.name={}", ds.name));
         let events = watcher::watcher(api, wc).default_backoff();
         streams.push(drive(idx, events, writer, |s: &Secret| {
             is_docker_secret_type(s.type_.as_deref())
@@ -369,6 +403,8 @@ impl Stores {
             }
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        // The named Secret may be in two stores (its own watch and the labelled one).
+        keyed.dedup_by(|a, b| a.0 == b.0);
         keyed.into_iter().map(|(_, v)| v).collect()
     }
 }
@@ -412,8 +448,10 @@ mod tests {
     }
 
     #[test]
-    fn namespaces_default_to_all_and_are_deduplicated() {
+    fn namespaces_default_to_kcp_system_and_are_deduplicated() {
         let mut cfg = KubernetesSource::default();
+        assert_eq!(namespaces(&cfg).ok(), Some(vec![Some("kcp-system".into())]));
+        cfg.namespaces = Vec::new();
         assert_eq!(namespaces(&cfg).ok(), Some(vec![None]));
         cfg.namespaces = vec!["b".into(), "a".into(), "b".into()];
         assert_eq!(
@@ -433,6 +471,7 @@ mod tests {
         assert_eq!(mt.api_version, "operator.kyma-project.io/v1beta2");
         assert_eq!(mt.plural, "moduletemplates");
         assert_eq!(manifest_resource().plural, "manifests");
+        assert_eq!(module_release_meta_resource().plural, "modulereleasemetas");
     }
 
     #[test]

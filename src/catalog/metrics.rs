@@ -1,7 +1,8 @@
 //! Metrics of the module catalog: what the current index holds, whether the catalog is
 //! ready, and how its sources fare. Registered once per process (with the server's other
 //! families) because a config reload may start a new catalog. Labels are bounded: `source`
-//! is `files` or `kubernetes`, `resource` one of `moduletemplates`, `manifests`, `secrets`.
+//! is `files` or `kubernetes`, `resource` one of `moduletemplates`, `modulereleasemetas`,
+//! `manifests`, `secrets`.
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
@@ -10,6 +11,7 @@ pub struct CatalogMetrics {
     modules: IntGauge,
     secrets: IntGauge,
     skipped: IntGauge,
+    empty_selectors: IntGauge,
     ready: IntGauge,
     updates: IntCounterVec,
     watch_errors: IntCounterVec,
@@ -30,7 +32,8 @@ impl CatalogMetrics {
         Ok(CatalogMetrics {
             modules: gauge(
                 "oci_proxy_catalog_modules",
-                "Modules (ModuleTemplates) in the catalog's current index.",
+                "Modules (ModuleTemplates, ModuleReleaseMetas, Manifest sources) in the catalog's \
+                 current index.",
             )?,
             secrets: gauge(
                 "oci_proxy_catalog_secrets",
@@ -39,6 +42,11 @@ impl CatalogMetrics {
             skipped: gauge(
                 "oci_proxy_catalog_skipped_objects",
                 "Malformed objects left out of the catalog's current index.",
+            )?,
+            empty_selectors: gauge(
+                "oci_proxy_catalog_empty_selectors",
+                "Modules whose credential selector is empty ({}): refused, their repositories are \
+                 denied.",
             )?,
             ready: {
                 let g = gauge(
@@ -62,11 +70,18 @@ impl CatalogMetrics {
         })
     }
 
-    pub(super) fn indexed(&self, modules: usize, secrets: usize, skipped: usize) {
+    pub(super) fn indexed(
+        &self,
+        modules: usize,
+        secrets: usize,
+        skipped: usize,
+        empty_selectors: usize,
+    ) {
         let set = |g: &IntGauge, n: usize| g.set(i64::try_from(n).unwrap_or(i64::MAX));
         set(&self.modules, modules);
         set(&self.secrets, secrets);
         set(&self.skipped, skipped);
+        set(&self.empty_selectors, empty_selectors);
     }
 
     pub(super) fn set_ready(&self, ready: bool) {
@@ -93,7 +108,7 @@ mod tests {
         assert_eq!(m.ready.get(), 1, "ready without a catalog");
         m.set_ready(false);
         assert_eq!(m.ready.get(), 0);
-        m.indexed(3, 2, 1);
+        m.indexed(3, 2, 1, 1);
         m.set_ready(true);
         m.updated("kubernetes");
         m.watch_error("secrets");
@@ -105,6 +120,7 @@ mod tests {
             "oci_proxy_catalog_modules 3",
             "oci_proxy_catalog_secrets 2",
             "oci_proxy_catalog_skipped_objects 1",
+            "oci_proxy_catalog_empty_selectors 1",
             "oci_proxy_catalog_ready 1",
             "oci_proxy_catalog_updates_total{source=\"kubernetes\"} 1",
             "oci_proxy_catalog_watch_errors_total{resource=\"secrets\"} 1",

@@ -1,16 +1,17 @@
 //! The module catalog: which credential, if any, a module's Secrets supply for a request.
 //!
-//! Sources (the `files` directory now, Kubernetes watches via [`kube`]) each publish their
-//! whole object set of ModuleTemplates, Manifests and Secrets. Every publish parses that
-//! source's objects ([`model`]), then rebuilds an immutable index over all sources
-//! (repository → module → selector → Secrets → keychain) and swaps it in atomically, so a
-//! request always sees one consistent snapshot.
+//! Sources (the `files` directory, Kubernetes watches via [`kube`]) each publish their
+//! whole object set of ModuleTemplates, ModuleReleaseMetas, Manifests and Secrets. Every
+//! publish parses that source's objects ([`model`]), then rebuilds an immutable index over all
+//! sources (repository → module → selector → Secrets → keychain) and swaps it in atomically,
+//! so a request always sees one consistent snapshot.
 //!
 //! The rule the catalog exists for: **a module's credentials are injected only into requests
-//! for that module's repositories** (its component-descriptor repository, the images its
-//! `ociArtifact` resources name, its Manifests' image specs). Precedence: module credentials,
-//! then the named default Secret (KLM's `--oci-registry-cred-secret` mode), then the server's
-//! own fallbacks.
+//! for that module's repositories** (its component-descriptor repository, its Manifests'
+//! image specs, and with `catalog.image_credentials` the images its `ociArtifact` resources
+//! name). Precedence as LM ≥ 1.3.11: the named default Secret (LM's
+//! `--oci-registry-cred-secret`) for every repository under its base, module credentials
+//! outside it, then the server's own fallbacks. See [`index`] for the trust rules.
 
 pub mod kube;
 
@@ -58,7 +59,8 @@ const FILES_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub struct ModuleHost {
     /// `host[:port]`, lower case.
     pub host: String,
-    /// Named with `http://`: the upstream speaks plain HTTP.
+    /// Some object named it with `http://`. Informational: the scheme is decided per
+    /// repository (see `HostSource::lookup_host`), so this never downgrades the whole host.
     pub insecure: bool,
 }
 
@@ -123,6 +125,9 @@ struct State {
 pub struct Catalog {
     default_secret: Option<DefaultSecret>,
     metrics: Option<CatalogMetrics>,
+    options: RwLock<index::Options>,
+    /// `default_upstream`: where a path on the proxy's own address that names no registry goes.
+    own_upstream: RwLock<Option<String>>,
     /// Hosts that name this proxy at the start of a ModuleTemplate baseUrl.
     proxy_hosts: RwLock<Vec<String>>,
     state: Mutex<State>,
@@ -154,6 +159,8 @@ impl Catalog {
     ) -> Result<Arc<Catalog>, CatalogError> {
         let catalog = Catalog::with_metrics(cfg.default_secret.clone(), metrics);
         catalog.set_proxy_hosts(cfg.proxy_hosts.clone());
+        catalog.set_own_upstream(cfg.own_upstream.clone());
+        catalog.set_image_credentials(cfg.image_credentials);
         if let Some(dir) = &cfg.files {
             let path = dir.display().to_string();
             let meta = std::fs::metadata(dir).map_err(|source| CatalogError::FilesDir {
@@ -177,6 +184,7 @@ impl Catalog {
             let task = tokio::spawn(self::kube::run(
                 client,
                 k8s.clone(),
+                cfg.default_secret.clone(),
                 move |objects| {
                     if let Some(c) = on_publish.upgrade() {
                         c.publish(SOURCE_KUBERNETES, objects);
@@ -218,15 +226,23 @@ impl Catalog {
         default_secret: Option<DefaultSecret>,
         metrics: Option<CatalogMetrics>,
     ) -> Arc<Catalog> {
-        let index = Index::build(&[], Vec::new(), default_secret.as_ref(), None);
+        let index = Index::build(
+            &[],
+            Vec::new(),
+            default_secret.as_ref(),
+            None,
+            index::Options::default(),
+        );
         let (ready, _) = watch::channel(true);
         if let Some(m) = &metrics {
-            m.indexed(0, 0, 0);
+            m.indexed(0, 0, 0, 0);
             m.set_ready(true);
         }
         Arc::new(Catalog {
             default_secret,
             metrics,
+            options: RwLock::new(index::Options::default()),
+            own_upstream: RwLock::new(None),
             proxy_hosts: RwLock::new(Vec::new()),
             state: Mutex::new(State {
                 sources: BTreeMap::new(),
@@ -248,6 +264,22 @@ impl Catalog {
         }
     }
 
+    /// Sets the upstream that paths on the proxy's own address go to when they name no registry
+    /// (`default_upstream`); call it before publishing.
+    pub fn set_own_upstream(&self, upstream: Option<String>) {
+        if let Ok(mut u) = self.own_upstream.write() {
+            *u = upstream;
+        }
+    }
+
+    /// Whether `ociArtifact` images get their module's credentials (`catalog.image_credentials`);
+    /// call it before publishing.
+    pub fn set_image_credentials(&self, on: bool) {
+        if let Ok(mut o) = self.options.write() {
+            o.image_credentials = on;
+        }
+    }
+
     /// Registers a source that must [`Catalog::mark_synced`] before the catalog is ready.
     pub fn expect_source(&self, source: &str) {
         let mut st = self.lock_state();
@@ -264,10 +296,11 @@ impl Catalog {
             .read()
             .map(|h| h.clone())
             .unwrap_or_default();
+        let own_upstream = self.own_upstream.read().ok().and_then(|u| u.clone());
         for v in &objects {
             match model::parse_object(v) {
                 Ok(Some(mut o)) => {
-                    o.unproxy(&proxy_hosts);
+                    o.unproxy(&proxy_hosts, own_upstream.as_deref());
                     set.objects.push(o)
                 }
                 Ok(None) => {}
@@ -376,17 +409,32 @@ impl Catalog {
             }
             skipped.extend(set.skipped.iter().cloned());
         }
+        let options = self.options.read().map(|o| *o).unwrap_or_default();
         let index = Index::build(
             &objects,
             skipped,
             self.default_secret.as_ref(),
             st.default_base.clone(),
+            options,
         );
         if let DefaultState::Active { base, .. } = &index.default {
             st.default_base = Some(base.clone());
         }
+        let mut refused = 0;
+        for m in index.empty_selectors() {
+            refused += 1;
+            tracing::warn!(
+                module = %m.describe(),
+                "empty credential selector {{}} refused: it matches no Secret, and the module's repositories are denied"
+            );
+        }
         if let Some(m) = &self.metrics {
-            m.indexed(index.modules.len(), index.secret_count, index.skipped.len());
+            m.indexed(
+                index.modules.len(),
+                index.secret_count,
+                index.skipped.len(),
+                refused,
+            );
         }
         tracing::debug!(
             objects = objects.len(),

@@ -1,12 +1,17 @@
 //! The Kubernetes objects the catalog understands, parsed from JSON as `kubectl get -o json`
 //! gives them (YAML documents are converted to JSON first): ModuleTemplates
-//! (`operator.kyma-project.io` v1beta2, tolerating v1beta1/v1alpha1), Manifests, and pull
-//! Secrets (`kubernetes.io/dockerconfigjson`, legacy `kubernetes.io/dockercfg`).
+//! (`operator.kyma-project.io` v1beta2, tolerating v1beta1/v1alpha1), ModuleReleaseMetas,
+//! Manifests, and pull Secrets (`kubernetes.io/dockerconfigjson`, legacy
+//! `kubernetes.io/dockercfg`).
 //!
-//! Parsing is lenient about unknown fields and strict about what decides credentials: a
-//! ModuleTemplate without a usable repository context is an error (the caller skips it), and a
-//! bad `oci-registry-cred` label becomes [`SelectorSpec::Invalid`] so the module is denied
-//! rather than silently served with someone else's credentials.
+//! Every Lifecycle Manager era must parse: label-era templates with a full descriptor, and
+//! current ones (`modulectl` writes `descriptor: {}` or none, and puts `moduleName`,
+//! `version`, `info`, `manager`, ... beside it; the OCM component name moves to the
+//! ModuleReleaseMeta). Parsing is lenient about unknown fields and strict about what decides
+//! credentials: a descriptor that is there but has no usable repository context is an error
+//! (the caller skips the object), and a bad `oci-registry-cred` label becomes
+//! [`SelectorSpec::Invalid`] so the module is denied rather than silently served with someone
+//! else's credentials.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -66,23 +71,36 @@ pub struct RepoLocation {
 }
 
 impl RepoLocation {
-    /// A location written through this proxy (`<proxy host>/<registry>/<path>`, as an
-    /// operator writes a ModuleTemplate `baseUrl` so that Lifecycle Manager pulls through the
-    /// proxy) becomes the upstream location `<registry>/<path>`, reached over https unless the
-    /// upstream's own config says otherwise.
-    pub fn unproxy(&mut self, proxy_hosts: &[String]) {
+    /// A location on this proxy's own address, as clients reach it through the proxy, becomes
+    /// the upstream location the proxy routes it to, by the rules every client request
+    /// follows: `<proxy host>/<registry>/<path>` (an operator's ModuleTemplate `baseUrl`
+    /// through the proxy) is `<registry>/<path>` when `<registry>` is a registry host by the
+    /// client rules (see [`crate::routing::names_registry_host`]); any other path (LM ≥ 1.8's
+    /// Manifest `repo: <proxy>/modules`) is on `own_upstream` (`default_upstream`). The
+    /// upstream's own config decides its scheme. `false` when the location names nothing the
+    /// proxy can route (no default upstream): it must be dropped, never turned into a host.
+    pub fn unproxy(&mut self, proxy_hosts: &[String], own_upstream: Option<&str>) -> bool {
         if !proxy_hosts
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&self.host))
         {
-            return;
+            return true;
         }
         if let Some((registry, rest)) = self.repository.split_once('/') {
-            if crate::protocol::grammar::is_registry_host(registry) && !rest.is_empty() {
+            if crate::routing::names_registry_host(registry) && !rest.is_empty() {
                 self.host = registry.to_ascii_lowercase();
                 self.repository = rest.to_owned();
                 self.insecure = false;
+                return true;
             }
+        }
+        match own_upstream {
+            Some(u) => {
+                self.host = u.to_ascii_lowercase();
+                self.insecure = false;
+                true
+            }
+            None => false,
         }
     }
 }
@@ -136,14 +154,52 @@ pub struct ModuleImage {
 pub struct ModuleTemplate {
     pub id: ObjectRef,
     pub api_version: String,
-    /// OCM component name, e.g. `kyma-project.io/module/template-operator`.
-    pub component: String,
+    /// `spec.moduleName` (current templates), e.g. `template-operator`.
+    pub module_name: Option<String>,
+    /// OCM component name from the embedded descriptor, e.g.
+    /// `kyma-project.io/module/template-operator`; `None` for a current template, whose
+    /// component name is in its ModuleReleaseMeta.
+    pub component: Option<String>,
+    /// `spec.version`, else the descriptor's version.
     pub version: Option<String>,
-    /// `<baseUrl>[/<subPath>]/component-descriptors/<component>` from the last repository context.
-    pub descriptor_repository: RepoLocation,
+    /// `<baseUrl>[/<subPath>]/component-descriptors/<component>` from the last repository
+    /// context of the embedded descriptor; `None` without one (LM ≥ 1.8 reads it from the
+    /// registry under the named Secret's base).
+    pub descriptor_repository: Option<RepoLocation>,
     pub selector: SelectorSpec,
     pub local_blobs: Vec<LocalBlob>,
     pub images: Vec<ModuleImage>,
+}
+
+/// A ModuleReleaseMeta (LM ≥ 1.8): which OCM component a module is, and which versions its
+/// channels carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleReleaseMeta {
+    pub id: ObjectRef,
+    pub module_name: Option<String>,
+    pub ocm_component_name: Option<String>,
+    /// `(channel, version)` pairs.
+    pub channels: Vec<(String, String)>,
+    /// `spec.mandatory.version`.
+    pub mandatory_version: Option<String>,
+    pub beta: bool,
+    pub internal: bool,
+}
+
+impl ModuleReleaseMeta {
+    /// Every version it assigns (channels, mandatory), sorted and deduplicated.
+    pub fn versions(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .channels
+            .iter()
+            .map(|(_, v)| v.clone())
+            .chain(self.mandatory_version.clone())
+            .filter(|v| !v.is_empty())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
 }
 
 /// One `credSecretSelector`-bearing image spec of a Manifest.
@@ -192,35 +248,40 @@ impl fmt::Debug for PullSecret {
 #[derive(Debug)]
 pub enum Object {
     ModuleTemplate(ModuleTemplate),
+    ModuleReleaseMeta(ModuleReleaseMeta),
     Manifest(Manifest),
     Secret(PullSecret),
 }
 
 impl Object {
-    /// Rewrites every location that names the proxy itself; see [`RepoLocation::unproxy`].
-    pub fn unproxy(&mut self, proxy_hosts: &[String]) {
+    /// Rewrites every location that names the proxy itself, dropping those that name nothing
+    /// routable; see [`RepoLocation::unproxy`].
+    pub fn unproxy(&mut self, proxy_hosts: &[String], own_upstream: Option<&str>) {
         if proxy_hosts.is_empty() {
             return;
         }
         match self {
             Object::ModuleTemplate(m) => {
-                m.descriptor_repository.unproxy(proxy_hosts);
-                for i in &mut m.images {
-                    i.location.unproxy(proxy_hosts);
+                if let Some(d) = &mut m.descriptor_repository {
+                    if !d.unproxy(proxy_hosts, own_upstream) {
+                        m.descriptor_repository = None;
+                    }
                 }
+                m.images
+                    .retain_mut(|i| i.location.unproxy(proxy_hosts, own_upstream));
             }
             Object::Manifest(m) => {
-                for s in &mut m.sources {
-                    s.location.unproxy(proxy_hosts);
-                }
+                m.sources
+                    .retain_mut(|s| s.location.unproxy(proxy_hosts, own_upstream));
             }
-            Object::Secret(_) => {}
+            Object::ModuleReleaseMeta(_) | Object::Secret(_) => {}
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
             Object::ModuleTemplate(_) => "ModuleTemplate",
+            Object::ModuleReleaseMeta(_) => "ModuleReleaseMeta",
             Object::Manifest(_) => "Manifest",
             Object::Secret(_) => "Secret",
         }
@@ -229,6 +290,7 @@ impl Object {
     pub fn id(&self) -> &ObjectRef {
         match self {
             Object::ModuleTemplate(m) => &m.id,
+            Object::ModuleReleaseMeta(m) => &m.id,
             Object::Manifest(m) => &m.id,
             Object::Secret(s) => &s.id,
         }
@@ -261,6 +323,9 @@ pub fn parse_object(v: &Value) -> Result<Option<Object>, ModelError> {
     match (kind, group) {
         ("ModuleTemplate", KYMA_GROUP) => {
             parse_module_template(v).map(|m| Some(Object::ModuleTemplate(m)))
+        }
+        ("ModuleReleaseMeta", KYMA_GROUP) => {
+            parse_module_release_meta(v).map(|m| Some(Object::ModuleReleaseMeta(m)))
         }
         ("Manifest", KYMA_GROUP) => parse_manifest(v).map(|m| Some(Object::Manifest(m))),
         ("Secret", "") => parse_secret(v).map(|s| Some(Object::Secret(s))),
@@ -309,7 +374,7 @@ pub fn split_location(url: &str) -> Result<(String, String, bool), String> {
     };
     let rest = rest.trim_matches('/');
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if !crate::protocol::grammar::is_registry_host(host) {
+    if !crate::routing::names_registry_host(host) {
         return Err(format!("{host:?} is not a registry host"));
     }
     Ok((
@@ -380,6 +445,16 @@ fn selector_from_label(value: &Value, origin: String) -> SelectorSpec {
     }
 }
 
+/// The fields of a ModuleTemplate's `spec` the catalog reads; everything else (`info`,
+/// `manager`, `associatedResources`, `data`, fields of future LM versions) is ignored.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct TemplateSpec {
+    module_name: Option<String>,
+    version: Option<String>,
+    descriptor: Option<Value>,
+}
+
 fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
     let id = object_ref(v, None)?;
     let api_version = v
@@ -387,11 +462,31 @@ fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let spec = v.get("spec").ok_or(ModelError::Missing("spec"))?;
+    let raw_spec = v.get("spec").ok_or(ModelError::Missing("spec"))?;
+    let spec: TemplateSpec = serde_json::from_value(raw_spec.clone())
+        .map_err(|e| invalid("spec", without_content(&e)))?;
+    let module_name = spec.module_name.filter(|n| !n.is_empty());
+    let top_version = spec.version.filter(|n| !n.is_empty());
+    // `descriptor: {}` (modulectl since 2025-10) or none: a current template. Only a
+    // descriptor that has a component is read, and then strictly.
     let descriptor = spec
-        .get("descriptor")
+        .descriptor
+        .as_ref()
         .and_then(embedded)
-        .ok_or(ModelError::Missing("spec.descriptor"))?;
+        .filter(|d| d.get("component").is_some() || d.get("metadata").is_some());
+    let Some(descriptor) = descriptor else {
+        return Ok(ModuleTemplate {
+            id,
+            api_version,
+            module_name,
+            component: None,
+            version: top_version,
+            descriptor_repository: None,
+            selector: SelectorSpec::None,
+            local_blobs: Vec::new(),
+            images: Vec::new(),
+        });
+    };
     let c = component_view(&descriptor).ok_or(ModelError::Missing("spec.descriptor.component"))?;
     let component = c
         .name
@@ -503,12 +598,73 @@ fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
     Ok(ModuleTemplate {
         id,
         api_version,
-        component,
-        version: c.version.map(str::to_owned),
-        descriptor_repository,
+        module_name,
+        component: Some(component),
+        version: top_version.or_else(|| c.version.map(str::to_owned)),
+        descriptor_repository: Some(descriptor_repository),
         selector,
         local_blobs,
         images,
+    })
+}
+
+/// A serde error's category and position, without the offending value (which could be
+/// anything an object's author wrote).
+fn without_content(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Data => "a field has the wrong type".to_owned(),
+        _ => "not an object".to_owned(),
+    }
+}
+
+/// `spec` of a ModuleReleaseMeta as LM defines it (`api/v1beta2/modulereleasemeta_types.go`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct ReleaseMetaSpec {
+    module_name: Option<String>,
+    ocm_component_name: Option<String>,
+    channels: Option<Vec<ChannelVersion>>,
+    mandatory: Option<Mandatory>,
+    beta: Option<bool>,
+    internal: Option<bool>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ChannelVersion {
+    channel: Option<String>,
+    version: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Mandatory {
+    version: Option<String>,
+}
+
+fn parse_module_release_meta(v: &Value) -> Result<ModuleReleaseMeta, ModelError> {
+    let id = object_ref(v, None)?;
+    let spec: ReleaseMetaSpec = match v.get("spec") {
+        None | Some(Value::Null) => ReleaseMetaSpec::default(),
+        Some(s) => {
+            serde_json::from_value(s.clone()).map_err(|e| invalid("spec", without_content(&e)))?
+        }
+    };
+    let non_empty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    Ok(ModuleReleaseMeta {
+        id,
+        module_name: non_empty(spec.module_name),
+        ocm_component_name: non_empty(spec.ocm_component_name)
+            .map(|c| c.trim_matches('/').to_owned()),
+        channels: spec
+            .channels
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| (c.channel.unwrap_or_default(), c.version.unwrap_or_default()))
+            .collect(),
+        mandatory_version: non_empty(spec.mandatory.and_then(|m| m.version)),
+        beta: spec.beta.unwrap_or(false),
+        internal: spec.internal.unwrap_or(false),
     })
 }
 
@@ -595,11 +751,18 @@ fn parse_manifest(v: &Value) -> Result<Manifest, ModelError> {
                 },
             },
         };
+        // LM ≤ 1.7 wrote `repo` ending in `/component-descriptors`; LM ≥ 1.8 writes the
+        // registry base and pulls `<repo>/component-descriptors/<name>`.
+        let repository = if path.rsplit('/').next() == Some(COMPONENT_DESCRIPTORS) {
+            join_path(&[&path, name])
+        } else {
+            join_path(&[&path, COMPONENT_DESCRIPTORS, name])
+        };
         sources.push(ManifestSource {
             field,
             location: RepoLocation {
                 host,
-                repository: join_path(&[&path, name]),
+                repository,
                 insecure,
             },
             reference: src.get("ref").and_then(Value::as_str).map(str::to_owned),
@@ -693,7 +856,7 @@ mod unproxy_tests {
             repository: "reg.example.com/mods/component-descriptors/c".into(),
             insecure: true,
         };
-        l.unproxy(&hosts);
+        assert!(l.unproxy(&hosts, None));
         assert_eq!(l.host, "reg.example.com");
         assert_eq!(l.repository, "mods/component-descriptors/c");
         assert!(!l.insecure);
@@ -703,8 +866,21 @@ mod unproxy_tests {
             insecure: false,
         };
         let before = other.clone();
-        other.unproxy(&hosts);
+        assert!(other.unproxy(&hosts, None));
         assert_eq!(other, before);
+        // LM ≥ 1.8 writes `repo: <proxy>/modules`: `modules` is a path on the default
+        // upstream, never a registry host; without a default upstream it names nothing.
+        let lm = RepoLocation {
+            host: "localhost:5000".into(),
+            repository: "modules/component-descriptors/kyma-project.io/module/x".into(),
+            insecure: true,
+        };
+        let mut l = lm.clone();
+        assert!(l.unproxy(&hosts, Some("Private.Registry.Test")));
+        assert_eq!(l.host, "private.registry.test");
+        assert_eq!(l.repository, lm.repository);
+        assert!(!l.insecure);
+        assert!(!lm.clone().unproxy(&hosts, None));
     }
 }
 
@@ -726,14 +902,20 @@ mod tests {
     fn label_era_module_template() {
         let m = module(&sample("moduletemplate-oci-registry-cred-label.yaml"));
         assert_eq!(m.id.to_string(), "default/moduletemplate-template-operator");
-        assert_eq!(m.component, "kyma-project.io/module/template-operator");
-        assert_eq!(m.version.as_deref(), Some("v1.6.0"));
-        assert_eq!(m.descriptor_repository.host, "europe-west3-docker.pkg.dev");
         assert_eq!(
-            m.descriptor_repository.repository,
+            m.component.as_deref().unwrap(),
+            "kyma-project.io/module/template-operator"
+        );
+        assert_eq!(m.version.as_deref(), Some("v1.6.0"));
+        assert_eq!(
+            m.descriptor_repository.as_ref().unwrap().host,
+            "europe-west3-docker.pkg.dev"
+        );
+        assert_eq!(
+            m.descriptor_repository.as_ref().unwrap().repository,
             "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator"
         );
-        assert!(!m.descriptor_repository.insecure);
+        assert!(!m.descriptor_repository.as_ref().unwrap().insecure);
         let SelectorSpec::Valid { selector, origin } = &m.selector else {
             panic!("{:?}", m.selector)
         };
@@ -768,7 +950,7 @@ mod tests {
         let m = module(&sample("moduletemplate-transferred-current.yaml"));
         assert_eq!(m.id.to_string(), "kcp-system/template-operator-1.0.5");
         assert_eq!(
-            m.descriptor_repository.to_string(),
+            m.descriptor_repository.as_ref().unwrap().to_string(),
             "europe-west3-docker.pkg.dev/sap-kyma-jellyfish-dev/restricted-market/component-descriptors/kyma-project.io/module/template-operator"
         );
         assert_eq!(m.selector, SelectorSpec::None);
@@ -883,10 +1065,13 @@ mod tests {
             }}}
         });
         let m = module(&v);
-        assert_eq!(m.descriptor_repository.host, "reg.localhost:5000");
-        assert!(m.descriptor_repository.insecure);
         assert_eq!(
-            m.descriptor_repository.repository,
+            m.descriptor_repository.as_ref().unwrap().host,
+            "reg.localhost:5000"
+        );
+        assert!(m.descriptor_repository.as_ref().unwrap().insecure);
+        assert_eq!(
+            m.descriptor_repository.as_ref().unwrap().repository,
             "component-descriptors/kyma-project.io/module/x"
         );
         let SelectorSpec::Valid { selector, origin } = &m.selector else {

@@ -9,19 +9,11 @@ const REG: &str = "europe-west3-docker.pkg.dev";
 const LABEL_ERA_REPO: &str =
     "sap-kyma-jellyfish-dev/template-operator/component-descriptors/kyma-project.io/module/template-operator";
 
-/// A sample from `shared/testdata/kyma/`, which sits beside the repository (`../shared`), or
-/// beside the directory holding a worktree (`../../shared`).
+/// A Lifecycle Manager sample object from `tests/data/kyma/` (see its README for origins).
 pub(super) fn sample(name: &str) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        root.join("../shared/testdata/kyma"),
-        root.join("../../shared/testdata/kyma"),
-    ];
-    let dir = candidates
-        .iter()
-        .find(|d| d.is_dir())
-        .unwrap_or(&candidates[0]);
-    let path = dir.join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/kyma")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap()
 }
@@ -84,9 +76,10 @@ fn basic(d: &Decision) -> (&str, &str, &str) {
     }
 }
 
+/// In the label-era sample's namespace (`default`): selectors match only there.
 fn regcred_secret(password: &str) -> Value {
     secret(
-        "kcp-system",
+        "default",
         "regcred",
         json!({"operator.kyma-project.io/oci-registry-cred": "operator-regcred"}),
         REG,
@@ -118,7 +111,7 @@ fn label_era_sample_gets_its_secret() {
     let Decision::Module { secret, .. } = &d else {
         unreachable!()
     };
-    assert_eq!(secret, "kcp-system/regcred");
+    assert_eq!(secret, "default/regcred");
     assert_eq!(
         c.hosts(),
         vec![ModuleHost {
@@ -205,7 +198,7 @@ fn manifest_sample_selects_the_labeled_secret() {
 }
 
 #[test]
-fn empty_selector_selects_every_secret_and_json_string_values_work() {
+fn empty_selector_matches_nothing_and_json_string_values_work() {
     let c = Catalog::new(None);
     c.publish(
         "t",
@@ -237,11 +230,25 @@ fn empty_selector_selects_every_secret_and_json_string_values_work() {
             ),
         ],
     );
+    // `{}` would select every Secret: it is refused, the module's repositories are denied.
     let a = c.decide(
         "reg.io",
         "base/component-descriptors/kyma-project.io/module/a",
     );
-    assert_eq!(basic(&a).1, "anyone");
+    let Decision::Denied { message } = &a else {
+        panic!("{a:?}")
+    };
+    assert!(message.contains("ns/everything"), "{message}");
+    assert!(message.contains("empty credential selector"), "{message}");
+    assert!(!message.contains("pw-any"), "{message}");
+    let text = c
+        .explain(
+            "reg.io",
+            "base/component-descriptors/kyma-project.io/module/a",
+        )
+        .to_string();
+    assert!(text.contains("matching Secrets: none"), "{text}");
+    assert_eq!(c.current().empty_selectors().count(), 1);
     let b = c.decide(
         "reg.io",
         "base/component-descriptors/kyma-project.io/module/b",
@@ -300,10 +307,38 @@ fn two_modules_on_one_registry_each_get_their_own_secret() {
 }
 
 #[test]
-fn oci_artifact_repositories_get_the_module_credentials() {
+fn oci_artifact_repositories_get_the_module_credentials_only_when_enabled() {
     let image = json!({"name": "manager", "type": "ociArtifact",
         "access": {"type": "ociArtifact", "imageReference": "images.io:5000/prod/manager:1.0@sha256:abcd"}});
+    let objects = vec![
+        module(
+            "ns",
+            "m",
+            "reg.io",
+            "kyma-project.io/module/m",
+            Some(json!({"k": "v"})),
+            vec![image.clone()],
+        ),
+        secret(
+            "ns",
+            "s",
+            json!({"k": "v"}),
+            "images.io:5000",
+            "img-user",
+            "pw",
+        ),
+    ];
+    // Default (catalog.image_credentials: false): LM never pulls images with module
+    // credentials, and an image reference can name anybody's repository.
+    let off = Catalog::new(None);
+    off.publish("t", objects);
+    assert_eq!(
+        off.decide("images.io:5000", "prod/manager"),
+        Decision::NotAModule
+    );
+    assert_eq!(off.current().scheme("images.io:5000", "prod/manager"), None);
     let c = Catalog::new(None);
+    c.set_image_credentials(true);
     c.publish(
         "t",
         vec![
@@ -365,8 +400,8 @@ fn several_modules_naming_one_repository_choose_deterministically() {
             None,
             vec![],
         ),
-        secret("ns", "sa", json!({"who": "a"}), "reg.io", "user-a", "pw-a"),
-        secret("ns", "sz", json!({"who": "z"}), "reg.io", "user-z", "pw-z"),
+        secret("aa", "sa", json!({"who": "a"}), "reg.io", "user-a", "pw-a"),
+        secret("zz", "sz", json!({"who": "z"}), "reg.io", "user-z", "pw-z"),
     ];
     let c = Catalog::new(None);
     c.publish("t", objects.clone());
@@ -464,7 +499,8 @@ fn default_secret_covers_its_registry_and_subpath() {
         }]
     );
 
-    // Module credentials take precedence over the default Secret.
+    // As LM ≥ 1.3.11: under the named Secret's base the named Secret wins over a module's
+    // selector; outside the base the module's selector decides.
     c.publish(
         "t",
         vec![
@@ -474,6 +510,14 @@ fn default_secret_covers_its_registry_and_subpath() {
                 "m",
                 "http://private-oci-reg.localhost:5000/modules",
                 "kyma-project.io/module/m",
+                Some(json!({"k": "v"})),
+                vec![],
+            ),
+            module(
+                "ns",
+                "outside",
+                "http://private-oci-reg.localhost:5000/elsewhere",
+                "kyma-project.io/module/o",
                 Some(json!({"k": "v"})),
                 vec![],
             ),
@@ -491,7 +535,15 @@ fn default_secret_covers_its_registry_and_subpath() {
         "private-oci-reg.localhost:5000",
         "modules/component-descriptors/kyma-project.io/module/m",
     );
-    assert_eq!(basic(&d).1, "module-user");
+    assert!(
+        matches!(&d, Decision::DefaultSecret { credential: Credential::Basic { username, .. }, .. } if username == "klm"),
+        "{d:?}"
+    );
+    let d = c.decide(
+        "private-oci-reg.localhost:5000",
+        "elsewhere/component-descriptors/kyma-project.io/module/o",
+    );
+    assert_eq!(basic(&d), ("ns/outside", "module-user", "pw-m"));
 
     // Without subpath every repository of the registry is covered.
     let c = Catalog::new(default_secret(None));
@@ -565,7 +617,14 @@ fn malformed_objects_are_skipped_not_fatal() {
     c.publish(
         "t",
         vec![
-            json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate", "metadata": {"name": "broken"}, "spec": {}}),
+            json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate", "metadata": {"name": "broken"},
+                "spec": {"descriptor": {"component": {"name": "kyma-project.io/module/b"}}}}),
+            // Current templates are modules, not malformed objects.
+            json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate", "metadata": {"name": "current"},
+                "spec": {"moduleName": "x", "version": "1.0.0", "descriptor": {}, "info": {"repository": "r"},
+                    "manager": {"name": "m", "group": "apps"}, "associatedResources": [{"group": "g"}], "futureField": 1}}),
+            json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate", "metadata": {"name": "none"},
+                "spec": {"moduleName": "y", "version": "2.0.0"}}),
             json!(42),
             sample("moduletemplate-oci-registry-cred-label.yaml"),
             regcred_secret("pw"),
@@ -582,6 +641,7 @@ fn malformed_objects_are_skipped_not_fatal() {
 
 #[test]
 fn invalid_selector_label_is_denied() {
+    // The named Secret covers another registry: outside its base the selector decides.
     let c = Catalog::new(default_secret(None));
     c.publish(
         "t",
@@ -594,7 +654,7 @@ fn invalid_selector_label_is_denied() {
                 Some(json!("not-json")),
                 vec![],
             ),
-            the_default_secret("reg.io", "u", "p"),
+            the_default_secret("other.io", "u", "p"),
         ],
     );
     let Decision::Denied { message } =
@@ -622,7 +682,7 @@ fn explain_names_objects_and_never_secret_content() {
         "ModuleTemplate default/moduletemplate-template-operator [chosen]",
         "operator.kyma-project.io/oci-registry-cred=operator-regcred",
         "label oci-registry-cred of resource raw-manifest",
-        "kcp-system/regcred",
+        "default/regcred",
         "basic",
         "kcp-system/private-oci-reg-creds",
     ] {
@@ -642,7 +702,7 @@ fn explain_names_objects_and_never_secret_content() {
     };
     assert_eq!(
         (*credential_kind, secret.as_deref()),
-        ("basic", Some("kcp-system/regcred"))
+        ("basic", Some("default/regcred"))
     );
 
     let denied = Catalog::new(None);
@@ -685,4 +745,211 @@ fn catalog_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Catalog>();
     check::<Arc<Catalog>>();
+}
+
+/// Current LM (≥ 1.8) as a sidecar: the unlabelled named Secret, a `descriptor: {}` template,
+/// a ModuleReleaseMeta, and the Manifest LM writes with `repo: <proxy>/modules`.
+#[test]
+fn current_lm_objects_are_a_module_under_the_named_secret() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/kyma/current-lm-sidecar.yaml"),
+    )
+    .unwrap();
+    let objects = files::parse_documents(&text, false, "t");
+    let manifest: Vec<Value> = objects
+        .iter()
+        .filter(|o| o["kind"] != "Manifest")
+        .cloned()
+        .collect();
+    const UPSTREAM: &str = "private-oci-reg.localhost:5000";
+    let repo = "modules/component-descriptors/kyma-project.io/module/template-operator";
+    for objects in [manifest, objects] {
+        let c = Catalog::new(default_secret(Some("modules")));
+        c.set_proxy_hosts(vec!["127.0.0.1:5000".into()]);
+        c.set_own_upstream(Some(UPSTREAM.into()));
+        c.publish("t", objects);
+        assert!(c.current().skipped.is_empty(), "{:?}", c.current().skipped);
+        let d = c.decide(UPSTREAM, repo);
+        assert!(
+            matches!(&d, Decision::DefaultSecret { credential: Credential::Basic { username, .. }, .. } if username == "myuser"),
+            "{d:?}"
+        );
+        // `modules` never becomes a registry host.
+        assert_eq!(
+            c.current().scheme("modules", "component-descriptors/x"),
+            None
+        );
+        let hosts: Vec<_> = c.hosts().into_iter().map(|h| h.host).collect();
+        assert_eq!(hosts, [UPSTREAM]);
+        let text = c.explain(UPSTREAM, repo).to_string();
+        assert!(
+            text.contains("ModuleReleaseMeta kcp-system/template-operator"),
+            "{text}"
+        );
+        assert!(text.contains("module name: template-operator"), "{text}");
+        assert!(text.contains("versions: 1.0.5"), "{text}");
+        assert!(
+            text.contains("decision: default Secret kcp-system/private-oci-reg-creds"),
+            "{text}"
+        );
+        assert!(!text.contains("mypass"), "{text}");
+    }
+    // The named Secret gone: DENIED naming the module, its versions and the Secret.
+    let c = Catalog::new(default_secret(Some("modules")));
+    c.set_own_upstream(Some(UPSTREAM.into()));
+    let with_secret = files::parse_documents(&text, false, "t");
+    c.publish("t", with_secret.clone());
+    let without: Vec<Value> = with_secret
+        .into_iter()
+        .filter(|o| o["kind"] != "Secret")
+        .collect();
+    c.publish("t", without);
+    let Decision::Denied { message } = c.decide(UPSTREAM, repo) else {
+        panic!()
+    };
+    for part in [
+        "template-operator",
+        "1.0.5",
+        "kcp-system/private-oci-reg-creds",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+}
+
+/// A label-era template whose label matches no Secret, with the named Secret covering its
+/// repository: the named Secret, as LM ≥ 1.3.11 does.
+#[test]
+fn migrated_landscape_uses_the_named_secret_despite_a_stale_label() {
+    let c = Catalog::new(default_secret(Some("sap-kyma-jellyfish-dev")));
+    c.publish(
+        "t",
+        vec![
+            sample("moduletemplate-oci-registry-cred-label.yaml"),
+            the_default_secret(REG, "klm", "pw"),
+        ],
+    );
+    assert!(matches!(
+        c.decide(REG, LABEL_ERA_REPO),
+        Decision::DefaultSecret { .. }
+    ));
+}
+
+#[test]
+fn selectors_match_secrets_only_in_their_own_namespace() {
+    let c = Catalog::new(None);
+    c.publish(
+        "t",
+        vec![
+            module(
+                "tenant",
+                "m",
+                "reg.io",
+                "kyma-project.io/module/m",
+                Some(json!({"k": "v"})),
+                vec![],
+            ),
+            secret(
+                "kcp-system",
+                "s",
+                json!({"k": "v"}),
+                "reg.io",
+                "u",
+                "pw-kcp",
+            ),
+        ],
+    );
+    let Decision::Denied { message } =
+        c.decide("reg.io", "component-descriptors/kyma-project.io/module/m")
+    else {
+        panic!()
+    };
+    assert!(
+        message.contains("matches no Secret in namespace tenant"),
+        "{message}"
+    );
+    assert!(!message.contains("kcp-system/s"), "{message}");
+}
+
+/// One module's `http://` baseUrl makes only its own repositories plain HTTP: not another
+/// module's on the same host, not the named Secret's base.
+#[test]
+fn http_base_url_applies_to_its_own_module_only() {
+    let c = Catalog::new(default_secret(Some("base")));
+    c.publish(
+        "t",
+        vec![
+            the_default_secret("reg.io", "klm", "pw"),
+            module(
+                "ns",
+                "plain",
+                "http://reg.io/a",
+                "kyma-project.io/module/p",
+                Some(json!({"k": "v"})),
+                vec![],
+            ),
+            module(
+                "ns",
+                "tls",
+                "https://reg.io/b",
+                "kyma-project.io/module/t",
+                Some(json!({"k": "v"})),
+                vec![],
+            ),
+            module(
+                "ns",
+                "sneaky",
+                "http://reg.io/base",
+                "kyma-project.io/module/s",
+                Some(json!({"k": "v"})),
+                vec![],
+            ),
+            secret("ns", "s", json!({"k": "v"}), "reg.io", "u", "p"),
+        ],
+    );
+    let idx = c.current();
+    assert_eq!(
+        idx.scheme("reg.io", "a/component-descriptors/kyma-project.io/module/p"),
+        Some(true)
+    );
+    assert_eq!(
+        idx.scheme("reg.io", "b/component-descriptors/kyma-project.io/module/t"),
+        Some(false)
+    );
+    assert_eq!(
+        idx.scheme(
+            "reg.io",
+            "base/component-descriptors/kyma-project.io/module/s"
+        ),
+        Some(false)
+    );
+    assert_eq!(idx.scheme("reg.io", "unclaimed/x"), Some(false));
+}
+
+#[test]
+fn module_release_meta_sample_parses() {
+    let Some(model::Object::ModuleReleaseMeta(m)) =
+        model::parse_object(&sample("modulereleasemeta-template-operator.yaml")).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(m.module_name.as_deref(), Some("template-operator"));
+    assert_eq!(
+        m.ocm_component_name.as_deref(),
+        Some("kyma-project.io/module/template-operator")
+    );
+    assert_eq!(m.versions(), ["1.0.4", "1.0.5"]);
+    assert!(!m.beta && !m.internal);
+    // Lenient about what it does not read, strict about types it does.
+    let odd = json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleReleaseMeta",
+        "metadata": {"name": "x", "namespace": "kcp-system"},
+        "spec": {"moduleName": "x", "mandatory": {"version": "1.0.0"}, "kymaSelector": {}, "future": 1}});
+    let Some(model::Object::ModuleReleaseMeta(m)) = model::parse_object(&odd).unwrap() else {
+        panic!()
+    };
+    assert_eq!(m.versions(), ["1.0.0"]);
+    let bad = json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleReleaseMeta",
+        "metadata": {"name": "x"}, "spec": {"channels": "secret-ish"}});
+    let e = model::parse_object(&bad).unwrap_err().to_string();
+    assert!(!e.contains("secret-ish"), "{e}");
 }

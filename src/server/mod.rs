@@ -332,12 +332,17 @@ impl App {
             keychain.add(&format!("docker config {}", path.display()), &dc);
         }
         let catalog = match previous {
-            Some(p) if p.config.catalog == config.catalog && p.config.listen == config.listen => {
+            Some(p)
+                if p.config.catalog == config.catalog
+                    && p.config.listen == config.listen
+                    && p.config.default_upstream == config.default_upstream =>
+            {
                 p.catalog.clone()
             }
             _ if config.catalog.is_configured() => {
                 let mut c = config.catalog.clone();
                 c.proxy_hosts.extend(own_hosts(config.listen));
+                c.own_upstream = config.default_upstream.clone();
                 let m = Some(metrics.catalog.clone());
                 Some(crate::catalog::Catalog::start_with(&c, None, m).await?)
             }

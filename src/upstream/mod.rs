@@ -676,15 +676,15 @@ impl Upstreams {
                 .filter(|name| !configured.contains_key(*name))
                 .count();
             let old_dynamic = p.dynamic.read().map(|m| m.clone()).unwrap_or_default();
-            for (name, old) in old_dynamic {
-                if configured.contains_key(&name)
+            for (key, old) in old_dynamic {
+                if configured.contains_key(&old.name)
                     || old.session.settings.timeout != timeout
                     || old.session.settings.upstream.token_realm_hosts != realm_hosts
                 {
                     continue;
                 }
                 let up = Upstream {
-                    name: name.clone(),
+                    name: old.name.clone(),
                     endpoint: old.endpoint.clone(),
                     tag_ttl,
                     session: old.session.clone(),
@@ -692,7 +692,7 @@ impl Upstreams {
                     metrics: metrics.clone(),
                     guard: guard.clone(),
                 };
-                dynamic.insert(name, Arc::new(up));
+                dynamic.insert(key, Arc::new(up));
             }
             summary.dynamic_kept = dynamic.len();
         } else {
@@ -735,12 +735,22 @@ impl Upstreams {
     }
 
     /// Adds (once) an upstream for a registry host named by a module: `https://<host>`, or
-    /// `http://<host>` when the module's baseUrl said so. Configured upstreams win. `None` when
-    /// `host` does not make a URL.
+    /// `http://<host>` for the repositories whose module's baseUrl said so. The two are
+    /// separate upstreams with the same name (one module's `http://` never switches another's
+    /// repositories on the host to plain HTTP); [`Upstreams::get`] finds only the https one.
+    /// Configured upstreams win. `None` when `host` does not make a URL.
     pub fn ensure_host(&self, host: &str, insecure: bool) -> Option<Arc<Upstream>> {
-        let key = host.to_ascii_lowercase();
-        if let Some(u) = self.get(&key) {
-            return Some(u);
+        let name = host.to_ascii_lowercase();
+        if let Some(u) = self.configured.get(&name) {
+            return Some(u.clone());
+        }
+        let key = if insecure {
+            format!("http://{name}")
+        } else {
+            name.clone()
+        };
+        if let Some(u) = self.dynamic.read().ok()?.get(&key) {
+            return Some(u.clone());
         }
         let scheme = if insecure { "http" } else { "https" };
         let endpoint = Url::parse(&format!("{scheme}://{host}")).ok()?;
@@ -751,7 +761,7 @@ impl Upstreams {
         self.guard.allow(guard::authority(&endpoint)?);
         let settings = Settings {
             upstream: UpstreamConfig {
-                name: key.clone(),
+                name: name.clone(),
                 endpoint: Some(endpoint.clone()),
                 ca_file: None,
                 tag_ttl: None,
@@ -761,7 +771,7 @@ impl Upstreams {
             timeout: self.timeout,
         };
         let up = Arc::new(Upstream {
-            name: key.clone(),
+            name,
             endpoint,
             tag_ttl: self.tag_ttl,
             session: Arc::new(Session {

@@ -1,9 +1,11 @@
 //! A fake Kubernetes API server for tests, in-process on 127.0.0.1 (axum).
 //!
-//! It serves exactly what kube-runtime's watcher sends for ModuleTemplates, Manifests
-//! (`/apis/operator.kyma-project.io/v1beta2/[namespaces/<ns>/]{moduletemplates,manifests}`)
+//! It serves exactly what kube-runtime's watcher sends for ModuleTemplates, Manifests,
+//! ModuleReleaseMetas
+//! (`/apis/operator.kyma-project.io/v1beta2/[namespaces/<ns>/]{moduletemplates,manifests,modulereleasemetas}`)
 //! and Secrets (`/api/v1/[namespaces/<ns>/]secrets`):
-//! - list with `limit`/`continue` pagination, `labelSelector`, `resourceVersion`;
+//! - list with `limit`/`continue` pagination, `labelSelector`, `fieldSelector`
+//!   (`metadata.name=`), `resourceVersion`;
 //! - `watch=true` with `resourceVersion`, `allowWatchBookmarks`, `timeoutSeconds`,
 //!   `sendInitialEvents`, streaming newline-delimited ADDED/MODIFIED/DELETED/BOOKMARK/ERROR
 //!   events from the requested resource version (a selector change turns MODIFIED into
@@ -35,6 +37,7 @@ use tokio::sync::mpsc;
 pub enum Res {
     ModuleTemplates,
     Manifests,
+    ModuleReleaseMetas,
     Secrets,
 }
 
@@ -43,6 +46,7 @@ impl Res {
         match kind {
             "ModuleTemplate" => Res::ModuleTemplates,
             "Manifest" => Res::Manifests,
+            "ModuleReleaseMeta" => Res::ModuleReleaseMetas,
             "Secret" => Res::Secrets,
             other => panic!("fake Kubernetes API does not serve kind {other}"),
         }
@@ -52,6 +56,9 @@ impl Res {
         match (group_version, plural) {
             ("operator.kyma-project.io/v1beta2", "moduletemplates") => Some(Res::ModuleTemplates),
             ("operator.kyma-project.io/v1beta2", "manifests") => Some(Res::Manifests),
+            ("operator.kyma-project.io/v1beta2", "modulereleasemetas") => {
+                Some(Res::ModuleReleaseMetas)
+            }
             ("v1", "secrets") => Some(Res::Secrets),
             _ => None,
         }
@@ -61,6 +68,7 @@ impl Res {
         match self {
             Res::ModuleTemplates => "ModuleTemplate",
             Res::Manifests => "Manifest",
+            Res::ModuleReleaseMetas => "ModuleReleaseMeta",
             Res::Secrets => "Secret",
         }
     }
@@ -99,7 +107,7 @@ impl LoggedRequest {
 
 /// A label selector: comma-separated requirements, all of which must hold.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LabelSelector(Vec<Requirement>);
+pub struct LabelSelector(Vec<Requirement>, Option<String>);
 
 #[derive(Clone, Debug, PartialEq)]
 enum Requirement {
@@ -133,7 +141,18 @@ impl LabelSelector {
         for part in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
             reqs.push(Requirement::parse(part)?);
         }
-        Ok(LabelSelector(reqs))
+        Ok(LabelSelector(reqs, None))
+    }
+
+    /// Adds a `fieldSelector`: only `metadata.name=<name>` (as the catalog sends it).
+    pub fn with_fields(mut self, s: &str) -> Result<LabelSelector, String> {
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("metadata.name", v)) => self.1 = Some(v.trim_start_matches('=').to_string()),
+                _ => return Err(format!("unsupported field selector {part:?}")),
+            }
+        }
+        Ok(self)
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -141,7 +160,11 @@ impl LabelSelector {
     }
 
     pub fn matches_object(&self, obj: &Value) -> bool {
-        self.matches(&labels_of(obj))
+        let name = obj
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str);
+        self.1.as_deref().is_none_or(|n| name == Some(n)) && self.matches(&labels_of(obj))
     }
 }
 
@@ -604,6 +627,10 @@ async fn handle(State(inner): State<Shared>, req: Request) -> Response {
     let selector = match LabelSelector::parse(query.get("labelSelector").map_or("", |s| s)) {
         Ok(s) => s,
         Err(e) => return error_response(400, "BadRequest", &format!("invalid labelSelector: {e}")),
+    };
+    let selector = match selector.with_fields(query.get("fieldSelector").map_or("", |s| s)) {
+        Ok(s) => s,
+        Err(e) => return error_response(400, "BadRequest", &format!("invalid fieldSelector: {e}")),
     };
     if logged.is_watch() {
         watch(&mut guard, res, namespace, selector, &query)
