@@ -198,7 +198,7 @@ async fn dispatch(
             &target.upstream.endpoint_host(),
             target.repository.as_str(),
         )
-        .map_err(Error::Denied)?;
+        .await?;
     tracing::debug!(repository = %rec.repository, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
     let ctx = Ctx {
         app,
