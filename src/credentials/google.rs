@@ -43,7 +43,7 @@ pub enum GoogleFetcher {
         client: reqwest::Client,
     },
     ServiceAccountKey {
-        key: ServiceAccountKey,
+        key: Box<ServiceAccountKey>,
         client: reqwest::Client,
     },
 }
@@ -121,7 +121,7 @@ impl GoogleFetcher {
         match std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").filter(|p| !p.is_empty()) {
             Some(path) => {
                 let path = std::path::PathBuf::from(path);
-                let key = ServiceAccountKey::load(&path)?;
+                let key = Box::new(ServiceAccountKey::load(&path)?);
                 Ok(GoogleFetcher::ServiceAccountKey { key, client })
             }
             None => {
