@@ -219,6 +219,24 @@ pub struct CredentialsConfig {
     /// A docker `config.json` (dockerconfigjson format) with the operator's own credentials.
     #[serde(default)]
     pub docker_config: Option<PathBuf>,
+    /// Google OAuth2 access tokens (GKE Workload Identity via the metadata server, or the
+    /// service-account key named by `GOOGLE_APPLICATION_CREDENTIALS`); opt-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub google: Option<AmbientSourceConfig>,
+    /// Amazon ECR tokens from the AWS default credential chain (env, IRSA, instance profile);
+    /// opt-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecr: Option<AmbientSourceConfig>,
+}
+
+/// An ambient credential source (`credentials.google`, `credentials.ecr`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AmbientSourceConfig {
+    /// Registry host patterns it serves, as docker config keys (`*.pkg.dev`, `host:port`);
+    /// absent means the source's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -437,6 +455,30 @@ impl Config {
             }
             if s3.max_size.is_some_and(|m| m.0 == 0) {
                 return Err(invalid("cache.s3.max_size", "must be more than 0"));
+            }
+        }
+        for (key, source) in [
+            ("google", &self.credentials.google),
+            ("ecr", &self.credentials.ecr),
+        ] {
+            let Some(hosts) = source.as_ref().and_then(|s| s.hosts.as_ref()) else {
+                continue;
+            };
+            if hosts.is_empty() {
+                return Err(invalid(
+                    format!("credentials.{key}.hosts"),
+                    "must list at least one host (leave it out for the defaults)",
+                ));
+            }
+            for (i, h) in hosts.iter().enumerate() {
+                if !crate::credentials::ambient::valid_host_pattern(h) {
+                    return Err(invalid(
+                        format!("credentials.{key}.hosts[{i}]"),
+                        format!(
+                            "{h:?} is not a host pattern (host[:port], globs per label, no path)"
+                        ),
+                    ));
+                }
             }
         }
         if let Some(ds) = &self.catalog.default_secret {

@@ -38,8 +38,22 @@ pub enum Error {
     NotAcceptable { media_type: String },
     #[error("catalog is not synced yet")]
     NotReady,
+    /// The ambient identity for the upstream has no valid token (e.g. the GKE metadata server
+    /// is down and the cached token expired).
+    #[error("{0}")]
+    CredentialsUnavailable(String),
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+}
+
+impl From<crate::credentials::chain::ChooseError> for Error {
+    fn from(e: crate::credentials::chain::ChooseError) -> Error {
+        use crate::credentials::chain::ChooseError;
+        match e {
+            ChooseError::Denied(m) => Error::Denied(m),
+            e @ ChooseError::Unavailable { .. } => Error::CredentialsUnavailable(e.to_string()),
+        }
+    }
 }
 
 impl Error {
@@ -58,6 +72,7 @@ impl Error {
             Error::BadUpstreamResponse { .. } => "bad_upstream_response",
             Error::NotAcceptable { .. } => "not_acceptable",
             Error::NotReady => "not_ready",
+            Error::CredentialsUnavailable(_) => "credentials_unavailable",
             Error::Cache(_) => "cache",
         }
     }
@@ -124,7 +139,9 @@ impl Error {
                 ErrorCode::ManifestUnknown,
                 format!("manifest of type {media_type} found, but the Accept header does not include it"),
             ),
-            Error::NotReady => OciError::new(ErrorCode::Unavailable, msg),
+            Error::NotReady | Error::CredentialsUnavailable(_) => {
+                OciError::new(ErrorCode::Unavailable, msg)
+            }
             Error::Cache(_) => {
                 OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
             }

@@ -140,6 +140,34 @@ pub fn normalize_key(raw: &str) -> Option<String> {
     Pattern::from_key(raw).map(|p| p.to_string())
 }
 
+/// A host pattern with the docker config key rules (per-label globs, ports compared as
+/// strings, Docker Hub aliases folded): the `hosts` of the ambient credential sources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPattern(Pattern);
+
+impl HostPattern {
+    /// `None` when `raw` has no host or has a path.
+    pub fn parse(raw: &str) -> Option<HostPattern> {
+        Pattern::from_key(raw)
+            .filter(|p| p.path.is_empty())
+            .map(HostPattern)
+    }
+
+    /// Whether `registry` (`host[:port]`) matches.
+    pub fn matches(&self, registry: &str) -> bool {
+        let authority = strip_scheme(registry.trim());
+        let authority = authority.split('/').next().unwrap_or(authority);
+        let (host, port) = split_host_port(authority);
+        self.0.matches(&canonical_host(host), port, "/")
+    }
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A parsed, normalised key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Pattern {
@@ -766,6 +794,24 @@ mod tests {
             assert!(!dbg.contains(s), "{dbg}");
         }
         assert!(dbg.contains("alice"));
+    }
+
+    #[test]
+    fn host_patterns() {
+        let p = |s: &str| HostPattern::parse(s).unwrap();
+        assert!(p("*.pkg.dev").matches("europe-west3-docker.pkg.dev"));
+        assert!(!p("*.pkg.dev").matches("pkg.dev"));
+        assert!(p("gcr.io").matches("GCR.io"));
+        assert!(!p("gcr.io").matches("gcr.io:443"));
+        assert!(p("*.gcr.io").matches("eu.gcr.io"));
+        let ecr = p("*.dkr.ecr.*.amazonaws.com");
+        assert!(ecr.matches("123456789012.dkr.ecr.eu-west-1.amazonaws.com"));
+        assert!(!ecr.matches("123456789012.dkr.ecr.eu-west-1.amazonaws.com.evil.io"));
+        assert!(!ecr.matches("dkr.ecr.eu-west-1.amazonaws.com"));
+        assert!(p("127.0.0.1:5000").matches("127.0.0.1:5000"));
+        assert!(!p("127.0.0.1:5000").matches("127.0.0.1:5001"));
+        assert_eq!(HostPattern::parse("gcr.io/project"), None);
+        assert_eq!(HostPattern::parse(""), None);
     }
 
     #[test]

@@ -1,9 +1,15 @@
-//! Upstream credentials: what they are, where they come from (docker config files and
-//! Kubernetes pull Secrets), and go-containerregistry's rules for picking one for a repository.
+//! Upstream credentials: what they are, where they come from (docker config files, Kubernetes
+//! pull Secrets, and the workload's own cloud identity: GKE Workload Identity / Google
+//! service-account keys and AWS ECR), and go-containerregistry's rules for picking one for a
+//! repository.
 
+pub mod ambient;
 pub mod chain;
 pub mod dockerconfig;
+pub mod ecr;
+pub mod google;
 pub mod keychain;
+pub mod refresh;
 pub mod secret;
 
 use std::fmt;

@@ -198,10 +198,13 @@ async fn dispatch(
             &target.upstream.endpoint_host(),
             target.repository.as_str(),
         )
-        .map_err(|reason| {
-            // The only place the catalog's reason is told; the client's body names none of it.
-            tracing::warn!(repository = %rec.repository, reason = %reason, "credentials denied");
-            Error::Denied(reason)
+        .await
+        .map_err(|e| {
+            if let crate::credentials::chain::ChooseError::Denied(reason) = &e {
+                // The only place the catalog's reason is told; the client's body names none of it.
+                tracing::warn!(repository = %rec.repository, reason = %reason, "credentials denied");
+            }
+            Error::from(e)
         })?;
     tracing::debug!(repository = %rec.repository, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
     let ctx = Ctx {

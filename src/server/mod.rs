@@ -284,6 +284,8 @@ pub enum BuildError {
     Cache(#[from] crate::cache::CacheError),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Ambient(#[from] crate::credentials::ambient::AmbientSetupError),
 }
 
 impl App {
@@ -348,6 +350,12 @@ impl App {
             }
             _ => None,
         };
+        let ambient = Arc::new(crate::credentials::ambient::Ambient::build(
+            &config.credentials,
+            previous.map(|p| p.credentials.ambient().as_ref()),
+            &metrics.registry,
+        )?);
+        let configured: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
         let modules = catalog
             .clone()
             .map(|c| c as Arc<dyn crate::credentials::chain::ModuleCredentials>);
@@ -359,7 +367,7 @@ impl App {
         Ok(App {
             config,
             upstreams,
-            credentials: CredentialChain::new(keychain, modules),
+            credentials: CredentialChain::new(keychain, modules).with_ambient(ambient, configured),
             hosts,
             metrics,
             ready,
@@ -394,19 +402,27 @@ impl App {
             let explanation = catalog.explain(&target.upstream.name, target.repository.as_str());
             let _ = writeln!(out, "{explanation}");
         }
-        match self.credentials.choose(
-            &target.upstream.name,
-            &target.upstream.endpoint_host(),
-            target.repository.as_str(),
-        ) {
+        match self
+            .credentials
+            .choose(
+                &target.upstream.name,
+                &target.upstream.endpoint_host(),
+                target.repository.as_str(),
+            )
+            .await
+        {
             Ok(c) => {
                 let _ = writeln!(out, "credential: {}", c.credential.kind());
                 let _ = writeln!(out, "credential id: {}", c.credential.id());
                 let _ = writeln!(out, "credential source: {}", c.source);
             }
-            Err(message) => {
+            Err(crate::credentials::chain::ChooseError::Denied(message)) => {
                 let _ = writeln!(out, "credential: DENIED");
                 let _ = writeln!(out, "reason: {message}");
+            }
+            Err(e) => {
+                let _ = writeln!(out, "credential: UNAVAILABLE");
+                let _ = writeln!(out, "reason: {e}");
             }
         }
         out

@@ -64,6 +64,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod faulty;
+pub mod google;
 pub mod helpers;
 pub mod kyma;
 pub mod process;

@@ -43,11 +43,24 @@ pub struct TokenServerInfo {
     pub cert_path: PathBuf,
 }
 
+/// Decides whether a password is valid for a user whose passwords are minted elsewhere (a
+/// cloud token: `oauth2accesstoken:<access token>`, `AWS:<ecr password>`).
+#[derive(Clone)]
+pub struct PasswordCheck(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for PasswordCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PasswordCheck")
+    }
+}
+
 /// Who may do what. Build with [`TokenPolicy::new`] and the builder methods.
 #[derive(Clone, Debug)]
 pub struct TokenPolicy {
     /// user → password.
     pub users: BTreeMap<String, String>,
+    /// user → check, for users whose valid passwords change (checked after `users`).
+    pub checked_users: BTreeMap<String, PasswordCheck>,
     /// Repositories anyone (also anonymous) may pull.
     pub public_repos: BTreeSet<String>,
     /// user → repository → allowed actions.
@@ -73,6 +86,7 @@ impl TokenPolicy {
         users.insert(ADMIN_USER.to_string(), ADMIN_PASSWORD.to_string());
         TokenPolicy {
             users,
+            checked_users: BTreeMap::new(),
             public_repos: BTreeSet::new(),
             grants: BTreeMap::new(),
             expires_in: Duration::from_secs(300),
@@ -83,6 +97,17 @@ impl TokenPolicy {
     /// Adds (or replaces) a user.
     pub fn user(mut self, name: &str, password: &str) -> Self {
         self.users.insert(name.to_string(), password.to_string());
+        self
+    }
+
+    /// Adds a user whose passwords `check` accepts (e.g. unexpired cloud tokens).
+    pub fn checked_user(
+        mut self,
+        name: &str,
+        check: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.checked_users
+            .insert(name.to_string(), PasswordCheck(Arc::new(check)));
         self
     }
 
@@ -439,13 +464,11 @@ async fn post_token(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
 
 impl Inner {
     fn check_password(&self, user: &str, pass: &str) -> bool {
-        self.policy
-            .lock()
-            .expect("policy lock")
-            .users
-            .get(user)
-            .map(String::as_str)
-            == Some(pass)
+        let policy = self.policy.lock().expect("policy lock").clone();
+        if let Some(p) = policy.users.get(user) {
+            return p == pass;
+        }
+        policy.checked_users.get(user).is_some_and(|c| (c.0)(pass))
     }
 
     fn finish(&self, mut record: TokenRequest, resp: Response) -> Response {
