@@ -30,11 +30,12 @@ async fn registry_for(
 }
 
 fn config(reg: &Registry, credentials: &str) -> String {
-    format!(
+    let yaml = format!(
         "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n  tag_ttl: 0s\nupstreams:\n  - name: \"{host}\"\n    endpoint: \"{url}\"\ncredentials:\n{credentials}",
         host = reg.host(),
         url = reg.url(),
-    )
+    );
+    support::trust_registry_realm(&yaml, reg)
 }
 
 /// `GET /v2/<registry>/<REPO>/tags/list` through the proxy (always goes upstream).
