@@ -650,6 +650,7 @@ impl Upstreams {
                 ca_file: None,
                 tag_ttl: None,
                 token_realm_hosts: Vec::new(),
+                trust_content_from: Vec::new(),
             },
             ca_pem: None,
             timeout: self.timeout,
