@@ -66,6 +66,7 @@
 pub mod faulty;
 pub mod helpers;
 pub mod kyma;
+pub mod liar;
 pub mod process;
 pub mod registry;
 pub mod s3;
