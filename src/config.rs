@@ -719,6 +719,26 @@ mod tests {
     }
 
     #[test]
+    fn read_rule_keys() {
+        let c = Config::parse("cache:\n  dir: /x\n").unwrap();
+        assert_eq!(c.cache.link_ttl, Duration::from_secs(24 * 3600));
+        let e = Config::parse("cache:\n  link_ttl: 0s\n").unwrap_err();
+        assert_eq!(e.to_string(), "cache.link_ttl: must be more than 0");
+        let c = Config::parse(
+            "upstreams:\n  - name: a.io\n  - name: b.io\n    trust_content_from: [a.io]\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[1].trust_content_from, vec!["a.io".to_string()]);
+        let e = Config::parse("upstreams:\n  - name: b.io\n    trust_content_from: [c.io]\n")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("upstreams[0].trust_content_from: \"c.io\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_key_path() {
         let e = Config::parse("upstreams:\n  - name: a.io\n    endpoint: ftp://x\n").unwrap_err();
         assert_eq!(
