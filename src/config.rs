@@ -94,6 +94,10 @@ pub struct CacheConfig {
     pub local_max_size: Option<ByteSize>,
     /// How long a tag → digest mapping is trusted before it is revalidated upstream.
     pub tag_ttl: Duration,
+    /// How long an upstream's confirmation that a repository holds a cached object counts;
+    /// an older link is re-confirmed upstream (a HEAD with the repository's current
+    /// credentials) before the cached object is served again.
+    pub link_ttl: Duration,
     /// `disk` (local only) or `s3` (local disk in front of a bucket shared by replicas).
     pub backend: CacheBackend,
     /// The shared bucket; required when `backend: s3`.
@@ -177,6 +181,7 @@ impl Default for CacheConfig {
             max_size: None,
             local_max_size: None,
             tag_ttl: Duration::from_secs(60),
+            link_ttl: Duration::from_secs(24 * 3600),
             backend: CacheBackend::Disk,
             s3: None,
         }
@@ -201,6 +206,11 @@ pub struct UpstreamConfig {
     /// (e.g. `auth.docker.io` for Docker Hub).
     #[serde(default)]
     pub token_realm_hosts: Vec<String>,
+    /// Other upstreams whose cached content this upstream's confirmation admits. By default
+    /// an upstream's `HEAD 200` only admits content fetched from that same upstream; content
+    /// from elsewhere is fetched (and verified) again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_content_from: Vec<String>,
 }
 
 impl UpstreamConfig {
@@ -402,6 +412,19 @@ impl Config {
                     ));
                 }
             }
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            for t in &u.trust_content_from {
+                if !names.contains(&t.to_ascii_lowercase()) {
+                    return Err(invalid(
+                        format!("upstreams[{i}].trust_content_from"),
+                        format!("{t:?} is not one of upstreams[].name"),
+                    ));
+                }
+            }
+        }
+        if self.cache.link_ttl.0.is_zero() {
+            return Err(invalid("cache.link_ttl", "must be more than 0"));
         }
         if let Some(d) = &self.default_upstream {
             if !names.contains(&d.to_ascii_lowercase()) {
@@ -806,6 +829,26 @@ mod tests {
         assert!(
             Config::parse("catalog:\n  own_upstream: x\n").is_err(),
             "not a config key"
+        );
+    }
+
+    #[test]
+    fn read_rule_keys() {
+        let c = Config::parse("cache:\n  dir: /x\n").unwrap();
+        assert_eq!(c.cache.link_ttl, Duration::from_secs(24 * 3600));
+        let e = Config::parse("cache:\n  link_ttl: 0s\n").unwrap_err();
+        assert_eq!(e.to_string(), "cache.link_ttl: must be more than 0");
+        let c = Config::parse(
+            "upstreams:\n  - name: a.io\n  - name: b.io\n    trust_content_from: [a.io]\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[1].trust_content_from, vec!["a.io".to_string()]);
+        let e = Config::parse("upstreams:\n  - name: b.io\n    trust_content_from: [c.io]\n")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("upstreams[0].trust_content_from: \"c.io\""),
+            "{e}"
         );
     }
 

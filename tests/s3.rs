@@ -354,10 +354,16 @@ async fn the_object_store_going_away_degrades_to_upstream_pass_through() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    // The first shared operation that fails (a link lookup or the blob read, depending on
+    // The first shared operation that fails (a link or origin lookup or the blob read, depending on
     // what B tried first) is counted; after it the tier is skipped for a while.
     let mut errors = 0.0;
-    for op in ["head_link", "get_blob", "lease", "get_manifest"] {
+    for op in [
+        "head_link",
+        "head_origin",
+        "get_blob",
+        "lease",
+        "get_manifest",
+    ] {
         let series = format!("oci_proxy_cache_shared_ops_total{{op=\"{op}\",result=\"error\"}}");
         errors += metric(&s.b, &series).await;
     }

@@ -7,7 +7,9 @@
 //! its digest (cheap at this size), so a corrupt file is dropped, never served.
 //!
 //! Tags live in memory and in the journal `tags.jsonl` (compacted when it grows to more than
-//! twice its live entries). The server applies `cache.tag_ttl` to `checked_at`.
+//! twice its live entries). Each records the [`Grant`] under which the upstream answered;
+//! the server applies `cache.tag_ttl` to `checked_at` and trusts a tag without asking
+//! upstream only for a request with the same grant (see [`super::links`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -18,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::grant::Grant;
 use super::journal::Journal;
 use super::store::write_atomic;
 use super::CacheError;
@@ -38,6 +41,9 @@ pub struct CachedManifest {
 pub struct TagEntry {
     pub digest: Digest,
     pub checked_at: SystemTime,
+    /// The grant of the request whose upstream check this is; `None` (a record from before
+    /// grants, or unreadable) never matches a request.
+    pub grant: Option<Grant>,
 }
 
 pub struct Manifests {
@@ -145,6 +151,8 @@ struct TagRecord {
     digest: Option<String>,
     /// Milliseconds since the Unix epoch.
     at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grant: Option<String>,
 }
 
 type TagMap = HashMap<(String, String), TagEntry>;
@@ -167,6 +175,7 @@ fn snapshot(map: &TagMap) -> Vec<TagRecord> {
             tag: tag.clone(),
             digest: Some(e.digest.to_string()),
             at: to_ms(e.checked_at),
+            grant: e.grant.map(Grant::to_hex),
         })
         .collect()
 }
@@ -181,7 +190,15 @@ impl Tags {
             match r.digest.map(|d| Digest::parse(&d)) {
                 Some(Ok(digest)) => {
                     let checked_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.at);
-                    map.insert(key, TagEntry { digest, checked_at });
+                    let grant = r.grant.as_deref().and_then(Grant::from_hex);
+                    map.insert(
+                        key,
+                        TagEntry {
+                            digest,
+                            checked_at,
+                            grant,
+                        },
+                    );
                 }
                 Some(Err(_)) => {}
                 None => {
@@ -201,8 +218,9 @@ impl Tags {
     }
 
     /// Sets (or removes, with `None`) a tag in memory and appends it to the journal.
-    pub async fn set(&self, repo_key: &str, tag: &str, digest: Option<&Digest>) {
-        self.set_at(repo_key, tag, digest, SystemTime::now()).await
+    pub async fn set(&self, repo_key: &str, tag: &str, digest: Option<&Digest>, grant: Grant) {
+        self.set_at(repo_key, tag, digest, Some(grant), SystemTime::now())
+            .await
     }
 
     /// [`Tags::set`] with the time the tag was checked upstream (by another replica).
@@ -211,6 +229,7 @@ impl Tags {
         repo_key: &str,
         tag: &str,
         digest: Option<&Digest>,
+        grant: Option<Grant>,
         now: SystemTime,
     ) {
         let map = self.map.clone();
@@ -227,6 +246,7 @@ impl Tags {
                     tag: key.1.clone(),
                     digest: digest.as_ref().map(|d| d.to_string()),
                     at: to_ms(now),
+                    grant: grant.map(Grant::to_hex),
                 };
                 match digest {
                     Some(digest) => {
@@ -235,6 +255,7 @@ impl Tags {
                             TagEntry {
                                 digest,
                                 checked_at: now,
+                                grant,
                             },
                         );
                     }
@@ -297,22 +318,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d1 = Digest::sha256_of(b"1");
         let d2 = Digest::sha256_of(b"2");
+        let g = crate::cache::grant::GrantKey::random()
+            .unwrap()
+            .grant(&[b"g"]);
         let t = Tags::open(dir.path()).unwrap();
-        t.set("r.io/a", "v1", Some(&d1)).await;
+        t.set("r.io/a", "v1", Some(&d1), g).await;
         let first = t.get("r.io/a", "v1").unwrap();
-        t.set("r.io/a", "v1", Some(&d2)).await;
-        t.set("r.io/a", "gone", Some(&d2)).await;
-        t.set("r.io/a", "gone", None).await;
+        t.set("r.io/a", "v1", Some(&d2), g).await;
+        t.set("r.io/a", "gone", Some(&d2), g).await;
+        t.set("r.io/a", "gone", None, g).await;
         let e = t.get("r.io/a", "v1").unwrap();
         assert_eq!(e.digest, d2);
         assert!(e.checked_at >= first.checked_at);
         drop(t);
         let t = Tags::open(dir.path()).unwrap();
         assert_eq!(t.get("r.io/a", "v1").unwrap().digest, d2);
+        assert_eq!(
+            t.get("r.io/a", "v1").unwrap().grant,
+            Some(g),
+            "the grant persists"
+        );
         assert!(t.get("r.io/a", "gone").is_none());
         assert!(t.get("r.io/b", "v1").is_none());
         for _ in 0..1100 {
-            t.set("r.io/a", "v1", Some(&d1)).await;
+            t.set("r.io/a", "v1", Some(&d1), g).await;
         }
         let lines = std::fs::read_to_string(dir.path().join("tags.jsonl"))
             .unwrap()

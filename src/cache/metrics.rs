@@ -55,6 +55,30 @@ impl Tier {
     }
 }
 
+/// Why the read rule sent a request upstream instead of serving cached content at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No link of the repository to the object.
+    NoLink,
+    /// A link under another grant (the credential source changed or went away).
+    Grant,
+    /// A link older than `cache.link_ttl`.
+    Expired,
+    /// The cached bytes came from an upstream this one does not vouch for.
+    Origin,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NoLink => "no_link",
+            Refusal::Grant => "grant",
+            Refusal::Expired => "expired",
+            Refusal::Origin => "origin",
+        }
+    }
+}
+
 /// Every metric family of the cache.
 #[derive(Clone)]
 pub struct Metrics {
@@ -69,6 +93,7 @@ pub struct Metrics {
     corrupt: IntCounter,
     size_bytes: IntGauge,
     blobs: IntGauge,
+    refusals: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -154,6 +179,13 @@ impl Metrics {
                 "Bytes held by committed blobs.",
             )?,
             blobs: gauge(registry, "oci_proxy_cache_blobs", "Committed blobs held.")?,
+            refusals: counter_vec(
+                registry,
+                "oci_proxy_cache_read_rule_refusals_total",
+                "Cached objects not served without asking upstream, by reason (no_link, grant, \
+                 expired, origin); each led to an upstream confirmation or fetch.",
+                "reason",
+            )?,
         })
     }
 
@@ -201,6 +233,11 @@ impl Metrics {
     pub fn corrupt(&self, digest: &Digest, detail: &str) {
         tracing::warn!(%digest, detail, "cached blob is corrupt; dropped");
         self.corrupt.inc();
+    }
+
+    pub fn refused(&self, digest: &Digest, repository: &str, reason: Refusal) {
+        tracing::debug!(%digest, repository, reason = reason.as_str(), "read rule: asking upstream");
+        self.refusals.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// Publishes the committed totals.

@@ -1,6 +1,7 @@
 //! The digest-verified cache: blobs (content-addressed files filled once per digest from
 //! upstream), manifests by digest, tags, and the repository ↔ digest links that say which
-//! repository may read what.
+//! repository may read what, under which grant, and where each object's bytes came from
+//! (the read rule: [`links`], [`grant`]).
 //!
 //! The cache knows nothing about HTTP, upstreams or credentials: [`Cache::blob`] is handed a
 //! [`FetchFn`] to call on a miss. Submodules: [`store`] (files on disk), [`fill`] (single
@@ -19,6 +20,7 @@
 
 mod evict;
 mod fill;
+mod grant;
 mod journal;
 mod links;
 mod manifests;
@@ -43,16 +45,53 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::protocol::grammar::Digest;
 use fill::{Fill, Phase};
+use grant::GrantKey;
 use links::Links;
 use manifests::{Manifests, Tags};
-use metrics::Metrics;
+use metrics::{Metrics, Refusal};
 use reader::Source;
 use store::Store;
 
+pub use grant::Grant;
+pub use links::LinkInfo;
 pub use manifests::{CachedManifest, TagEntry};
 pub use metrics::FailReason;
 pub use reader::BlobReader;
 pub use shared::gc;
+
+/// `stream` of `digest`'s bytes, hashed as it passes: at its end `on_verified` runs when they
+/// match; when they do not, the stream ends with an error (a client never sees a clean end of
+/// unverified bytes).
+pub fn verify_stream(
+    digest: Digest,
+    stream: BoxStream<'static, Result<bytes::Bytes, io::Error>>,
+    on_verified: Box<dyn FnOnce() + Send>,
+) -> BoxStream<'static, Result<bytes::Bytes, io::Error>> {
+    use futures_util::StreamExt;
+    let hasher = fill::Hasher::new(digest.algorithm());
+    let state = (stream, Some((hasher, on_verified, digest)));
+    futures_util::stream::unfold(state, |(mut stream, mut pending)| async move {
+        let (hasher, _, _) = pending.as_mut()?;
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                hasher.update(&chunk);
+                Some((Ok(chunk), (stream, pending)))
+            }
+            Some(Err(e)) => Some((Err(e), (stream, None))),
+            None => {
+                let (hasher, on_verified, digest) = pending.take()?;
+                if hasher.matches(&digest) {
+                    on_verified();
+                    None
+                } else {
+                    let e = io::Error::other(format!("content does not match {digest}"));
+                    Some((Err(e), (stream, None)))
+                }
+            }
+        }
+    })
+    .boxed()
+}
 
 /// Starts the upstream GET for a blob; called at most once per [`Cache::blob`] call.
 pub type FetchFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<UpstreamBody, FetchError>> + Send>;
@@ -178,6 +217,9 @@ pub(crate) struct State {
     total: u64,
     clock: u64,
     inflight: HashMap<Digest, Arc<Fill>>,
+    /// The upstream each in-flight fill fetches from (recorded as an origin at commit,
+    /// unless the fill was served from the shared tier).
+    fill_origins: HashMap<Digest, (Arc<Fill>, String)>,
 }
 
 impl State {
@@ -212,6 +254,7 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     metrics: Metrics,
     links: Links,
+    grant_key: GrantKey,
     manifests: Manifests,
     tags: Tags,
     max_size: Option<u64>,
@@ -252,6 +295,13 @@ impl Inner {
         {
             st.inflight.remove(&fill.digest);
         }
+        if st
+            .fill_origins
+            .get(&fill.digest)
+            .is_some_and(|(f, _)| Arc::ptr_eq(f, fill))
+        {
+            st.fill_origins.remove(&fill.digest);
+        }
     }
 
     /// Records a committed fill: indexed and out of flight in one step.
@@ -267,7 +317,22 @@ impl Inner {
             {
                 st.inflight.remove(&fill.digest);
             }
+            let origin = match st.fill_origins.remove(&fill.digest) {
+                Some((f, upstream)) if Arc::ptr_eq(&f, fill) => Some(upstream),
+                Some(other) => {
+                    st.fill_origins.insert(fill.digest.clone(), other);
+                    None
+                }
+                None => None,
+            };
             self.metrics.set_totals(st.total, st.index.len());
+            // Verified bytes from that upstream (not from the bucket): its origin.
+            if let Some(upstream) = origin.filter(|_| !fill.from_shared.load(Ordering::Acquire)) {
+                self.links.add_origin(&fill.digest, &upstream);
+                if let Some(s) = &self.shared {
+                    s.put_origin(&upstream, &fill.digest);
+                }
+            }
         }
         self.metrics.fill_committed(&fill.digest, size);
         if self.max_size.is_some() {
@@ -362,15 +427,27 @@ impl Cache {
         let metrics = Metrics::register(registry)?;
         let store = Store::new(&cfg.dir);
         let s2 = store.clone();
-        let (rebuilt, links, tags) = tokio::task::spawn_blocking(move || {
+        let (rebuilt, links, tags, local_key) = tokio::task::spawn_blocking(move || {
             s2.create_dirs()?;
             let r = s2.rebuild()?;
-            let links = Links::open(s2.root())?;
+            let links = Links::open(s2.root(), links::DEFAULT_MAX_LINKS)?;
             let tags = Tags::open(s2.root())?;
-            Ok::<_, io::Error>((r, links, tags))
+            let key = GrantKey::load_or_create(s2.root())?;
+            Ok::<_, io::Error>((r, links, tags, key))
         })
         .await
         .map_err(io::Error::other)??;
+        // With a shared tier, the bucket's key, so that replicas agree on grants (and links
+        // recorded by one count for the others); the local one when the bucket cannot say.
+        let grant_key = match &shared {
+            Some(s) => s.grant_key().await.unwrap_or_else(|| {
+                tracing::warn!(
+                    "shared grant key unavailable: links in the bucket will not count here"
+                );
+                local_key
+            }),
+            None => local_key,
+        };
         let manifests = Manifests::new(&cfg.dir)?;
 
         let mut state = State::default();
@@ -415,6 +492,7 @@ impl Cache {
             state: Mutex::new(state),
             metrics,
             links,
+            grant_key,
             manifests,
             tags,
             max_size: cfg.local_limit().map(|s| s.0),
@@ -443,6 +521,17 @@ impl Cache {
     /// client goes away. Returns once the upstream answered (its error is
     /// [`CacheError::Fetch`], for every request waiting on that fill).
     pub async fn blob(&self, digest: &Digest, fetch: FetchFn) -> Result<BlobReader, CacheError> {
+        self.blob_from(digest, None, fetch).await
+    }
+
+    /// [`Cache::blob`] whose `fetch` GETs from upstream `origin`: recorded as the blob's
+    /// origin when that fill commits (see [`Cache::admits`]).
+    pub async fn blob_from(
+        &self,
+        digest: &Digest,
+        origin: Option<&str>,
+        fetch: FetchFn,
+    ) -> Result<BlobReader, CacheError> {
         let mut fetch = Some(fetch);
         let mut last_err = None;
         for _ in 0..ATTEMPTS {
@@ -461,6 +550,10 @@ impl Cache {
                         self.inner.store.temp_path(digest, id),
                     ));
                     st.inflight.insert(digest.clone(), f.clone());
+                    if let Some(o) = origin {
+                        st.fill_origins
+                            .insert(digest.clone(), (f.clone(), o.to_owned()));
+                    }
                     let (tx, rx) = mpsc::channel(8);
                     // `fetch` is only consumed here; a leader loops only when its fill handed
                     // the fetch back unused.
@@ -630,32 +723,94 @@ impl Cache {
         Some(body)
     }
 
-    /// Whether `repo_key` was shown to hold `digest`. In memory.
-    pub fn is_linked(&self, repo_key: &str, digest: &Digest) -> bool {
-        self.inner.links.is_linked(repo_key, digest)
+    /// The grant of a credential source (see [`grant`]): `parts` name the source and the
+    /// credential's identity; only a keyed hash of them is kept.
+    pub fn grant(&self, parts: &[&[u8]]) -> Grant {
+        self.inner.grant_key.grant(parts)
     }
 
-    /// [`Cache::is_linked`], then (on a local miss) the links other replicas recorded in the
-    /// shared tier; a shared link is then kept locally too.
-    pub async fn is_linked_shared(&self, repo_key: &str, digest: &Digest) -> bool {
-        if self.is_linked(repo_key, digest) {
+    /// Whether `repo_key` was shown to hold `digest` under `grant` less than `ttl` ago:
+    /// locally, else (then kept locally) as another replica recorded it in the shared tier.
+    pub async fn is_linked(
+        &self,
+        repo_key: &str,
+        digest: &Digest,
+        grant: Grant,
+        ttl: Duration,
+    ) -> bool {
+        let counts =
+            |l: &LinkInfo| l.grant == grant && l.at.elapsed().map_or(true, |age| age < ttl);
+        let local = self.inner.links.get(repo_key, digest);
+        if local.as_ref().is_some_and(counts) {
             return true;
         }
-        match &self.inner.shared {
-            Some(s) if s.has_link(repo_key, digest).await => {
-                self.inner.links.link(repo_key, digest).await;
-                true
+        if let Some(s) = &self.inner.shared {
+            if let Some(l) = s.get_link(repo_key, digest).await.filter(counts) {
+                self.inner.links.link(repo_key, digest, l.grant, l.at).await;
+                return true;
             }
-            _ => false,
+        }
+        let reason = match local {
+            None => Refusal::NoLink,
+            Some(l) if l.grant != grant => Refusal::Grant,
+            Some(_) => Refusal::Expired,
+        };
+        self.inner.metrics.refused(digest, repo_key, reason);
+        false
+    }
+
+    /// Records that the upstream showed, under `grant`, that `repo_key` holds `digest`
+    /// (now); persisted (and in the shared tier).
+    pub async fn link(&self, repo_key: &str, digest: &Digest, grant: Grant) {
+        let at = std::time::SystemTime::now();
+        let changed = self.inner.links.link(repo_key, digest, grant, at).await;
+        if let (true, Some(s)) = (changed, &self.inner.shared) {
+            s.put_link(repo_key, digest, LinkInfo { grant, at });
         }
     }
 
-    /// Records that `repo_key` holds `digest`; persisted (and in the shared tier).
-    pub async fn link(&self, repo_key: &str, digest: &Digest) {
-        let new = !self.inner.links.is_linked(repo_key, digest);
-        self.inner.links.link(repo_key, digest).await;
-        if let (true, Some(s)) = (new, &self.inner.shared) {
-            s.put_link(repo_key, digest);
+    /// Whether `digest`'s cached bytes may answer for one of `upstreams`: they were fetched
+    /// (verified) from one of them, by this replica, by a fill in flight now, or by another
+    /// replica (the shared tier's origin records).
+    pub async fn admits(&self, digest: &Digest, upstreams: &[&str]) -> bool {
+        let Some(first) = upstreams.first() else {
+            return false;
+        };
+        if upstreams
+            .iter()
+            .any(|u| self.inner.links.has_origin(digest, u))
+        {
+            return true;
+        }
+        let in_flight = self
+            .inner
+            .lock()
+            .fill_origins
+            .get(digest)
+            .is_some_and(|(f, o)| {
+                !f.from_shared.load(Ordering::Acquire) && upstreams.contains(&o.as_str())
+            });
+        if in_flight {
+            return true;
+        }
+        if let Some(s) = &self.inner.shared {
+            for u in upstreams {
+                if s.has_origin(u, digest).await {
+                    self.inner.links.add_origin(digest, u);
+                    return true;
+                }
+            }
+        }
+        self.inner.metrics.refused(digest, first, Refusal::Origin);
+        false
+    }
+
+    /// Records that `digest`'s verified bytes came from `upstream` (and in the shared tier).
+    pub fn add_origin(&self, digest: &Digest, upstream: &str) {
+        if self.inner.links.add_origin(digest, upstream).is_some() {
+            if let Some(s) = &self.inner.shared {
+                s.put_origin(upstream, digest);
+            }
         }
     }
 
@@ -709,7 +864,7 @@ impl Cache {
             (Some(s), Some(l)) if s.checked_at <= l.checked_at => Some(l),
             (Some(s), _) => {
                 let tags = &self.inner.tags;
-                tags.set_at(repo_key, tag, Some(&s.digest), s.checked_at)
+                tags.set_at(repo_key, tag, Some(&s.digest), s.grant, s.checked_at)
                     .await;
                 Some(s)
             }
@@ -717,19 +872,23 @@ impl Cache {
         }
     }
 
-    /// Sets a tag and refreshes its `checked_at`; persisted (and in the shared tier).
-    pub async fn put_tag(&self, repo_key: &str, tag: &str, digest: &Digest) {
-        self.inner.tags.set(repo_key, tag, Some(digest)).await;
+    /// Sets a tag and refreshes its `checked_at`, as checked upstream under `grant`;
+    /// persisted (and in the shared tier).
+    pub async fn put_tag(&self, repo_key: &str, tag: &str, digest: &Digest, grant: Grant) {
+        self.inner
+            .tags
+            .set(repo_key, tag, Some(digest), grant)
+            .await;
         if let Some(s) = &self.inner.shared {
-            s.put_tag(repo_key, tag, Some(digest));
+            s.put_tag(repo_key, tag, Some(digest), grant);
         }
     }
 
     /// Forgets a tag the upstream no longer has (here and in the shared tier).
-    pub async fn remove_tag(&self, repo_key: &str, tag: &str) {
-        self.inner.tags.set(repo_key, tag, None).await;
+    pub async fn remove_tag(&self, repo_key: &str, tag: &str, grant: Grant) {
+        self.inner.tags.set(repo_key, tag, None, grant).await;
         if let Some(s) = &self.inner.shared {
-            s.put_tag(repo_key, tag, None);
+            s.put_tag(repo_key, tag, None, grant);
         }
     }
 

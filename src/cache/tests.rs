@@ -489,12 +489,13 @@ async fn restart_keeps_blobs_links_manifests_tags_and_removes_temp_files() {
     let mt = "application/vnd.oci.image.manifest.v1+json";
     let d = {
         let cache = open(dir.path(), None).await;
+        let g = cache.grant(&[b"source", b"user", b"secret"]);
         let d = commit(&cache, &body).await;
-        cache.link("r.io/team/app", &d).await;
+        cache.link("r.io/team/app", &d, g).await;
         cache.put_manifest(&md, mt, manifest.clone()).await.unwrap();
-        cache.put_tag("r.io/team/app", "v1", &md).await;
-        cache.put_tag("r.io/team/app", "old", &md).await;
-        cache.remove_tag("r.io/team/app", "old").await;
+        cache.put_tag("r.io/team/app", "v1", &md, g).await;
+        cache.put_tag("r.io/team/app", "old", &md, g).await;
+        cache.remove_tag("r.io/team/app", "old", g).await;
         assert!(matches!(
             cache.put_manifest(&d, mt, manifest.clone()).await,
             Err(CacheError::DigestMismatch(_))
@@ -514,8 +515,18 @@ async fn restart_keeps_blobs_links_manifests_tags_and_removes_temp_files() {
         0
     );
     assert_eq!(cache.blob_size(&d), Some(body.len() as u64));
-    assert!(cache.is_linked("r.io/team/app", &d));
-    assert!(!cache.is_linked("r.io/other", &d));
+    // The grant key persists with the cache: the same source has the same grant.
+    let g = cache.grant(&[b"source", b"user", b"secret"]);
+    let other = cache.grant(&[b"source", b"user", b"rotated"]);
+    let day = Duration::from_secs(86_400);
+    assert!(cache.is_linked("r.io/team/app", &d, g, day).await);
+    assert!(!cache.is_linked("r.io/team/app", &d, other, day).await);
+    assert!(
+        !cache
+            .is_linked("r.io/team/app", &d, g, Duration::ZERO)
+            .await
+    );
+    assert!(!cache.is_linked("r.io/other", &d, g, day).await);
     let m = cache.manifest(&md).await.unwrap();
     assert_eq!((m.media_type.as_str(), &m.bytes), (mt, &manifest));
     assert_eq!(

@@ -15,7 +15,8 @@ use hyper::Request;
 
 use super::body::{self, Body, RequestRecord};
 use super::App;
-use crate::cache::{CacheError, CachedManifest, FetchError, FetchFn, Outcome, UpstreamBody};
+use crate::cache::{CacheError, CachedManifest, FetchError, FetchFn, Grant, Outcome, UpstreamBody};
+use crate::credentials::chain::Chosen;
 use crate::credentials::Credential;
 use crate::error::{Error, Subject};
 use crate::protocol::range::{self, ByteRange};
@@ -142,10 +143,39 @@ struct Ctx<'a> {
     headers: &'a HeaderMap,
     target: Target,
     credential: Credential,
+    /// The read rule's fingerprint of where `credential` came from ([`grant_of`]).
+    grant: Grant,
     head: bool,
 }
 
 impl Ctx<'_> {
+    /// Whether the upstream showed, under this request's grant and within `cache.link_ttl`,
+    /// that this repository holds `digest`.
+    async fn linked(&self, digest: &Digest) -> bool {
+        let ttl = self.app.config.cache.link_ttl.0;
+        let key = self.target.repo_key();
+        self.app
+            .cache
+            .is_linked(&key, digest, self.grant, ttl)
+            .await
+    }
+
+    /// Whether this upstream's confirmation admits the cached bytes of `digest`: fetched from
+    /// it, or from an upstream it lists in `trust_content_from`.
+    async fn admitted(&self, digest: &Digest) -> bool {
+        let me = self.target.upstream.name.as_str();
+        let mut upstreams = vec![me];
+        if let Some(u) = self.app.config.upstreams.iter().find(|u| u.name == me) {
+            upstreams.extend(u.trust_content_from.iter().map(String::as_str));
+        }
+        self.app.cache.admits(digest, &upstreams).await
+    }
+
+    async fn link(&self, digest: &Digest) {
+        let key = self.target.repo_key();
+        self.app.cache.link(&key, digest, self.grant).await;
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -207,11 +237,13 @@ async fn dispatch(
             Error::from(e)
         })?;
     tracing::debug!(repository = %rec.repository, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
+    let grant = grant_of(&app.cache, &chosen);
     let ctx = Ctx {
         app,
         headers,
         target,
         credential: chosen.credential,
+        grant,
         head: route.head,
     };
     match &route.op {
@@ -224,6 +256,22 @@ async fn dispatch(
             artifact_type,
         } => referrers(&ctx, digest, artifact_type.as_deref()).await,
     }
+}
+
+/// The grant of a chosen credential: its source (which module/Secret/docker-config entry, or
+/// none) and its identity. The secret parts go only into the cache's keyed hash.
+fn grant_of(cache: &crate::cache::Cache, chosen: &Chosen) -> Grant {
+    let (user, secret): (&str, &str) = match &chosen.credential {
+        Credential::Anonymous => ("", ""),
+        Credential::Basic { username, password } => (username, password.expose()),
+        Credential::IdentityToken(t) | Credential::RegistryToken(t) => ("", t.expose()),
+    };
+    cache.grant(&[
+        chosen.source.as_bytes(),
+        chosen.credential.kind().as_bytes(),
+        user.as_bytes(),
+        secret.as_bytes(),
+    ])
 }
 
 fn unreachable_ping() -> Result<Response<Body>, Error> {
@@ -315,16 +363,20 @@ impl From<Manifest> for Found {
     }
 }
 
-/// By digest: immutable, so a cached copy is final once this repository is linked to it.
+/// By digest: immutable, so a cached copy is final once this repository is linked to it
+/// (under this request's grant, within `cache.link_ttl`) and its bytes came from this
+/// upstream (or one it trusts); bytes from elsewhere are fetched again from this upstream.
 async fn manifest_by_digest(ctx: &Ctx<'_>, digest: &Digest) -> Result<Found, Error> {
     let cache = &ctx.app.cache;
-    let key = ctx.target.repo_key();
     if let Some(m) = cache.manifest(digest).await {
-        if !cache.is_linked_shared(&key, digest).await {
-            confirm_in_repository(ctx, &format!("manifests/{digest}"), Subject::Manifest).await?;
-            cache.link(&key, digest).await;
+        if ctx.admitted(digest).await {
+            if !ctx.linked(digest).await {
+                confirm_in_repository(ctx, &format!("manifests/{digest}"), Subject::Manifest)
+                    .await?;
+                ctx.link(digest).await;
+            }
+            return Ok(Found::cached(digest.clone(), m, "hit"));
         }
-        return Ok(Found::cached(digest.clone(), m, "hit"));
     }
     Ok(fetch_and_store(ctx, &Reference::Digest(digest.clone()))
         .await?
@@ -339,10 +391,15 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &crate::protocol::Tag) -> Result<Fo
     let cache = &ctx.app.cache;
     let key = ctx.target.repo_key();
     let ttl = ctx.target.upstream.tag_ttl;
-    let entry = cache.tag(&key, tag, ttl).await;
+    let link_ttl = ctx.app.config.cache.link_ttl.0;
+    // A cached tag counts only as checked under this request's grant (see the read rule).
+    let entry = cache
+        .tag(&key, tag, ttl)
+        .await
+        .filter(|e| e.grant == Some(ctx.grant));
     if let Some(e) = &entry {
         let age = e.checked_at.elapsed().unwrap_or_default();
-        if age < ttl {
+        if age < ttl && age < link_ttl && ctx.admitted(&e.digest).await {
             if let Some(m) = cache.manifest(&e.digest).await {
                 return Ok(Found::cached(e.digest.clone(), m, "hit"));
             }
@@ -350,10 +407,12 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &crate::protocol::Tag) -> Result<Fo
     }
     match head_manifest(ctx, &reference).await {
         Ok(Some((digest, media_type, len))) => {
-            cache.put_tag(&key, tag, &digest).await;
+            cache.put_tag(&key, tag, &digest, ctx.grant).await;
             if let Some(m) = cache.manifest(&digest).await {
-                cache.link(&key, &digest).await;
-                return Ok(Found::cached(digest, m, "hit"));
+                if ctx.admitted(&digest).await {
+                    ctx.link(&digest).await;
+                    return Ok(Found::cached(digest, m, "hit"));
+                }
             }
             if ctx.head {
                 return Ok(Found {
@@ -371,14 +430,22 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &crate::protocol::Tag) -> Result<Fo
         }
         Ok(None) => {
             let m = fetch_and_store(ctx, &reference).await?;
-            cache.put_tag(&key, tag, &m.digest).await;
+            cache.put_tag(&key, tag, &m.digest, ctx.grant).await;
             Ok(m.into())
         }
         Err(Error::Upstream { source, subject }) => {
             if matches!(source, crate::upstream::UpstreamError::NotFound { .. }) {
-                cache.remove_tag(&key, tag).await;
+                cache.remove_tag(&key, tag, ctx.grant).await;
             } else if source.is_transient() {
-                if let Some(e) = &entry {
+                // Stale only under the same grant and within `cache.link_ttl`.
+                let usable = match &entry {
+                    Some(e) => {
+                        e.checked_at.elapsed().unwrap_or_default() < link_ttl
+                            && ctx.admitted(&e.digest).await
+                    }
+                    None => false,
+                };
+                if let Some(e) = entry.as_ref().filter(|_| usable) {
                     if let Some(m) = cache.manifest(&e.digest).await {
                         tracing::warn!(repository = %key, tag, error = %source, "serving a cached tag: upstream failed");
                         let mut found = Found::cached(e.digest.clone(), m, "stale");
@@ -397,7 +464,8 @@ async fn manifest_by_tag(ctx: &Ctx<'_>, tag: &crate::protocol::Tag) -> Result<Fo
     }
 }
 
-/// GETs a manifest upstream (verified), stores it and links this repository to it.
+/// GETs a manifest upstream (verified), stores it, records this upstream as an origin of its
+/// bytes and links this repository to it.
 async fn fetch_and_store(ctx: &Ctx<'_>, reference: &Reference) -> Result<Manifest, Error> {
     let m = fetch_manifest(ctx, reference).await?;
     let cache = &ctx.app.cache;
@@ -407,7 +475,8 @@ async fn fetch_and_store(ctx: &Ctx<'_>, reference: &Reference) -> Result<Manifes
     {
         tracing::warn!(digest = %m.digest, error = %e, "manifest not cached");
     } else {
-        cache.link(&ctx.target.repo_key(), &m.digest).await;
+        cache.add_origin(&m.digest, &ctx.target.upstream.name);
+        ctx.link(&m.digest).await;
     }
     Ok(m)
 }
@@ -552,14 +621,15 @@ fn manifest_response(
 
 async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
     let cache = &ctx.app.cache;
-    let key = ctx.target.repo_key();
-    let linked = cache.is_linked_shared(&key, digest).await;
+    let origin = ctx.target.upstream.name.as_str();
+    let admitted = ctx.admitted(digest).await;
+    let readable = admitted && ctx.linked(digest).await;
     let cached_size = cache.blob_size(digest);
     if ctx.head {
         // Known to this repository: the size from the local tier, else from the bucket.
         let known = match cached_size {
-            Some(size) if linked => Some((size, "hit")),
-            None if linked => cache.shared_blob_size(digest).await.map(|s| (s, "shared")),
+            Some(size) if readable => Some((size, "hit")),
+            None if readable => cache.shared_blob_size(digest).await.map(|s| (s, "shared")),
             _ => None,
         };
         return match known {
@@ -571,26 +641,37 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
             None => {
                 let resp = blob_upstream_head(ctx, digest).await?;
                 if cached_size.is_some() && resp.status().is_success() {
-                    cache.link(&key, digest).await;
+                    ctx.link(digest).await;
                 }
                 Ok(with_cache_status(resp, "upstream"))
             }
         };
     }
-    if cached_size.is_some() && !linked {
+    if cached_size.is_some() && !admitted {
+        // Cached bytes from another upstream: this upstream's word does not admit them.
+        return blob_from_upstream_verified(ctx, digest).await;
+    }
+    // Confirmed upstream by this request: not asked again below, however short link_ttl is.
+    let mut confirmed = false;
+    if cached_size.is_some() && !readable {
         confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
-        cache.link(&key, digest).await;
+        ctx.link(digest).await;
+        confirmed = true;
     }
     if cached_size.is_none() {
         if let Some(range) = ctx.headers.get(RANGE) {
             // A range of a blob not cached locally: the client gets its range at once, from
-            // the bucket (a ranged GET) when this repository is known to hold the blob, else
+            // the bucket (a ranged GET) when this repository may read the blob there, else
             // from the upstream (a fill's bytes are released only once the whole blob is
             // verified), while a background fill lands the whole blob in the cache once.
             let (cache_owned, fetch, digest_owned) =
                 (cache.clone(), blob_fetch(ctx, digest), digest.clone());
+            let origin_owned = origin.to_owned();
             tokio::spawn(async move {
-                if let Err(e) = cache_owned.blob(&digest_owned, fetch).await {
+                let res = cache_owned
+                    .blob_from(&digest_owned, Some(&origin_owned), fetch)
+                    .await;
+                if let Err(e) = res {
                     tracing::debug!(digest = %digest_owned, error = %e, "background fill for a range request failed");
                 }
             });
@@ -598,7 +679,7 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
             // back; anything else (no usable range, a 200, another range) is served below
             // from the verified fill.
             if let Some(spec) = range::parse_range_unknown_size(range.to_str().ok()) {
-                if linked {
+                if readable {
                     if let Some(resp) = shared_range(cache, digest, range).await {
                         return Ok(with_cache_status(resp, "shared"));
                     }
@@ -610,19 +691,24 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         }
     }
     let reader = cache
-        .blob(digest, blob_fetch(ctx, digest))
+        .blob_from(digest, Some(origin), blob_fetch(ctx, digest))
         .await
         .map_err(|e| cache_error(e, &ctx.target.upstream.name))?;
     match reader.outcome() {
         // The fetch through this repository succeeded: it holds the blob.
-        Outcome::Miss => cache.link(&key, digest).await,
-        // Checked again here, not with `linked` from before: another repository's fill may
-        // have committed in between, and this repository was never confirmed.
-        Outcome::Coalesced | Outcome::Hit if !cache.is_linked_shared(&key, digest).await => {
-            confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
-            cache.link(&key, digest).await;
+        Outcome::Miss => ctx.link(digest).await,
+        // Checked again here, not with the values from before: another repository's fill
+        // (maybe from another upstream, or from the bucket) may have committed in between.
+        Outcome::Coalesced | Outcome::Hit => {
+            if !ctx.admitted(digest).await {
+                drop(reader);
+                return blob_from_upstream_verified(ctx, digest).await;
+            }
+            if !confirmed && !ctx.linked(digest).await {
+                confirm_in_repository(ctx, &format!("blobs/{digest}"), Subject::Blob).await?;
+                ctx.link(digest).await;
+            }
         }
-        _ => {}
     }
     let outcome = reader.outcome().as_str();
     let range_header = ctx.headers.get(RANGE).and_then(|v| v.to_str().ok());
@@ -658,6 +744,50 @@ async fn blob(ctx: &Ctx<'_>, digest: &Digest) -> Result<Response<Body>, Error> {
         ),
     };
     Ok(with_cache_status(resp, outcome))
+}
+
+/// A blob whose cached bytes came from another upstream: fetched again from this one, the
+/// whole blob (a `Range` is ignored, as HTTP allows), hashed as it streams. A mismatch ends
+/// the body with an error, never cleanly; a match records this upstream as an origin and
+/// links the repository, so the next request is a cache hit.
+async fn blob_from_upstream_verified(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+) -> Result<Response<Body>, Error> {
+    let resp = ctx
+        .send(
+            Method::GET,
+            format!("blobs/{digest}"),
+            None,
+            None,
+            None,
+            Subject::Blob,
+        )
+        .await?;
+    if resp.response.status() != StatusCode::OK {
+        return Err(Error::BadUpstreamResponse {
+            upstream: ctx.target.upstream.name.clone(),
+            message: format!("unexpected status {}", resp.response.status()),
+        });
+    }
+    let len = resp.response.content_length();
+    let (cache, upstream, key, grant) = (
+        ctx.app.cache.clone(),
+        ctx.target.upstream.name.clone(),
+        ctx.target.repo_key(),
+        ctx.grant,
+    );
+    let d = digest.clone();
+    let stream = crate::cache::verify_stream(
+        digest.clone(),
+        upstream_stream(resp),
+        Box::new(move || {
+            cache.add_origin(&d, &upstream);
+            tokio::spawn(async move { cache.link(&key, &d, grant).await });
+        }),
+    );
+    let resp = blob_response(digest, StatusCode::OK, len, None, body::stream(stream));
+    Ok(with_cache_status(resp, "upstream"))
 }
 
 /// A Range request answered from the shared tier: `None` when the bucket cannot serve it (or
@@ -719,6 +849,7 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
     let upstream = ctx.target.upstream.clone();
     let repository = ctx.target.repository.clone();
     let credential = ctx.credential.clone();
+    let grant = ctx.grant;
     let path = format!("blobs/{digest}");
     let (cache, key, digest) = (ctx.app.cache.clone(), ctx.target.repo_key(), digest.clone());
     Box::new(move || {
@@ -735,7 +866,7 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
                 Ok(resp) if resp.response.status() == StatusCode::OK => {
                     // The upstream just showed this repository holds the blob: link it now, so
                     // requests of the same repository that join this fill need no HEAD.
-                    cache.link(&key, &digest).await;
+                    cache.link(&key, &digest, grant).await;
                     Ok(UpstreamBody {
                         size: resp.response.content_length(),
                         stream: upstream_stream(resp),

@@ -766,6 +766,7 @@ impl Upstreams {
                 ca_file: None,
                 tag_ttl: None,
                 token_realm_hosts: self.realm_hosts.clone(),
+                trust_content_from: Vec::new(),
             },
             ca_pem: None,
             timeout: self.timeout,

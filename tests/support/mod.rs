@@ -67,6 +67,7 @@ pub mod faulty;
 pub mod google;
 pub mod helpers;
 pub mod kyma;
+pub mod liar;
 pub mod process;
 pub mod registry;
 pub mod s3;

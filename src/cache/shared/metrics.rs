@@ -16,8 +16,14 @@ pub enum Op {
     HeadBlob,
     GetManifest,
     PutManifest,
+    /// Reads of link objects (a GET: they hold grant and time).
     HeadLink,
     PutLink,
+    /// Whether a blob or manifest was fetched from an upstream (by any replica).
+    HeadOrigin,
+    PutOrigin,
+    /// Reading (or creating) the grant key replicas share.
+    GrantKey,
     GetTag,
     /// Writes and deletes of tag objects.
     PutTag,
@@ -35,6 +41,9 @@ impl Op {
             Op::PutManifest => "put_manifest",
             Op::HeadLink => "head_link",
             Op::PutLink => "put_link",
+            Op::HeadOrigin => "head_origin",
+            Op::PutOrigin => "put_origin",
+            Op::GrantKey => "grant_key",
             Op::GetTag => "get_tag",
             Op::PutTag => "put_tag",
             Op::Lease => "lease",

@@ -7,9 +7,15 @@
 //! - `blobs/<alg>/<hex>`: blob bytes (multipart above [`SINGLE_PUT_MAX`]: content-addressed
 //!   and verified, so a concurrent identical upload is harmless);
 //! - `manifests/<alg>/<hex>`: manifest bytes, media type as the object's Content-Type;
-//! - `links/<sha256(repo_key)>/<alg>/<hex>`: empty; "this repository was shown to hold it";
-//! - `tags/<sha256(repo_key)>/<tag>`: `<digest> <checked_at_ms>`, the newest upstream check
-//!   of a tag by any replica (the one mutable kind of object: overwritten, not created);
+//! - `links/<sha256(repo_key)>/<alg>/<hex>`: `<grant> <confirmed_at_ms>`: "this repository
+//!   was shown to hold it, under that grant" (overwritten by the newest confirmation; an
+//!   empty object, from before grants, never counts);
+//! - `origins/<sha256(upstream)>/<alg>/<hex>`: empty; "these verified bytes were fetched from
+//!   that upstream" (see [`super::links`]): a blob in the bucket is admitted for an upstream
+//!   only with its origin there or in the local journal, else fetched from that upstream;
+//! - `grant.key`: the key replicas compute grants with ([`super::grant`]), created once;
+//! - `tags/<sha256(repo_key)>/<tag>`: `<digest> <checked_at_ms> <grant>`, the newest
+//!   upstream check of a tag by any replica (overwritten, not created);
 //! - `leases/<alg>/<hex>`: cross-replica single flight ([`lease`]).
 //!
 //! Reads are never trusted: a blob is hashed while it is written to the local temp file and
@@ -44,6 +50,8 @@ use object_store::{
 };
 
 use super::fill::Hasher;
+use super::grant::{Grant, GrantKey, KEY_LEN};
+use super::links::LinkInfo;
 use super::manifests::{TagEntry, MAX_MANIFEST_SIZE};
 use super::metrics::FailReason;
 use super::store::{read_exact_at, write_chunks};
@@ -251,6 +259,57 @@ impl Shared {
             d.algorithm().as_str(),
             d.hex()
         ))
+    }
+
+    pub fn origin_key(&self, upstream: &str, d: &Digest) -> Path {
+        let u = Digest::sha256_of(upstream.as_bytes());
+        self.key(&format!(
+            "origins/{}/{}/{}",
+            u.hex(),
+            d.algorithm().as_str(),
+            d.hex()
+        ))
+    }
+
+    /// The grant key replicas share: read from the bucket, or created there (a conditional
+    /// create, so concurrent replicas end up with the same one). `None` when the store cannot
+    /// say now: the caller then uses a local key, and links from the bucket do not count.
+    pub async fn grant_key(&self) -> Option<GrantKey> {
+        let key = self.key("grant.key");
+        for _ in 0..2 {
+            match self.get_small(&key, KEY_LEN as u64).await {
+                Ok((_, b)) => {
+                    self.metrics.op(Op::GrantKey, Res::Ok);
+                    return GrantKey::from_bytes(&b).or_else(|| {
+                        tracing::warn!("the shared grant.key is not a 32-byte key; ignored");
+                        None
+                    });
+                }
+                Err(StoreError::Missing) => {}
+                Err(e) => {
+                    self.failed(Op::GrantKey, &e);
+                    return None;
+                }
+            }
+            let fresh = GrantKey::random().ok()?;
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            let body = PutPayload::from(Bytes::copy_from_slice(fresh.bytes()));
+            match self.timed(self.store.put_opts(&key, body, opts)).await {
+                Ok(_) => {
+                    self.metrics.op(Op::GrantKey, Res::Ok);
+                    return Some(fresh);
+                }
+                Err(StoreError::Exists) => continue, // another replica won: read theirs
+                Err(e) => {
+                    self.failed(Op::GrantKey, &e);
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Whether the tier is in use (not resting after an error).
@@ -754,12 +813,13 @@ impl Shared {
         match self.get_small(&self.tag_key(repo_key, tag), 1024).await {
             Ok((_, b)) => {
                 let parsed = std::str::from_utf8(&b).ok().and_then(|s| {
-                    let (d, at) = s.trim().split_once(' ')?;
-                    let digest = Digest::parse(d).ok()?;
-                    let ms = at.parse::<u64>().ok()?;
+                    let mut it = s.split_whitespace();
+                    let digest = Digest::parse(it.next()?).ok()?;
+                    let ms = it.next()?.parse::<u64>().ok()?;
                     Some(TagEntry {
                         digest,
                         checked_at: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+                        grant: it.next().and_then(Grant::from_hex),
                     })
                 });
                 self.metrics.op(Op::GetTag, Res::Ok);
@@ -785,13 +845,20 @@ impl Shared {
 
     /// Records (or, with `None`, deletes: the upstream said 404) a tag in the bucket, in the
     /// background.
-    pub fn put_tag(self: &Arc<Self>, repo_key: &str, tag: &str, digest: Option<&Digest>) {
+    pub fn put_tag(
+        self: &Arc<Self>,
+        repo_key: &str,
+        tag: &str,
+        digest: Option<&Digest>,
+        grant: Grant,
+    ) {
         if !self.available() {
             self.metrics.op(Op::PutTag, Res::Skipped);
             return;
         }
         let (me, key) = (self.clone(), self.tag_key(repo_key, tag));
-        let body = digest.map(|d| format!("{d} {}", super::manifests::to_ms(SystemTime::now())));
+        let now = super::manifests::to_ms(SystemTime::now());
+        let body = digest.map(|d| format!("{d} {now} {}", grant.to_hex()));
         tokio::spawn(async move {
             let res = match body {
                 Some(body) => me
@@ -810,30 +877,77 @@ impl Shared {
         });
     }
 
-    /// Whether a replica recorded that `repo_key` holds `digest`.
-    pub async fn has_link(&self, repo_key: &str, digest: &Digest) -> bool {
+    /// The link a replica recorded for `repo_key` and `digest` (the newest confirmation).
+    pub async fn get_link(&self, repo_key: &str, digest: &Digest) -> Option<LinkInfo> {
         if !self.available() {
             self.metrics.op(Op::HeadLink, Res::Skipped);
-            return false;
+            return None;
         }
-        let found = self
-            .exists(&self.link_key(repo_key, digest), Op::HeadLink)
-            .await;
-        match found {
-            Some(true) => self.metrics.op(Op::HeadLink, Res::Ok),
-            Some(false) => self.metrics.op(Op::HeadLink, Res::Miss),
-            None => {}
+        match self.get_small(&self.link_key(repo_key, digest), 256).await {
+            Ok((_, b)) => {
+                self.metrics.op(Op::HeadLink, Res::Ok);
+                let s = std::str::from_utf8(&b).ok()?;
+                let (g, at) = s.trim().split_once(' ')?;
+                Some(LinkInfo {
+                    grant: Grant::from_hex(g)?,
+                    at: SystemTime::UNIX_EPOCH + Duration::from_millis(at.parse().ok()?),
+                })
+            }
+            Err(StoreError::Missing) => {
+                self.metrics.op(Op::HeadLink, Res::Miss);
+                None
+            }
+            Err(e) => {
+                self.failed(Op::HeadLink, &e);
+                None
+            }
         }
-        found == Some(true)
     }
 
-    /// Records a link in the bucket, in the background.
-    pub fn put_link(self: &Arc<Self>, repo_key: &str, digest: &Digest) {
+    /// Records a link in the bucket (overwriting an older one), in the background.
+    pub fn put_link(self: &Arc<Self>, repo_key: &str, digest: &Digest, link: LinkInfo) {
         if !self.available() {
             self.metrics.op(Op::PutLink, Res::Skipped);
             return;
         }
         let (me, key) = (self.clone(), self.link_key(repo_key, digest));
+        let body = format!(
+            "{} {}",
+            link.grant.to_hex(),
+            super::manifests::to_ms(link.at)
+        );
+        tokio::spawn(async move {
+            match me.timed(me.store.put(&key, PutPayload::from(body))).await {
+                Ok(_) => me.metrics.op(Op::PutLink, Res::Ok),
+                Err(e) => me.failed(Op::PutLink, &e),
+            }
+        });
+    }
+
+    /// Whether a replica recorded that `digest` was fetched from `upstream`.
+    pub async fn has_origin(&self, upstream: &str, digest: &Digest) -> bool {
+        if !self.available() {
+            self.metrics.op(Op::HeadOrigin, Res::Skipped);
+            return false;
+        }
+        let found = self
+            .exists(&self.origin_key(upstream, digest), Op::HeadOrigin)
+            .await;
+        match found {
+            Some(true) => self.metrics.op(Op::HeadOrigin, Res::Ok),
+            Some(false) => self.metrics.op(Op::HeadOrigin, Res::Miss),
+            None => {}
+        }
+        found == Some(true)
+    }
+
+    /// Records an origin in the bucket, in the background.
+    pub fn put_origin(self: &Arc<Self>, upstream: &str, digest: &Digest) {
+        if !self.available() {
+            self.metrics.op(Op::PutOrigin, Res::Skipped);
+            return;
+        }
+        let (me, key) = (self.clone(), self.origin_key(upstream, digest));
         tokio::spawn(async move {
             let opts = PutOptions {
                 mode: PutMode::Create,
@@ -843,9 +957,9 @@ impl Shared {
                 .timed(me.store.put_opts(&key, PutPayload::new(), opts))
                 .await
             {
-                Ok(_) => me.metrics.op(Op::PutLink, Res::Ok),
-                Err(StoreError::Exists) => me.metrics.op(Op::PutLink, Res::Exists),
-                Err(e) => me.failed(Op::PutLink, &e),
+                Ok(_) => me.metrics.op(Op::PutOrigin, Res::Ok),
+                Err(StoreError::Exists) => me.metrics.op(Op::PutOrigin, Res::Exists),
+                Err(e) => me.failed(Op::PutOrigin, &e),
             }
         });
     }

@@ -224,7 +224,16 @@ async fn manifests_and_links_cross_replicas() {
     let d = Digest::sha256_of(&m);
     let mt = "application/vnd.oci.image.manifest.v1+json";
     a.cache.put_manifest(&d, mt, m.clone()).await.unwrap();
-    a.cache.link("r.io/team/app", &d).await;
+    // Replicas share the grant key through the bucket.
+    let g = a
+        .cache
+        .grant(&[b"module m, Secret kcp-system/s", b"u", b"p"]);
+    assert_eq!(
+        g,
+        b.cache
+            .grant(&[b"module m, Secret kcp-system/s", b"u", b"p"])
+    );
+    a.cache.link("r.io/team/app", &d, g).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while store
         .head(&a.shared.link_key("r.io/team/app", &d))
@@ -238,10 +247,33 @@ async fn manifests_and_links_cross_replicas() {
 
     let got = b.cache.manifest(&d).await.expect("from the shared tier");
     assert_eq!((got.media_type.as_str(), got.bytes), (mt, m));
-    assert!(!b.cache.is_linked("r.io/team/app", &d));
-    assert!(b.cache.is_linked_shared("r.io/team/app", &d).await);
-    assert!(b.cache.is_linked("r.io/team/app", &d), "kept locally");
-    assert!(!b.cache.is_linked_shared("r.io/team/other", &d).await);
+    let day = Duration::from_secs(86_400);
+    let other = b.cache.grant(&[b"no credentials (anonymous)"]);
+    assert!(
+        !b.cache.is_linked("r.io/team/app", &d, other, day).await,
+        "another grant"
+    );
+    assert!(b.cache.is_linked("r.io/team/app", &d, g, day).await);
+    let gets = b.shared.metrics.op_count(Op::HeadLink, Res::Ok);
+    assert!(
+        b.cache.is_linked("r.io/team/app", &d, g, day).await,
+        "kept locally"
+    );
+    assert_eq!(b.shared.metrics.op_count(Op::HeadLink, Res::Ok), gets);
+    assert!(!b.cache.is_linked("r.io/team/other", &d, g, day).await);
+
+    // Origins travel too: B admits the bytes for the upstream A fetched them from only.
+    a.cache.add_origin(&d, "a.io");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while store.head(&a.shared.origin_key("a.io", &d)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "origin never uploaded"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(b.cache.admits(&d, &["a.io"]).await);
+    assert!(!b.cache.admits(&d, &["liar.io"]).await);
 }
 
 #[tokio::test]
@@ -270,13 +302,14 @@ async fn an_unreachable_store_degrades_to_upstream() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (o, got) = read(&r.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
     assert_eq!((o, got), (Outcome::Miss, body));
-    assert_eq!(r.shared.metrics.op_count(Op::GetBlob, Res::Error), 1);
-    // Resting: the next miss does not even try.
+    // The first failure was reading the shared grant key at open (a local key is used).
+    assert_eq!(r.shared.metrics.op_count(Op::GrantKey, Res::Error), 1);
+    // Resting: the misses do not even try.
     let body2 = data(10_000, 5);
     let d2 = Digest::sha256_of(&body2);
     let (_, got) = read(&r.cache, &d2, fetch(body2.clone(), calls.clone(), None)).await;
     assert_eq!(got, body2);
-    assert_eq!(r.shared.metrics.op_count(Op::GetBlob, Res::Skipped), 1);
+    assert_eq!(r.shared.metrics.op_count(Op::GetBlob, Res::Skipped), 2);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
@@ -600,7 +633,8 @@ async fn tags_checked_by_one_replica_are_seen_by_another_and_removed_with_it() {
     let d = Digest::sha256_of(b"a manifest");
     assert!(b.cache.tag(repo, "v1", ttl).await.is_none());
 
-    a.cache.put_tag(repo, "v1", &d).await;
+    let g = a.cache.grant(&[b"g"]);
+    a.cache.put_tag(repo, "v1", &d, g).await;
     let key = a.shared.tag_key(repo, "v1");
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while store.head(&key).await.is_err() {
@@ -610,6 +644,7 @@ async fn tags_checked_by_one_replica_are_seen_by_another_and_removed_with_it() {
     let from_a = a.cache.tag(repo, "v1", ttl).await.unwrap();
     let seen = b.cache.tag(repo, "v1", ttl).await.expect("from the bucket");
     assert_eq!(seen.digest, d);
+    assert_eq!(seen.grant, Some(g), "the grant travels with the tag");
     // A's check time travels with it, to the millisecond: B's TTL counts from A's check.
     let skew = match from_a.checked_at.duration_since(seen.checked_at) {
         Ok(d) => d,
@@ -622,7 +657,7 @@ async fn tags_checked_by_one_replica_are_seen_by_another_and_removed_with_it() {
     assert_eq!(b.shared.metrics.op_count(Op::GetTag, Res::Ok), gets);
 
     // The upstream said 404 on A: the bucket forgets the tag too.
-    a.cache.remove_tag(repo, "v1").await;
+    a.cache.remove_tag(repo, "v1", g).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while store.head(&key).await.is_ok() {
         assert!(tokio::time::Instant::now() < deadline, "tag never deleted");
