@@ -96,6 +96,9 @@ impl Error {
                 UpstreamError::Unreachable { .. } => {
                     OciError::new(ErrorCode::Unavailable, msg).with_status(StatusCode::BAD_GATEWAY)
                 }
+                UpstreamError::Busy { busy, .. } => OciError::new(ErrorCode::TooManyRequests, msg)
+                    .with_status(StatusCode::SERVICE_UNAVAILABLE)
+                    .with_retry_after(http::HeaderValue::from_str(&busy.retry_after.to_string()).ok()),
             },
             Error::Denied(m) => OciError::new(ErrorCode::Denied, m.clone()),
             Error::DigestMismatch { .. }

@@ -21,6 +21,12 @@ pub enum FailReason {
     Aborted,
     /// A read from the shared tier broke off after bytes were streamed to readers.
     StoreError,
+    /// The fill ran past `limits.fill_deadline`.
+    Deadline,
+    /// The upstream body was slower than `limits.fill_min_rate`.
+    TooSlow,
+    /// The body passed `limits.max_blob_size`.
+    TooLarge,
 }
 
 impl FailReason {
@@ -32,6 +38,9 @@ impl FailReason {
             FailReason::WriteError => "write_error",
             FailReason::Aborted => "aborted",
             FailReason::StoreError => "store_error",
+            FailReason::Deadline => "deadline",
+            FailReason::TooSlow => "too_slow",
+            FailReason::TooLarge => "too_large",
         }
     }
 }

@@ -17,6 +17,7 @@
 //! read (the stream ends with an error and the file is dropped on a mismatch), up front for a
 //! ranged read.
 
+mod budget;
 mod evict;
 mod fill;
 mod journal;
@@ -49,6 +50,7 @@ use metrics::Metrics;
 use reader::Source;
 use store::Store;
 
+pub use budget::{enforce as enforce_fill_limits, FillLimits, LimitExceeded};
 pub use manifests::{CachedManifest, TagEntry};
 pub use metrics::FailReason;
 pub use reader::BlobReader;

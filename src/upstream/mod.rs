@@ -8,6 +8,7 @@
 //! unchanged, so a reload does not cause a burst of challenge round-trips and token exchanges.
 
 pub mod challenge;
+pub mod slots;
 pub mod token;
 
 pub use challenge::Challenge;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{ACCEPT, AUTHORIZATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, StatusCode};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use url::Url;
 
 use crate::config::{Config, UpstreamConfig};
@@ -48,6 +49,10 @@ pub enum UpstreamError {
     },
     #[error("upstream {upstream} is unreachable: {message}")]
     Unreachable { upstream: String, message: String },
+    /// No upstream slot within `limits.upstream_slot_wait` (the proxy is busy, not the
+    /// upstream).
+    #[error("proxy busy: {busy} for upstream {upstream}; retry later")]
+    Busy { upstream: String, busy: slots::Busy },
     #[error("upstream {upstream} token exchange failed: {source}")]
     Token {
         upstream: String,
@@ -67,13 +72,16 @@ impl UpstreamError {
             UpstreamError::Status { .. } => "status",
             UpstreamError::Unreachable { .. } => "unreachable",
             UpstreamError::Token { .. } => "token",
+            UpstreamError::Busy { .. } => "busy",
         }
     }
 
     /// Errors after which a cached copy may be served instead (stale-if-error).
     pub fn is_transient(&self) -> bool {
         match self {
-            UpstreamError::TooManyRequests { .. } | UpstreamError::Unreachable { .. } => true,
+            UpstreamError::TooManyRequests { .. }
+            | UpstreamError::Unreachable { .. }
+            | UpstreamError::Busy { .. } => true,
             UpstreamError::Status { status, .. } => status.is_server_error(),
             UpstreamError::Token { source, .. } => !source.is_auth_failure(),
             _ => false,
@@ -115,7 +123,7 @@ pub struct Upstream {
     /// Client, learned challenge and tokens; shared with the previous config's `Upstream` when
     /// a reload left this upstream's settings unchanged.
     session: Arc<Session>,
-    fetch_slots: Arc<Semaphore>,
+    fetch_slots: Arc<slots::Slots>,
     metrics: Arc<Metrics>,
 }
 
@@ -175,12 +183,15 @@ impl Upstream {
         req: &UpstreamRequest<'_>,
         credential: &Credential,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let pool = slots::Pool::of(&req.method, &req.path);
         let permit = self
             .fetch_slots
-            .clone()
-            .acquire_owned()
+            .acquire(pool, &self.name, &self.metrics)
             .await
-            .map_err(|_| self.unreachable("shutting down"))?;
+            .map_err(|busy| UpstreamError::Busy {
+                upstream: self.name.clone(),
+                busy,
+            })?;
         let started = Instant::now();
         let result = self.send_authenticated(req, credential).await;
         let outcome = match &result {
@@ -473,8 +484,7 @@ pub struct Upstreams {
     /// `limits.upstream_timeout`, which `default_http` was built with.
     timeout: Duration,
     /// One pool of `limits.max_concurrent_upstream_fetches` slots shared by every upstream.
-    fetch_slots: Arc<Semaphore>,
-    fetch_limit: usize,
+    fetch_slots: Arc<slots::Slots>,
     tag_ttl: Duration,
     metrics: Arc<Metrics>,
 }
@@ -532,13 +542,13 @@ impl Upstreams {
     ) -> Result<(Self, RebuildSummary), UpstreamSetupError> {
         let mut summary = RebuildSummary::default();
         let timeout = cfg.limits.upstream_timeout.0;
-        let fetch_limit = cfg.limits.max_concurrent_upstream_fetches;
+        let slot_limits = slots::SlotLimits::from_config(&cfg.limits);
         let fetch_slots = match previous {
-            Some(p) if p.fetch_limit == fetch_limit => {
+            Some(p) if p.fetch_slots.limits() == slot_limits => {
                 summary.fetch_pool_kept = true;
                 p.fetch_slots.clone()
             }
-            _ => Arc::new(Semaphore::new(fetch_limit)),
+            _ => Arc::new(slots::Slots::new(slot_limits)),
         };
         let default_http = match previous {
             Some(p) if p.timeout == timeout => p.default_http.clone(),
@@ -613,7 +623,6 @@ impl Upstreams {
             default_http,
             timeout,
             fetch_slots,
-            fetch_limit,
             tag_ttl,
             metrics,
         };
@@ -819,7 +828,7 @@ mod tests {
         assert_eq!(s.kept, 2, "the pool is not part of an upstream's session");
         assert!(!s.fetch_pool_kept);
         assert!(!Arc::ptr_eq(&old.fetch_slots, &new.fetch_slots));
-        assert_eq!(new.fetch_slots.available_permits(), 3);
+        assert_eq!(new.fetch_slots.available(slots::Pool::Blobs), 3);
         assert!(Arc::ptr_eq(
             &new.get("a.test").unwrap().fetch_slots,
             &new.fetch_slots
