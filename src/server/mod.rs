@@ -5,9 +5,8 @@
 //! - TLS: in the accept loop ([`serve`]), with the certificate from [`tls::ReloadingCert`],
 //!   because the handshake happens before HTTP exists; its duration is bounded by
 //!   `header_read_timeout` like the rest of a request head;
-//! - header read timeout and header size limits: in the hyper connection builder, because only
-//!   hyper sees a slow client before a request exists (plus a wait for the first byte, because
-//!   hyper's own timer starts only once h1/h2 detection has seen data);
+//! - header size limits: in the hyper connection builder; the header read timeout: a wait for
+//!   the first byte here, then [`guard::Guarded`] (for HTTP/1 and HTTP/2 alike);
 //! - which config serves a request: the service reads [`reload::Live`] once per request, so a
 //!   reload applies to new requests while running ones finish with the `App` they began with;
 //! - the access log and request metrics: the [`body::Metered`] wrapper around every response,
@@ -120,7 +119,9 @@ fn conn_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExe
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0)
+        // Not hyper's: it also runs while a keep-alive connection waits for its next request,
+        // which would make `idle_timeout` unreachable; [`guard::Guarded`] enforces both.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_size.0.max(8192) as usize);
     builder
         .http2()

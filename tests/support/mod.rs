@@ -53,6 +53,11 @@
 //!   `gets(path)`, `heads(path)`, `total_requests()` with `faulty::blob_path(repo, digest)`.
 //!   `go_down(Down::{Unavailable, Refused})`, `go_up()` (async).
 //!
+//! # Hostile upstream (`hostile`)
+//! - `HostileRegistry::start()` (async): blobs that trickle / announce huge sizes / have no
+//!   length (`set_blob(digest, Blob::..)`), endless tag lists (`set_tags(repo, TagPages)`);
+//!   `requests(kind)`, `open_bodies()`. `ProxyProcess::pid()` for `/proc/<pid>/status`.
+//!
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
@@ -65,6 +70,7 @@
 
 pub mod faulty;
 pub mod helpers;
+pub mod hostile;
 pub mod kyma;
 pub mod process;
 pub mod registry;
@@ -275,6 +281,11 @@ impl ProxyProcess {
     /// The proxy's `/metrics` text (asserts a 200).
     pub async fn metrics(&self) -> String {
         scrape_metrics(&format!("{}/metrics", self.url())).await
+    }
+
+    /// The proxy's process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the proxy is running")
     }
 
     /// Kills the proxy now (also happens on drop).
