@@ -78,6 +78,7 @@ pub struct Metrics {
     corrupt: IntCounter,
     size_bytes: IntGauge,
     blobs: IntGauge,
+    metadata_bytes: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -163,6 +164,12 @@ impl Metrics {
                 "Bytes held by committed blobs.",
             )?,
             blobs: gauge(registry, "oci_proxy_cache_blobs", "Committed blobs held.")?,
+            metadata_bytes: gauge(
+                registry,
+                "oci_proxy_cache_metadata_bytes",
+                "Bytes of manifests and journals on disk (counted toward cache.max_size; \
+                 updated when eviction runs).",
+            )?,
         })
     }
 
@@ -213,6 +220,11 @@ impl Metrics {
     }
 
     /// Publishes the committed totals.
+    pub fn set_metadata(&self, bytes: u64) {
+        self.metadata_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     pub fn set_totals(&self, bytes: u64, blobs: usize) {
         self.size_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));

@@ -256,6 +256,17 @@ impl Inner {
         }
     }
 
+    /// Bytes on disk besides blobs that count toward `cache.max_size`: manifest files and the
+    /// links and tags journals. Blocking (two `stat`s).
+    pub(crate) fn metadata_bytes(&self) -> u64 {
+        let journals: u64 = ["links.jsonl", "tags.jsonl"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.store.root().join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        self.manifests.disk_bytes() + journals
+    }
+
     /// Records a committed fill: indexed and out of flight in one step.
     pub(crate) fn committed(&self, fill: &Arc<Fill>, size: u64) {
         let gen = self.next_id();
@@ -689,6 +700,10 @@ impl Cache {
             .manifests
             .put(digest, media_type, bytes.clone())
             .await?;
+        if self.inner.max_size.is_some() {
+            // Manifests count toward `cache.max_size` too.
+            self.inner.evict_notify.notify_one();
+        }
         if let Some(s) = &self.inner.shared {
             s.put_manifest(digest, media_type, bytes);
         }
