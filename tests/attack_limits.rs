@@ -523,6 +523,7 @@ async fn endless_tag_lists_are_cut_with_bounded_requests_and_memory() {
     // Only the request without n was cut by a limit.
     assert_eq!(limit_hits(&proxy, "tag_list").await, 1.0);
     let peak = proc_kib(pid, "VmHWM");
+    eprintln!("tag flood: peak RSS {} MiB", peak / MIB);
     assert!(peak < 200 * MIB, "tag flood peak RSS {} MiB", peak / MIB);
 
     let resp = client

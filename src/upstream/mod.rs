@@ -510,7 +510,7 @@ pub struct RebuildSummary {
     pub removed: usize,
     /// Catalog-added upstreams carried over (those are re-added on demand otherwise).
     pub dynamic_kept: usize,
-    /// Whether the fetch pool was kept (`limits.max_concurrent_upstream_fetches` unchanged).
+    /// Whether the slot pools were kept (their limits, see [`slots::SlotLimits`], unchanged).
     pub fetch_pool_kept: bool,
 }
 
