@@ -414,7 +414,8 @@ async fn http2_stalled_heads_and_idle_connections_are_closed() {
     let up = HostileRegistry::start().await;
     let proxy = ProxyProcess::start(&config(
         &up.url(),
-        "  header_read_timeout: 1s\n  idle_timeout: 2s\n  max_concurrent_streams: 7\n",
+        "  header_read_timeout: 1s\n  idle_timeout: 2s\n  write_timeout: 2s\n  \
+         max_concurrent_streams: 7\n",
     ))
     .await;
 
@@ -459,6 +460,31 @@ async fn http2_stalled_heads_and_idle_connections_are_closed() {
     assert_eq!(status, Some(0x88), ":status 200 (static index 8)");
     wait_closed(&mut s, Duration::from_secs(10)).await;
     assert!(limit_hits(&proxy, "idle_timeout").await >= 1.0);
+
+    // A stream the client grants no window (SETTINGS_INITIAL_WINDOW_SIZE 0) while the
+    // connection stays open: closed after write_timeout.
+    let mut s = TcpStream::connect(proxy.host()).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]))
+        .await
+        .unwrap();
+    loop {
+        let (kind, flags, _, _) = read_frame(&mut s).await.expect("server SETTINGS");
+        if kind == 4 && flags & 1 == 0 {
+            break;
+        }
+    }
+    s.write_all(&frame(4, 1, 0, &[])).await.unwrap();
+    s.write_all(&frame(1, 0x5, 1, GET_V2)).await.unwrap();
+    let before = limit_hits(&proxy, "write_timeout").await;
+    let mut data = 0;
+    while let Some((kind, _, stream, payload)) = read_frame(&mut s).await {
+        if kind == 0 && stream == 1 {
+            data += payload.len();
+        }
+    }
+    assert_eq!(data, 0, "no DATA without window");
+    assert!(limit_hits(&proxy, "write_timeout").await > before);
 
     // HTTP/1.1 keep-alive idles out the same way.
     let mut s = TcpStream::connect(proxy.host()).await.unwrap();

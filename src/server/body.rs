@@ -29,38 +29,6 @@ pub fn stream(s: BoxStream<'static, Result<Bytes, std::io::Error>>) -> Body {
     StreamBody::new(s.map(|r| r.map(Frame::data))).boxed_unsync()
 }
 
-/// `inner`, keeping `guard` alive until the body is dropped (e.g. a connection's in-flight
-/// mark, see `super::guard`).
-pub fn holding<G: Send + 'static>(inner: Body, guard: G) -> Body {
-    struct Holding<G> {
-        inner: Body,
-        _guard: G,
-    }
-    impl<G: Send + 'static> HttpBody for Holding<G> {
-        type Data = Bytes;
-        type Error = std::io::Error;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-            Pin::new(&mut self.inner).poll_frame(cx)
-        }
-        fn is_end_stream(&self) -> bool {
-            self.inner.is_end_stream()
-        }
-        fn size_hint(&self) -> SizeHint {
-            self.inner.size_hint()
-        }
-    }
-    // Unpin: `Body` is boxed and `G` is only held.
-    impl<G> Unpin for Holding<G> {}
-    Holding {
-        inner,
-        _guard: guard,
-    }
-    .boxed_unsync()
-}
-
 /// What the access log and metrics record about a request.
 #[derive(Clone, Debug, Default)]
 pub struct RequestRecord {

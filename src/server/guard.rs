@@ -7,21 +7,28 @@
 //! wraps the TCP stream (under TLS, when there is TLS) and knows from [`Activity`] whether a
 //! request is in flight on the connection:
 //! - while a write is pending (the client does not read), for at most `write_timeout`;
+//! - while a response body chunk handed to hyper is not taken back up for `write_timeout`
+//!   (an HTTP/2 client that keeps the socket busy but grants one stream no window): the body
+//!   wrapper from [`track`] notes when it delivered a chunk and when hyper polled it again;
 //! - with no request in flight: once bytes arrive, a request must start within
 //!   `header_read_timeout`; with no bytes, the connection may stay `idle_timeout`.
 //!
 //! A limit that bites is logged and counted by [`Metrics::limit_hit`], and the connection
 //! ends with a `TimedOut` error (hyper then closes the socket).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -35,6 +42,9 @@ pub struct Activity {
     /// Requests started so far: a change means the connection's clocks start over.
     started: AtomicUsize,
     reader: AtomicWaker,
+    /// Request id → when its body handed hyper a chunk that hyper has not come back for.
+    delivered: Mutex<HashMap<u64, Instant>>,
+    ids: AtomicU64,
 }
 
 impl Activity {
@@ -42,18 +52,94 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.started.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
+        InFlight {
+            activity: self.clone(),
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn delivered(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The oldest chunk still waiting for the client, if any.
+    fn oldest_delivery(&self) -> Option<Instant> {
+        self.delivered().values().min().copied()
     }
 }
 
 /// One request in flight (see [`Activity::begin`]).
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    id: u64,
+}
+
+impl InFlight {
+    /// The body handed hyper a chunk.
+    fn delivered(&self) {
+        self.activity.delivered().insert(self.id, Instant::now());
+        // The read side arms the timer for it.
+        self.activity.reader.wake();
+    }
+
+    /// Hyper polled the body again: the last chunk went out.
+    fn taken(&self) {
+        self.activity.delivered().remove(&self.id);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.reader.wake();
+        self.taken();
+        if self.activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.activity.reader.wake();
         }
+    }
+}
+
+/// `body`, in flight on its connection until dropped, reporting each chunk it delivers.
+pub fn track(body: crate::server::body::Body, in_flight: InFlight) -> crate::server::body::Body {
+    // The response head is handed over: hyper polls the body next, unless the client's flow
+    // control window is closed.
+    if !body.is_end_stream() {
+        in_flight.delivered();
+    }
+    Tracked {
+        inner: body,
+        in_flight,
+    }
+    .boxed_unsync()
+}
+
+struct Tracked {
+    inner: crate::server::body::Body,
+    in_flight: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.in_flight.taken();
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if frame.is_data() {
+                self.in_flight.delivered();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -124,12 +210,23 @@ impl<I> Guarded<I> {
     fn poll_read_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         self.activity.reader.register(cx.waker());
         self.sync();
+        let now = Instant::now();
         if self.activity.in_flight.load(Ordering::Acquire) > 0 {
             self.idle_since = None;
             self.partial_since = None;
-            return Poll::Pending;
+            // A chunk the client has not taken for `write_timeout` (HTTP/2 flow control).
+            let Some(since) = self.activity.oldest_delivery() else {
+                return Poll::Pending;
+            };
+            let deadline = since + self.timeouts.write;
+            if self.read_timer.deadline() != deadline {
+                self.read_timer.as_mut().reset(deadline);
+            }
+            return match self.read_timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(self.timed_out(Limit::WriteTimeout)),
+                Poll::Pending => Poll::Pending,
+            };
         }
-        let now = Instant::now();
         let idle_since = *self.idle_since.get_or_insert(now);
         let (deadline, limit) = match self.partial_since {
             Some(t) => (t + self.timeouts.header_read, Limit::HeaderReadTimeout),

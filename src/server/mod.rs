@@ -301,7 +301,7 @@ impl Conn {
                 let started = Instant::now();
                 let (resp, record) = handlers::handle(&app, req).await;
                 let (parts, body) = resp.into_parts();
-                let body = body::holding(body, in_flight);
+                let body = guard::track(body, in_flight);
                 let body = Metered::new(body, record, recorder, started);
                 Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
             }
