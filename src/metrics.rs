@@ -201,9 +201,13 @@ impl Metrics {
     /// The one place a limit that bit is logged and counted. `detail` names what was limited
     /// (an upstream, a peer address, a repository); never a credential.
     pub fn limit_hit(&self, limit: Limit, detail: &str) {
-        // Connection-level limits fire per connection: debug, the counter carries the rate.
+        // Connection-level limits fire per connection (a flood would flood the log): debug;
+        // the counter carries the rate.
         match limit {
-            Limit::WriteTimeout | Limit::IdleTimeout | Limit::HeaderReadTimeout => {
+            Limit::WriteTimeout
+            | Limit::IdleTimeout
+            | Limit::HeaderReadTimeout
+            | Limit::MaxConnections => {
                 tracing::debug!(limit = limit.as_str(), detail, "limit reached")
             }
             _ => tracing::warn!(limit = limit.as_str(), detail, "limit reached"),

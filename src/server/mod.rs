@@ -265,7 +265,10 @@ impl Conn {
                 return;
             }
             Err(_) => {
-                tracing::debug!(peer = %self.peer, "tls handshake not done within header_read_timeout");
+                app.metrics.limit_hit(
+                    crate::metrics::Limit::HeaderReadTimeout,
+                    &self.peer.to_string(),
+                );
                 return;
             }
         };
