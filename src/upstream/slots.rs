@@ -127,3 +127,41 @@ impl Slots {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_gets_are_the_only_long_requests() {
+        assert_eq!(Pool::of(&Method::GET, "blobs/sha256:ab"), Pool::Blobs);
+        assert_eq!(Pool::of(&Method::HEAD, "blobs/sha256:ab"), Pool::Requests);
+        assert_eq!(Pool::of(&Method::GET, "manifests/v1"), Pool::Requests);
+        assert_eq!(Pool::of(&Method::GET, "tags/list"), Pool::Requests);
+        assert_eq!(
+            Pool::of(&Method::GET, "referrers/sha256:ab"),
+            Pool::Requests
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_answers_busy_after_the_wait_and_the_other_pool_is_free() {
+        let metrics = Metrics::new().unwrap();
+        let slots = Slots::new(SlotLimits {
+            blobs: 1,
+            requests: 1,
+            wait: Duration::from_millis(50),
+        });
+        let held = slots.acquire(Pool::Blobs, "u", &metrics).await.unwrap();
+        let busy = slots.acquire(Pool::Blobs, "u", &metrics).await.unwrap_err();
+        assert_eq!((busy.pool, busy.retry_after), (Pool::Blobs, 1));
+        assert!(metrics
+            .render()
+            .contains("oci_proxy_limit_hits_total{limit=\"upstream_slot_wait\"} 1"));
+        // Manifests and tags are not behind the blob fill.
+        let other = slots.acquire(Pool::Requests, "u", &metrics).await.unwrap();
+        drop((held, other));
+        assert_eq!(slots.available(Pool::Blobs), 1);
+        assert!(slots.acquire(Pool::Blobs, "u", &metrics).await.is_ok());
+    }
+}
