@@ -177,6 +177,53 @@ async fn abandoned_slow_fills_free_their_slots_and_never_block_manifests() {
     );
 }
 
+/// An upstream fast enough for any minimum rate but endless in practice: the fill is
+/// abandoned at `fill_deadline`, its reader gets a cut body, and its upstream connection and
+/// slot are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_past_its_deadline_is_abandoned() {
+    let up = HostileRegistry::start().await;
+    // 10 KiB every 50 ms (200 KiB/s): 100 MiB would take minutes.
+    up.set_blob(
+        &digest_of(1),
+        Blob::Trickle {
+            size: 100 << 20,
+            chunk: 10 << 10,
+            every: Duration::from_millis(50),
+        },
+    );
+    let proxy = ProxyProcess::start(&config(
+        &up.url(),
+        "  max_concurrent_upstream_fetches: 1
+  fill_deadline: 2s
+  fill_min_rate: 1KiB
+  \
+         fill_rate_window: 1s
+",
+    ))
+    .await;
+    let resp = http_client()
+        .get(format!("{}/v2/app/blobs/{}", proxy.url(), digest_of(1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let read = resp.bytes().await;
+    assert!(
+        read.is_err(),
+        "the reader of an abandoned fill gets a cut body"
+    );
+    wait_until(Duration::from_secs(10), "deadline counted", || async {
+        fill_failures(&proxy, "deadline").await == 1.0
+    })
+    .await;
+    assert_eq!(fill_failures(&proxy, "too_slow").await, 0.0);
+    wait_until(Duration::from_secs(10), "upstream body closed", || async {
+        up.open_bodies() == 0
+    })
+    .await;
+}
+
 /// `max_blob_size`: an announced size beyond it is refused before the body is read; a body
 /// without a length is cut when it passes it, and nothing is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
