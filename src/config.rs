@@ -58,11 +58,43 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// Bounds on what clients and upstreams can make the proxy hold: connections, upstream slots,
+/// fill time, tag list pages, blob size. Each limit that bites is logged and counted once
+/// (`oci_proxy_limit_hits_total{limit}`, or a fill failure reason); see README "Limits".
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Upstream fetches running at once, across all clients.
+    /// Upstream blob GETs (cache fills and cold Range GETs) running at once, across all
+    /// clients.
     pub max_concurrent_upstream_fetches: usize,
+    /// Other upstream requests (manifests, HEADs, tag lists, referrers, with their token
+    /// exchanges) running at once: a separate pool, so they never wait behind blob fills.
+    pub max_concurrent_upstream_requests: usize,
+    /// Longest wait for a free upstream slot; then the client gets `503` with `Retry-After`.
+    pub upstream_slot_wait: Duration,
+    /// Longest time one blob fill may take, start to end.
+    pub fill_deadline: Duration,
+    /// Slowest upstream body a fill accepts (bytes per second), averaged over
+    /// `fill_rate_window`; a slower fill is abandoned. `0` turns the check off.
+    pub fill_min_rate: ByteSize,
+    /// The window `fill_min_rate` is measured over.
+    pub fill_rate_window: Duration,
+    /// Largest blob fetched and served; larger ones are refused before fetching when the
+    /// upstream announces the size, else the fill is aborted when it passes the limit.
+    pub max_blob_size: Option<ByteSize>,
+    /// Client connections open at once; connections beyond it are closed at once.
+    pub max_connections: usize,
+    /// Longest a client may leave a response unread (no write progress) before the
+    /// connection is closed.
+    pub write_timeout: Duration,
+    /// Longest a connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// Upstream tag list pages fetched for one client request.
+    pub max_tag_pages: usize,
+    /// Upstream tag list bytes read for one client request (all pages together).
+    pub max_tag_list_size: ByteSize,
     /// Time allowed for a client to send its request headers.
     pub header_read_timeout: Duration,
     /// Time allowed for an upstream to answer with headers, and the longest pause allowed
@@ -76,6 +108,18 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_concurrent_upstream_fetches: 64,
+            max_concurrent_upstream_requests: 64,
+            upstream_slot_wait: Duration::from_secs(10),
+            fill_deadline: Duration::from_secs(3600),
+            fill_min_rate: ByteSize(16 << 10),
+            fill_rate_window: Duration::from_secs(60),
+            max_blob_size: None,
+            max_connections: 4096,
+            write_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
+            max_concurrent_streams: 100,
+            max_tag_pages: 10,
+            max_tag_list_size: ByteSize(16 << 20),
             header_read_timeout: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(60),
             max_header_size: ByteSize(64 * 1024),
@@ -440,6 +484,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.limits.validate()?;
         if self.limits.max_header_size.0 < 1024 {
             return Err(invalid("limits.max_header_size", "must be at least 1KiB"));
         }
@@ -532,6 +577,34 @@ impl Config {
     /// The config as YAML with secrets redacted (there are none inline: files are referenced).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_default()
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = self;
+        for (key, zero) in [
+            (
+                "max_concurrent_upstream_requests",
+                l.max_concurrent_upstream_requests == 0,
+            ),
+            ("max_connections", l.max_connections == 0),
+            ("max_concurrent_streams", l.max_concurrent_streams == 0),
+            ("max_tag_pages", l.max_tag_pages == 0),
+            ("max_tag_list_size", l.max_tag_list_size.0 == 0),
+            ("max_blob_size", l.max_blob_size.is_some_and(|m| m.0 == 0)),
+            ("upstream_slot_wait", l.upstream_slot_wait.0.is_zero()),
+            ("fill_deadline", l.fill_deadline.0.is_zero()),
+            ("fill_rate_window", l.fill_rate_window.0.is_zero()),
+            ("write_timeout", l.write_timeout.0.is_zero()),
+            ("idle_timeout", l.idle_timeout.0.is_zero()),
+            ("header_read_timeout", l.header_read_timeout.0.is_zero()),
+        ] {
+            if zero {
+                return Err(invalid(format!("limits.{key}"), "must be more than 0"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -850,6 +923,29 @@ mod tests {
                 .starts_with("upstreams[0].trust_content_from: \"c.io\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn limits_have_safe_defaults_and_refuse_zero() {
+        let l = Config::parse("{}").unwrap().limits;
+        assert_eq!(l.max_tag_pages, 10);
+        assert_eq!(l.fill_min_rate, ByteSize(16 << 10));
+        assert_eq!(l.max_blob_size, None);
+        let cfg = Config::parse("limits:\n  max_blob_size: 1GiB\n  write_timeout: 5s\n").unwrap();
+        assert_eq!(cfg.limits.max_blob_size, Some(ByteSize(1 << 30)));
+        assert_eq!(cfg.limits.write_timeout, Duration::from_secs(5));
+        for key in [
+            "max_connections: 0",
+            "idle_timeout: 0s",
+            "max_tag_pages: 0",
+            "max_blob_size: 0",
+        ] {
+            let e = Config::parse(&format!("limits:\n  {key}\n")).unwrap_err();
+            let name = key.split(':').next().unwrap();
+            assert_eq!(e.to_string(), format!("limits.{name}: must be more than 0"));
+        }
+        // fill_min_rate 0 turns the check off.
+        assert!(Config::parse("limits:\n  fill_min_rate: 0\n").is_ok());
     }
 
     #[test]

@@ -122,6 +122,9 @@ impl Error {
                     ),
                 )
                 .with_status(StatusCode::BAD_GATEWAY),
+                UpstreamError::Busy { busy, .. } => OciError::new(ErrorCode::TooManyRequests, msg)
+                    .with_status(StatusCode::SERVICE_UNAVAILABLE)
+                    .with_retry_after(http::HeaderValue::from_str(&busy.retry_after.to_string()).ok()),
             },
             // The catalog's reason names Secrets and modules; it goes to the log (the
             // handlers' `dispatch`) and `resolve`, never to the (anonymous) client.

@@ -22,6 +22,42 @@ pub struct Metrics {
     token_fetches: IntCounterVec,
     auth_failures: IntCounterVec,
     config_reloads: IntCounterVec,
+    limit_hits: IntCounterVec,
+}
+
+/// A limit of `config.limits` that refused or cut something off. Bounded: one label value per
+/// variant. Fill limits (deadline, minimum rate, blob size mid-fill) are fill failure reasons
+/// of the cache instead (`oci_proxy_cache_fill_failures_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// No upstream slot within `upstream_slot_wait` (the client got 503).
+    UpstreamSlotWait,
+    /// A connection beyond `max_connections` was closed.
+    MaxConnections,
+    /// A client left a response unread for `write_timeout`.
+    WriteTimeout,
+    /// A connection stayed idle for `idle_timeout`.
+    IdleTimeout,
+    /// A request head (HTTP/1 or HTTP/2) was not complete within `header_read_timeout`.
+    HeaderReadTimeout,
+    /// A tag list was cut at `max_tag_pages` or `max_tag_list_size`.
+    TagList,
+    /// A blob larger than `max_blob_size` was refused before fetching.
+    MaxBlobSize,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::UpstreamSlotWait => "upstream_slot_wait",
+            Limit::MaxConnections => "max_connections",
+            Limit::WriteTimeout => "write_timeout",
+            Limit::IdleTimeout => "idle_timeout",
+            Limit::HeaderReadTimeout => "header_read_timeout",
+            Limit::TagList => "tag_list",
+            Limit::MaxBlobSize => "max_blob_size",
+        }
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -91,7 +127,15 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let limit_hits = IntCounterVec::new(
+            Opts::new(
+                "oci_proxy_limit_hits_total",
+                "Requests or connections refused or cut off by a configured limit.",
+            ),
+            &["limit"],
+        )?;
         for c in [
+            &limit_hits,
             &config_reloads,
             &requests,
             &response_bytes,
@@ -115,6 +159,7 @@ impl Metrics {
             token_fetches,
             auth_failures,
             config_reloads,
+            limit_hits,
         })
     }
 
@@ -151,6 +196,23 @@ impl Metrics {
     pub fn config_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// The one place a limit that bit is logged and counted. `detail` names what was limited
+    /// (an upstream, a peer address, a repository); never a credential.
+    pub fn limit_hit(&self, limit: Limit, detail: &str) {
+        // Connection-level limits fire per connection (a flood would flood the log): debug;
+        // the counter carries the rate.
+        match limit {
+            Limit::WriteTimeout
+            | Limit::IdleTimeout
+            | Limit::HeaderReadTimeout
+            | Limit::MaxConnections => {
+                tracing::debug!(limit = limit.as_str(), detail, "limit reached")
+            }
+            _ => tracing::warn!(limit = limit.as_str(), detail, "limit reached"),
+        }
+        self.limit_hits.with_label_values(&[limit.as_str()]).inc();
     }
 
     /// The text exposition of every registered family.

@@ -1,7 +1,11 @@
 //! Size-bounded LRU eviction of committed blobs, in a background task.
 //!
-//! Each commit nudges the task; it evicts least-recently-used blobs until the committed total
-//! is at most `cache.max_size`. Recency is a logical clock bumped on each hit; after a restart
+//! Each commit (of a blob or a manifest) nudges the task; it evicts least-recently-used blobs
+//! until blobs, manifests and the links/tags journals together take at most `cache.max_size`.
+//! Manifests may use at most a quarter of it ([`MANIFEST_SHARE`]): beyond that the oldest
+//! manifest files go first, so a client that asks for many distinct manifests cannot push
+//! every blob out. The journals are not evicted (they hold the read rule); they only shrink
+//! the room left for blobs. Recency is a logical clock bumped on each hit; after a restart
 //! it starts from the files' commit times (access order is not persisted). Files are unlinked
 //! under the index lock, one at a time, so a new fill of the same digest cannot be unlinked by
 //! mistake; a client already reading an evicted blob keeps its open file descriptor (Linux
@@ -13,6 +17,9 @@ use std::sync::{Arc, Weak};
 use tokio::sync::Notify;
 
 use super::Inner;
+
+/// The share of `cache.max_size` manifests may take (1/4).
+pub const MANIFEST_SHARE: u64 = 4;
 
 /// Runs eviction each time `notify` fires, until the cache is dropped.
 pub fn spawn(inner: Weak<Inner>, notify: Arc<Notify>) {
@@ -30,7 +37,18 @@ pub fn spawn(inner: Weak<Inner>, notify: Arc<Notify>) {
 
 /// Evicts LRU blobs until the committed total fits `max_size`. Blocking.
 pub fn evict_to_limit(inner: &Inner) {
-    let Some(max) = inner.max_size else { return };
+    let Some(limit) = inner.max_size else { return };
+    let manifest_cap = limit / MANIFEST_SHARE;
+    if inner.manifests.disk_bytes() > manifest_cap {
+        let removed = inner.manifests.evict_oldest(manifest_cap);
+        if removed > 0 {
+            tracing::info!(removed, cap = manifest_cap, "cache manifests evicted");
+        }
+    }
+    let metadata = inner.metadata_bytes();
+    inner.metrics.set_metadata(metadata);
+    // What is left for blobs.
+    let max = limit.saturating_sub(metadata);
     loop {
         // Pick victims under the lock (one sort), then remove them one lock hold each,
         // skipping any blob used since it was picked.

@@ -362,9 +362,16 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         }
         received += n;
         if let Some(e) = upstream_err {
-            let msg = format!("upstream body failed: {e}");
+            // A fill budget (deadline, minimum rate, size) ends the body with its own reason.
+            let (reason, msg) = match super::budget::LimitExceeded::of(&e) {
+                Some(limit) => (limit.reason(), e.to_string()),
+                None => (
+                    FailReason::UpstreamError,
+                    format!("upstream body failed: {e}"),
+                ),
+            };
             let _ = leader.send(Direct::Failed(msg.clone())).await;
-            g.fail(FailReason::UpstreamError, msg, None);
+            g.fail(reason, msg, None);
             return;
         }
     }

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +50,31 @@ pub struct TagEntry {
 pub struct Manifests {
     dir: PathBuf,
     mem: moka::future::Cache<Digest, CachedManifest>,
+    /// Bytes of manifest files on disk (counted toward `cache.max_size`; exact after each
+    /// [`Manifests::evict_oldest`], an upper estimate in between).
+    disk: AtomicU64,
+}
+
+/// The manifest files under `dir`: (modified, path, length). Blocking.
+fn manifest_files(dir: &Path) -> Vec<(SystemTime, PathBuf, u64)> {
+    let mut out = Vec::new();
+    let Ok(algs) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for alg in algs.flatten() {
+        let Ok(files) = std::fs::read_dir(alg.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if let Ok(m) = f.metadata() {
+                if m.is_file() {
+                    let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    out.push((modified, f.path(), m.len()));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn valid_media_type(s: &str) -> bool {
@@ -65,7 +91,38 @@ impl Manifests {
                 u32::try_from(v.bytes.len() + v.media_type.len()).unwrap_or(u32::MAX)
             })
             .build();
-        Ok(Manifests { dir, mem })
+        let disk = manifest_files(&dir).iter().map(|f| f.2).sum();
+        Ok(Manifests {
+            dir,
+            mem,
+            disk: AtomicU64::new(disk),
+        })
+    }
+
+    /// Bytes of manifest files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.load(Ordering::Relaxed)
+    }
+
+    /// Removes the oldest manifest files until at most `cap` bytes remain; returns the files
+    /// removed. Blocking. A removed manifest is fetched again from upstream when asked for
+    /// (its copy in memory, if any, stays valid: manifests are immutable).
+    pub fn evict_oldest(&self, cap: u64) -> usize {
+        let mut files = manifest_files(&self.dir);
+        let mut total: u64 = files.iter().map(|f| f.2).sum();
+        files.sort_unstable_by_key(|f| f.0);
+        let mut removed = 0;
+        for (_, path, len) in files {
+            if total <= cap {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+                removed += 1;
+            }
+        }
+        self.disk.store(total, Ordering::Relaxed);
+        removed
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -131,9 +188,11 @@ impl Manifests {
         file.push(b'\n');
         file.extend_from_slice(&bytes);
         let path = self.path(digest);
+        let len = file.len() as u64;
         tokio::task::spawn_blocking(move || write_atomic(&path, &file))
             .await
             .map_err(io::Error::other)??;
+        self.disk.fetch_add(len, Ordering::Relaxed);
         let m = CachedManifest {
             media_type: media_type.to_owned(),
             bytes,

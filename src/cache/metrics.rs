@@ -21,6 +21,12 @@ pub enum FailReason {
     Aborted,
     /// A read from the shared tier broke off after bytes were streamed to readers.
     StoreError,
+    /// The fill ran past `limits.fill_deadline`.
+    Deadline,
+    /// The upstream body was slower than `limits.fill_min_rate`.
+    TooSlow,
+    /// The body passed `limits.max_blob_size`.
+    TooLarge,
 }
 
 impl FailReason {
@@ -32,6 +38,9 @@ impl FailReason {
             FailReason::WriteError => "write_error",
             FailReason::Aborted => "aborted",
             FailReason::StoreError => "store_error",
+            FailReason::Deadline => "deadline",
+            FailReason::TooSlow => "too_slow",
+            FailReason::TooLarge => "too_large",
         }
     }
 }
@@ -94,6 +103,7 @@ pub struct Metrics {
     size_bytes: IntGauge,
     blobs: IntGauge,
     refusals: IntCounterVec,
+    metadata_bytes: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -186,6 +196,12 @@ impl Metrics {
                  expired, origin); each led to an upstream confirmation or fetch.",
                 "reason",
             )?,
+            metadata_bytes: gauge(
+                registry,
+                "oci_proxy_cache_metadata_bytes",
+                "Bytes of manifests and journals on disk (counted toward cache.max_size; \
+                 updated when eviction runs).",
+            )?,
         })
     }
 
@@ -241,6 +257,11 @@ impl Metrics {
     }
 
     /// Publishes the committed totals.
+    pub fn set_metadata(&self, bytes: u64) {
+        self.metadata_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     pub fn set_totals(&self, bytes: u64, blobs: usize) {
         self.size_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));

@@ -18,6 +18,7 @@
 //! read (the stream ends with an error and the file is dropped on a mismatch), up front for a
 //! ranged read.
 
+mod budget;
 mod evict;
 mod fill;
 mod grant;
@@ -52,6 +53,7 @@ use metrics::{Metrics, Refusal};
 use reader::Source;
 use store::Store;
 
+pub use budget::{enforce as enforce_fill_limits, FillLimits, LimitExceeded};
 pub use grant::Grant;
 pub use links::LinkInfo;
 pub use manifests::{CachedManifest, TagEntry};
@@ -302,6 +304,17 @@ impl Inner {
         {
             st.fill_origins.remove(&fill.digest);
         }
+    }
+
+    /// Bytes on disk besides blobs that count toward `cache.max_size`: manifest files and the
+    /// links and tags journals. Blocking (two `stat`s).
+    pub(crate) fn metadata_bytes(&self) -> u64 {
+        let journals: u64 = ["links.jsonl", "tags.jsonl"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.store.root().join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        self.manifests.disk_bytes() + journals
     }
 
     /// Records a committed fill: indexed and out of flight in one step.
@@ -842,6 +855,10 @@ impl Cache {
             .manifests
             .put(digest, media_type, bytes.clone())
             .await?;
+        if self.inner.max_size.is_some() {
+            // Manifests count toward `cache.max_size` too.
+            self.inner.evict_notify.notify_one();
+        }
         if let Some(s) = &self.inner.shared {
             s.put_manifest(digest, media_type, bytes);
         }

@@ -20,8 +20,10 @@ use super::fill::{Direct, Fill, Hasher, Phase};
 use super::{Inner, Outcome};
 use crate::protocol::grammar::Digest;
 
-/// Largest read from a cache file.
-pub const CHUNK: usize = 512 << 10;
+/// Largest read from a cache file. Small on purpose: a client that stops reading holds at most
+/// two of them (the one hyper is writing and the one read ahead), so 300 stalled readers of a
+/// cached blob cost about 40 MiB, not 300 (README "Limits").
+pub const CHUNK: usize = 64 << 10;
 
 /// A blob for one client.
 pub struct BlobReader {

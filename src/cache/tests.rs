@@ -459,6 +459,43 @@ fn walk(p: &std::path::Path) -> u64 {
         .sum()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_and_journals_count_toward_max_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 40_000u64;
+    let cache = open(dir.path(), Some(max)).await;
+    for i in 0..4 {
+        commit(&cache, &data(9_000, i)).await;
+    }
+    assert_eq!(cache.blob_count(), 4);
+    // A flood of distinct manifests (about 1 KB each): 30 KB, three times their share.
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    for i in 0..30 {
+        let m = Bytes::from(format!(
+            "{{\"schemaVersion\":2,\"n\":{i},\"pad\":\"{}\"}}",
+            "x".repeat(950)
+        ));
+        cache
+            .put_manifest(&Digest::sha256_of(&m), mt, m)
+            .await
+            .unwrap();
+    }
+    let on_disk = |dir: &std::path::Path| {
+        let journals: u64 = ["links.jsonl", "tags.jsonl"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        walk(&dir.join("blobs")) + walk(&dir.join("manifests")) + journals
+    };
+    // After the last nudge, eviction leaves both bounds holding.
+    until(|| on_disk(dir.path()) <= max && walk(&dir.path().join("manifests")) <= max / 4).await;
+    assert!(
+        cache.blob_count() < 4,
+        "a blob made room for the manifests' share"
+    );
+}
+
 #[tokio::test]
 async fn recently_used_blobs_survive_eviction() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,10 +1,16 @@
 //! The tags list response and its pagination.
 //!
-//! This module owns how a full tag list (as an upstream returns it) becomes one page for the
-//! client. docker-registry 2.8 ignores `n` and `last`, so the proxy always fetches the full
-//! upstream list and paginates here: sorted ASCIIbetically (Go's `sort.Strings`, i.e. byte
-//! order), de-duplicated, `last` exclusive, cut to `n`, with a `Link: <…>; rel="next"` header
-//! when more tags remain (distribution-spec "Listing Tags").
+//! This module owns how a tag list (as an upstream returns it) becomes one page for the
+//! client. docker-registry 2.8 ignores `n` and `last`, so the proxy fetches upstream pages
+//! (the client's `n` and `last` passed along, for upstreams that honour them) and paginates
+//! here: sorted ASCIIbetically (Go's `sort.Strings`, i.e. byte order), de-duplicated, `last`
+//! exclusive, cut to `n`, with a `Link: <…>; rel="next"` header when more tags remain
+//! (distribution-spec "Listing Tags").
+//!
+//! The proxy reads a bounded number of upstream pages and bytes per client request
+//! (`limits.max_tag_pages`, `limits.max_tag_list_size`). When it stops before the upstream's
+//! last page the list it has is a prefix ([`Query::truncated`]): the page then always carries a
+//! `Link` to continue after its last tag, so a client is never told a cut list is complete.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +27,17 @@ fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
     Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
+/// What the client asked for, and whether the upstream list was cut.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Query<'a> {
+    pub n: Option<usize>,
+    pub last: Option<&'a str>,
+    /// The client's `ns=` (kept in the `Link`).
+    pub ns: Option<&'a str>,
+    /// The tags are a prefix of the upstream's list: more may follow the last one.
+    pub truncated: bool,
+}
+
 /// One page of `tags` for repository `name` (as the client addressed it), and the `Link` header
 /// value to send with it, if any.
 ///
@@ -30,29 +47,58 @@ fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
 /// form-urlencoded. `name` must be a validated name (it goes into the path unencoded).
 pub fn paginate(
     name: &str,
-    mut tags: Vec<String>,
+    tags: Vec<String>,
     n: Option<usize>,
     last: Option<&str>,
 ) -> (TagList, Option<String>) {
+    page(
+        name,
+        tags,
+        &Query {
+            n,
+            last,
+            ..Query::default()
+        },
+    )
+}
+
+/// [`paginate`] with `ns=` kept in the `Link`, and a `Link` after a truncated list's last tag
+/// (`n == Some(0)` still gives none).
+pub fn page(name: &str, mut tags: Vec<String>, q: &Query<'_>) -> (TagList, Option<String>) {
     tags.sort_unstable();
     tags.dedup();
-    if let Some(last) = last {
+    if let Some(last) = q.last {
         let after = tags.partition_point(|t| t.as_str() <= last);
         tags.drain(..after);
     }
-    let mut link = None;
-    if let Some(n) = n {
-        if tags.len() > n {
-            tags.truncate(n);
-            if let Some(last_of_page) = tags.last() {
-                let query = url::form_urlencoded::Serializer::new(String::new())
-                    .append_pair("last", last_of_page)
-                    .append_pair("n", &n.to_string())
-                    .finish();
-                link = Some(format!("</v2/{name}/tags/list?{query}>; rel=\"next\""));
-            }
+    let more = match q.n {
+        Some(0) => {
+            tags.clear();
+            false
         }
-    }
+        Some(n) if tags.len() > n => {
+            tags.truncate(n);
+            true
+        }
+        _ => q.truncated,
+    };
+    let link = match tags.last() {
+        Some(last_of_page) if more => {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            query.append_pair("last", last_of_page);
+            if let Some(n) = q.n {
+                query.append_pair("n", &n.to_string());
+            }
+            if let Some(ns) = q.ns {
+                query.append_pair("ns", ns);
+            }
+            Some(format!(
+                "</v2/{name}/tags/list?{}>; rel=\"next\"",
+                query.finish()
+            ))
+        }
+        _ => None,
+    };
     (
         TagList {
             name: name.to_owned(),
@@ -157,6 +203,37 @@ mod tests {
             }
         }
         assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn a_truncated_list_links_on_and_keeps_ns() {
+        let q = Query {
+            ns: Some("ghcr.io"),
+            truncated: true,
+            ..Query::default()
+        };
+        let (page1, link) = page("team/app", v(&["b", "a"]), &q);
+        assert_eq!(page1.tags, v(&["a", "b"]));
+        assert_eq!(
+            link.as_deref(),
+            Some("</v2/team/app/tags/list?last=b&ns=ghcr.io>; rel=\"next\"")
+        );
+        // Cut by n: n and ns both kept.
+        let q = Query {
+            n: Some(1),
+            ns: Some("ghcr.io"),
+            ..Query::default()
+        };
+        let (_, link) = page("team/app", v(&["a", "b"]), &q);
+        assert!(link.unwrap().contains("?last=a&n=1&ns=ghcr.io>"));
+        // Not truncated and not cut: no Link; n=0: never a Link.
+        assert_eq!(page("r", v(&["a"]), &Query::default()).1, None);
+        let q = Query {
+            n: Some(0),
+            truncated: true,
+            ..Query::default()
+        };
+        assert_eq!(page("r", v(&["a"]), &q).1, None);
     }
 
     #[test]

@@ -26,10 +26,6 @@ use crate::upstream::{UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// Largest manifest accepted from an upstream (distribution's own limit is 4 MiB).
 pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
-/// Largest tag list page accepted from an upstream.
-const MAX_TAGS_BODY: usize = 16 << 20;
-/// Most upstream tag list pages followed for one request.
-const MAX_TAG_PAGES: usize = 100;
 
 pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
@@ -250,7 +246,15 @@ async fn dispatch(
         Op::Ping => unreachable_ping(),
         Op::Manifest(reference) => manifest(&ctx, reference).await,
         Op::Blob(digest) => blob(&ctx, digest).await,
-        Op::Tags { n, last } => tag_list(&ctx, &route.name, *n, last.as_deref()).await,
+        Op::Tags { n, last } => {
+            let q = tags::Query {
+                n: *n,
+                last: last.as_deref(),
+                ns: route.ns.as_deref(),
+                truncated: false,
+            };
+            tag_list(&ctx, &route.name, q).await
+        }
         Op::Referrers {
             digest,
             artifact_type,
@@ -852,6 +856,14 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
     let grant = ctx.grant;
     let path = format!("blobs/{digest}");
     let (cache, key, digest) = (ctx.app.cache.clone(), ctx.target.repo_key(), digest.clone());
+    let l = &ctx.app.config.limits;
+    let limits = crate::cache::FillLimits {
+        deadline: l.fill_deadline.0,
+        min_rate: l.fill_min_rate.0,
+        window: l.fill_rate_window.0,
+        max_size: l.max_blob_size.map(|m| m.0),
+    };
+    let metrics = ctx.app.metrics.clone();
     Box::new(move || {
         Box::pin(async move {
             let req = UpstreamRequest {
@@ -864,12 +876,26 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
             };
             match upstream.send(&req, &credential).await {
                 Ok(resp) if resp.response.status() == StatusCode::OK => {
+                    let size = resp.response.content_length();
+                    if let Some(max) = limits.max_size.filter(|max| size.is_some_and(|s| s > *max))
+                    {
+                        // Refused before reading the body (dropping it closes the connection).
+                        metrics
+                            .limit_hit(crate::metrics::Limit::MaxBlobSize, upstream.name.as_str());
+                        return Err(FetchError::new(
+                            413,
+                            format!(
+                                "blob is {} bytes, more than limits.max_blob_size ({max} bytes)",
+                                size.unwrap_or_default()
+                            ),
+                        ));
+                    }
                     // The upstream just showed this repository holds the blob: link it now, so
                     // requests of the same repository that join this fill need no HEAD.
                     cache.link(&key, &digest, grant).await;
                     Ok(UpstreamBody {
-                        size: resp.response.content_length(),
-                        stream: upstream_stream(resp),
+                        size,
+                        stream: crate::cache::enforce_fill_limits(upstream_stream(resp), limits),
                     })
                 }
                 Ok(resp) => Err(FetchError::new(
@@ -882,6 +908,7 @@ fn blob_fetch(ctx: &Ctx<'_>, digest: &Digest) -> FetchFn {
                             .as_ref()
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_owned),
+                        UpstreamError::Busy { busy, .. } => Some(busy.retry_after.to_string()),
                         _ => None,
                     };
                     Err(FetchError::new(upstream_error_status(&e), e.to_string())
@@ -901,6 +928,7 @@ fn upstream_error_status(e: &UpstreamError) -> u16 {
         UpstreamError::Token { source, .. } if source.is_auth_failure() => 401,
         UpstreamError::Denied { .. } => 403,
         UpstreamError::TooManyRequests { .. } => 429,
+        UpstreamError::Busy { .. } => 503,
         UpstreamError::Status { status, .. } => status.as_u16(),
         _ => 502,
     }
@@ -909,6 +937,8 @@ fn upstream_error_status(e: &UpstreamError) -> u16 {
 fn cache_error(e: CacheError, upstream: &str) -> Error {
     let upstream = upstream.to_owned();
     match e {
+        // `limits.max_blob_size`: the proxy refuses, not the upstream.
+        CacheError::Fetch(f) if f.status() == 413 => Error::Denied(f.message().to_owned()),
         CacheError::Fetch(f) => {
             let source = match f.status() {
                 404 => UpstreamError::NotFound { upstream },
@@ -917,6 +947,14 @@ fn cache_error(e: CacheError, upstream: &str) -> Error {
                 429 => UpstreamError::TooManyRequests {
                     upstream,
                     retry_after: f.retry_after().and_then(|v| HeaderValue::from_str(v).ok()),
+                },
+                // Only a slot wait carries a Retry-After with a 503 (see `blob_fetch`).
+                503 if f.retry_after().is_some() => UpstreamError::Busy {
+                    upstream,
+                    busy: crate::upstream::slots::Busy {
+                        pool: crate::upstream::slots::Pool::Blobs,
+                        retry_after: f.retry_after().and_then(|v| v.parse().ok()).unwrap_or(1),
+                    },
                 },
                 s if s != 502 => UpstreamError::Status {
                     upstream,
@@ -1033,16 +1071,30 @@ pub fn upstream_stream(
         .boxed()
 }
 
+/// Lists tags: upstream pages, at most `limits.max_tag_pages` of them and
+/// `limits.max_tag_list_size` bytes in all, the client's `n` and `last` passed along; stops as
+/// soon as it has more than `n` tags. A list cut by a limit is logged and counted, and its
+/// page links on after its last tag (see [`tags::page`]).
 async fn tag_list(
     ctx: &Ctx<'_>,
     name: &str,
-    n: Option<usize>,
-    last: Option<&str>,
+    mut q: tags::Query<'_>,
 ) -> Result<Response<Body>, Error> {
     let upstream = &ctx.target.upstream.name;
+    let limits = &ctx.app.config.limits;
+    let mut budget = usize::try_from(limits.max_tag_list_size.0).unwrap_or(usize::MAX);
     let mut all = Vec::new();
-    let mut query: Option<String> = None;
-    for _ in 0..MAX_TAG_PAGES {
+    let mut query = {
+        let mut first = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(n) = q.n {
+            first.append_pair("n", &n.to_string());
+        }
+        if let Some(last) = q.last {
+            first.append_pair("last", last);
+        }
+        Some(first.finish()).filter(|s| !s.is_empty())
+    };
+    for page in 1.. {
         let resp = ctx
             .send(
                 Method::GET,
@@ -1058,26 +1110,91 @@ async fn tag_list(
             .headers()
             .get(LINK)
             .and_then(|v| v.to_str().ok())
-            .and_then(next_link_query);
-        let bytes = read_limited(resp, MAX_TAGS_BODY, upstream).await?;
-        let page: tags::TagList =
+            .and_then(next_link_query)
+            .filter(|next| Some(next) != query.as_ref());
+        let Some(bytes) = read_tag_page(resp, budget, upstream).await? else {
+            if page == 1 {
+                return Err(Error::BadUpstreamResponse {
+                    upstream: upstream.clone(),
+                    message: format!(
+                        "tag list page larger than limits.max_tag_list_size ({})",
+                        limits.max_tag_list_size
+                    ),
+                });
+            }
+            q.truncated = true;
+            break;
+        };
+        budget -= bytes.len();
+        let page_tags: tags::TagList =
             serde_json::from_slice(&bytes).map_err(|e| Error::BadUpstreamResponse {
                 upstream: upstream.clone(),
                 message: format!("invalid tag list: {e}"),
             })?;
-        all.extend(page.tags);
-        match next {
-            Some(q) if Some(&q) != query.as_ref() => query = Some(q),
-            _ => break,
+        drop(bytes);
+        all.extend(page_tags.tags);
+        let Some(next) = next else { break };
+        let wanted = q.n.is_some_and(|n| {
+            all.iter()
+                .filter(|t| q.last.is_none_or(|last| t.as_str() > last))
+                .count()
+                > n
+        });
+        if wanted {
+            break;
         }
+        if page >= limits.max_tag_pages {
+            q.truncated = true;
+            break;
+        }
+        query = Some(next);
     }
-    let (page, link) = tags::paginate(name, all, n, last);
+    if q.truncated {
+        let detail = format!(
+            "{upstream}/{}: {} tags read",
+            ctx.target.repository,
+            all.len()
+        );
+        ctx.app
+            .metrics
+            .limit_hit(crate::metrics::Limit::TagList, &detail);
+    }
+    let (page, link) = tags::page(name, all, &q);
     let json = serde_json::to_vec(&page).unwrap_or_default();
     let mut resp = json_response(StatusCode::OK, Bytes::from(json), ctx.head);
     if let Some(link) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
         resp.headers_mut().insert(LINK, link);
     }
     Ok(resp)
+}
+
+/// One upstream tag list page, or `None` when it is larger than `budget` bytes (not read
+/// further).
+async fn read_tag_page(
+    resp: UpstreamResponse,
+    budget: usize,
+    upstream: &str,
+) -> Result<Option<Bytes>, Error> {
+    if resp
+        .response
+        .content_length()
+        .is_some_and(|len| len > budget as u64)
+    {
+        return Ok(None);
+    }
+    let mut stream = resp.response.bytes_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::BadUpstreamResponse {
+            upstream: upstream.to_owned(),
+            message: format!("body interrupted: {}", e.without_url()),
+        })?;
+        if buf.len() + chunk.len() > budget {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(buf.freeze()))
 }
 
 /// The query of a `Link: <...?last=x&n=y>; rel="next"` header.

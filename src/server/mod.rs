@@ -5,17 +5,22 @@
 //! - TLS: in the accept loop ([`serve`]), with the certificate from [`tls::ReloadingCert`],
 //!   because the handshake happens before HTTP exists; its duration is bounded by
 //!   `header_read_timeout` like the rest of a request head;
-//! - header read timeout and header size limits: in the hyper connection builder, because only
-//!   hyper sees a slow client before a request exists (plus a wait for the first byte, because
-//!   hyper's own timer starts only once h1/h2 detection has seen data);
+//! - header size limits: in the hyper connection builder; the header read timeout: a wait for
+//!   the first byte here, then [`guard::Guarded`] (for HTTP/1 and HTTP/2 alike);
 //! - which config serves a request: the service reads [`reload::Live`] once per request, so a
 //!   reload applies to new requests while running ones finish with the `App` they began with;
 //! - the access log and request metrics: the [`body::Metered`] wrapper around every response,
 //!   because only the end of the body knows the bytes sent and the full duration;
+//! - the bound on open connections (`limits.max_connections`): in the accept loop, which
+//!   closes a connection beyond it at once (queueing would let a flood hold the backlog);
+//! - write, idle and HTTP/2 request-head timeouts: in [`guard::Guarded`] around the socket,
+//!   because hyper has none of them for HTTP/2 and no write timeout at all; HTTP/2 streams
+//!   per connection and send buffers: in the hyper connection builder;
 //! - the bound on concurrent upstream fetches: in `upstream`, around each upstream request,
 //!   because cache hits must never queue behind upstream traffic.
 
 pub mod body;
+pub mod guard;
 pub mod handlers;
 pub mod reload;
 pub mod tls;
@@ -23,6 +28,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -99,6 +105,9 @@ enum Protocols {
     H1,
 }
 
+/// Largest HTTP/2 send buffer per stream (hyper's default is about 400 KiB).
+const H2_SEND_BUF: usize = 64 << 10;
+
 /// A connection builder with the configured limits.
 fn conn_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -110,12 +119,17 @@ fn conn_builder(limits: &Limits, protocols: Protocols) -> auto::Builder<TokioExe
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0)
+        // Not hyper's: it also runs while a keep-alive connection waits for its next request,
+        // which would make `idle_timeout` unreachable; [`guard::Guarded`] enforces both.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_size.0.max(8192) as usize);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32);
+        .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // Per stream: what a stream that the client does not read can hold in memory.
+        .max_send_buf_size(H2_SEND_BUF);
     builder
 }
 
@@ -131,6 +145,7 @@ pub async fn serve(
         metrics: live.current().metrics.clone(),
     });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -143,8 +158,16 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let app = live.current();
+        if open.load(Ordering::Acquire) >= app.config.limits.max_connections {
+            app.metrics
+                .limit_hit(crate::metrics::Limit::MaxConnections, &peer.to_string());
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let conn = Conn {
+            open: OpenConn::new(open.clone()),
             live: live.clone(),
             recorder: recorder.clone(),
             watcher: graceful.watcher(),
@@ -168,8 +191,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// Counts a connection as open until dropped.
+struct OpenConn(Arc<AtomicUsize>);
+
+impl OpenConn {
+    fn new(open: Arc<AtomicUsize>) -> OpenConn {
+        open.fetch_add(1, Ordering::AcqRel);
+        OpenConn(open)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One accepted connection.
 struct Conn {
+    open: OpenConn,
     live: Arc<Live>,
     recorder: Arc<dyn Recorder>,
     watcher: Watcher,
@@ -179,21 +219,45 @@ struct Conn {
 impl Conn {
     async fn run(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
         // Limits as configured when the connection arrived.
-        let limits = self.live.current().config.limits.clone();
+        let app = self.live.current();
+        let limits = app.config.limits.clone();
         let head_timeout = limits.header_read_timeout.0;
+        let activity = Arc::new(guard::Activity::default());
+        let timeouts = guard::Timeouts {
+            header_read: head_timeout,
+            idle: limits.idle_timeout.0,
+            write: limits.write_timeout.0,
+        };
         let Some(tls) = tls else {
             // Protocol detection waits for bytes before hyper's header timer starts.
             if tokio::time::timeout(head_timeout, stream.peek(&mut [0u8; 1]))
                 .await
                 .is_err()
             {
-                tracing::debug!(peer = %self.peer, "no request within header_read_timeout");
+                app.metrics.limit_hit(
+                    crate::metrics::Limit::HeaderReadTimeout,
+                    &self.peer.to_string(),
+                );
                 return;
             }
+            let stream = guard::Guarded::new(
+                stream,
+                activity.clone(),
+                timeouts,
+                app.metrics.clone(),
+                self.peer,
+            );
             return self
-                .serve(stream, conn_builder(&limits, Protocols::Detect))
+                .serve(stream, activity, conn_builder(&limits, Protocols::Detect))
                 .await;
         };
+        let stream = guard::Guarded::new(
+            stream,
+            activity.clone(),
+            timeouts,
+            app.metrics.clone(),
+            self.peer,
+        );
         let stream = match tokio::time::timeout(head_timeout, tls.accept(stream)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -201,7 +265,10 @@ impl Conn {
                 return;
             }
             Err(_) => {
-                tracing::debug!(peer = %self.peer, "tls handshake not done within header_read_timeout");
+                app.metrics.limit_hit(
+                    crate::metrics::Limit::HeaderReadTimeout,
+                    &self.peer.to_string(),
+                );
                 return;
             }
         };
@@ -209,14 +276,20 @@ impl Conn {
             Some(b"h2") => Protocols::H2,
             _ => Protocols::H1,
         };
-        self.serve(stream, conn_builder(&limits, protocols)).await
+        self.serve(stream, activity, conn_builder(&limits, protocols))
+            .await
     }
 
-    async fn serve<I>(self, io: I, builder: auto::Builder<TokioExecutor>)
-    where
+    async fn serve<I>(
+        self,
+        io: I,
+        activity: Arc<guard::Activity>,
+        builder: auto::Builder<TokioExecutor>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Conn {
+            open: _open,
             live,
             recorder,
             watcher,
@@ -225,6 +298,8 @@ impl Conn {
         let service = service_fn(move |req: Request<Incoming>| {
             let app = live.current();
             let recorder = recorder.clone();
+            // In flight from here until the response body is dropped.
+            let in_flight = activity.begin();
             async move {
                 let started = Instant::now();
                 let (resp, record) = handlers::handle(&app, req).await;
@@ -233,6 +308,7 @@ impl Conn {
                     .headers
                     .get(hyper::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok());
+                let body = guard::track(body, in_flight);
                 let body = Metered::new(body, length, record, recorder, started);
                 Ok::<_, Infallible>(hyper::Response::from_parts(parts, body))
             }

@@ -14,6 +14,7 @@
 
 pub mod challenge;
 pub mod guard;
+pub mod slots;
 pub mod token;
 
 pub use challenge::Challenge;
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{ACCEPT, AUTHORIZATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, StatusCode};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use url::Url;
 
 use crate::config::{Config, UpstreamConfig};
@@ -58,6 +59,10 @@ pub enum UpstreamError {
     /// A redirect or an address the proxy does not follow (see [`guard`]).
     #[error("upstream {upstream} sent the request where the proxy does not follow: {refusal}")]
     Refused { upstream: String, refusal: Refusal },
+    /// No upstream slot within `limits.upstream_slot_wait` (the proxy is busy, not the
+    /// upstream).
+    #[error("proxy busy: {busy} for upstream {upstream}; retry later")]
+    Busy { upstream: String, busy: slots::Busy },
     #[error("upstream {upstream} token exchange failed: {source}")]
     Token {
         upstream: String,
@@ -78,13 +83,16 @@ impl UpstreamError {
             UpstreamError::Unreachable { .. } => "unreachable",
             UpstreamError::Refused { refusal, .. } => refusal.metric_label(),
             UpstreamError::Token { .. } => "token",
+            UpstreamError::Busy { .. } => "busy",
         }
     }
 
     /// Errors after which a cached copy may be served instead (stale-if-error).
     pub fn is_transient(&self) -> bool {
         match self {
-            UpstreamError::TooManyRequests { .. } | UpstreamError::Unreachable { .. } => true,
+            UpstreamError::TooManyRequests { .. }
+            | UpstreamError::Unreachable { .. }
+            | UpstreamError::Busy { .. } => true,
             UpstreamError::Status { status, .. } => status.is_server_error(),
             UpstreamError::Token { source, .. } => !source.is_auth_failure(),
             _ => false,
@@ -126,7 +134,7 @@ pub struct Upstream {
     /// Client, learned challenge and tokens; shared with the previous config's `Upstream` when
     /// a reload left this upstream's settings unchanged.
     session: Arc<Session>,
-    fetch_slots: Arc<Semaphore>,
+    fetch_slots: Arc<slots::Slots>,
     metrics: Arc<Metrics>,
     /// Where requests may go; shared by every upstream and carried across reloads.
     guard: Arc<AddressGuard>,
@@ -201,12 +209,15 @@ impl Upstream {
         req: &UpstreamRequest<'_>,
         credential: &Credential,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let pool = slots::Pool::of(&req.method, &req.path);
         let permit = self
             .fetch_slots
-            .clone()
-            .acquire_owned()
+            .acquire(pool, &self.name, &self.metrics)
             .await
-            .map_err(|_| self.unreachable("shutting down"))?;
+            .map_err(|busy| UpstreamError::Busy {
+                upstream: self.name.clone(),
+                busy,
+            })?;
         let started = Instant::now();
         let result = self.send_authenticated(req, credential).await;
         let outcome = match &result {
@@ -556,8 +567,7 @@ pub struct Upstreams {
     /// `limits.upstream_timeout`, which `default_http` was built with.
     timeout: Duration,
     /// One pool of `limits.max_concurrent_upstream_fetches` slots shared by every upstream.
-    fetch_slots: Arc<Semaphore>,
-    fetch_limit: usize,
+    fetch_slots: Arc<slots::Slots>,
     tag_ttl: Duration,
     metrics: Arc<Metrics>,
 }
@@ -583,7 +593,7 @@ pub struct RebuildSummary {
     pub removed: usize,
     /// Catalog-added upstreams carried over (those are re-added on demand otherwise).
     pub dynamic_kept: usize,
-    /// Whether the fetch pool was kept (`limits.max_concurrent_upstream_fetches` unchanged).
+    /// Whether the slot pools were kept (their limits, see [`slots::SlotLimits`], unchanged).
     pub fetch_pool_kept: bool,
 }
 
@@ -621,13 +631,13 @@ impl Upstreams {
             Some(p) => p.guard.clone(),
             None => AddressGuard::new(),
         };
-        let fetch_limit = cfg.limits.max_concurrent_upstream_fetches;
+        let slot_limits = slots::SlotLimits::from_config(&cfg.limits);
         let fetch_slots = match previous {
-            Some(p) if p.fetch_limit == fetch_limit => {
+            Some(p) if p.fetch_slots.limits() == slot_limits => {
                 summary.fetch_pool_kept = true;
                 p.fetch_slots.clone()
             }
-            _ => Arc::new(Semaphore::new(fetch_limit)),
+            _ => Arc::new(slots::Slots::new(slot_limits)),
         };
         let default_http = match previous {
             Some(p) if p.timeout == timeout => p.default_http.clone(),
@@ -714,7 +724,6 @@ impl Upstreams {
             default_http,
             timeout,
             fetch_slots,
-            fetch_limit,
             tag_ttl,
             metrics,
         };
@@ -995,7 +1004,7 @@ mod tests {
         assert_eq!(s.kept, 2, "the pool is not part of an upstream's session");
         assert!(!s.fetch_pool_kept);
         assert!(!Arc::ptr_eq(&old.fetch_slots, &new.fetch_slots));
-        assert_eq!(new.fetch_slots.available_permits(), 3);
+        assert_eq!(new.fetch_slots.available(slots::Pool::Blobs), 3);
         assert!(Arc::ptr_eq(
             &new.get("a.test").unwrap().fetch_slots,
             &new.fetch_slots

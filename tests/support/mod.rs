@@ -53,6 +53,11 @@
 //!   `gets(path)`, `heads(path)`, `total_requests()` with `faulty::blob_path(repo, digest)`.
 //!   `go_down(Down::{Unavailable, Refused})`, `go_up()` (async).
 //!
+//! # Hostile upstream (`hostile`)
+//! - `HostileRegistry::start()` (async): blobs that trickle / announce huge sizes / have no
+//!   length (`set_blob(digest, Blob::..)`), endless tag lists (`set_tags(repo, TagPages)`);
+//!   `requests(kind)`, `open_bodies()`. `ProxyProcess::pid()` for `/proc/<pid>/status`.
+//!
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
@@ -64,6 +69,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod faulty;
+pub mod flood;
 pub mod google;
 pub mod helpers;
 pub mod kyma;
@@ -302,6 +308,11 @@ impl ProxyProcess {
     /// The proxy's `/metrics` text (asserts a 200).
     pub async fn metrics(&self) -> String {
         scrape_metrics(&format!("{}/metrics", self.url())).await
+    }
+
+    /// The proxy's process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the proxy is running")
     }
 
     /// Kills the proxy now (also happens on drop).
