@@ -32,6 +32,9 @@ pub enum Error {
     DigestMismatch { upstream: String, digest: String },
     #[error("upstream {upstream} sent a manifest larger than {limit} bytes")]
     ManifestTooLarge { upstream: String, limit: usize },
+    /// The blob is larger than `limits.max_blob_size` (the message says by how much).
+    #[error("{0}")]
+    BlobTooLarge(String),
     #[error("upstream {upstream} sent an invalid response: {message}")]
     BadUpstreamResponse { upstream: String, message: String },
     #[error("the manifest's media type {media_type} is not in the request's Accept header")]
@@ -69,6 +72,7 @@ impl Error {
             Error::Denied(_) => "denied",
             Error::DigestMismatch { .. } => "digest_mismatch",
             Error::ManifestTooLarge { .. } => "manifest_too_large",
+            Error::BlobTooLarge(_) => "blob_too_large",
             Error::BadUpstreamResponse { .. } => "bad_upstream_response",
             Error::NotAcceptable { .. } => "not_acceptable",
             Error::NotReady => "not_ready",
@@ -133,6 +137,8 @@ impl Error {
                 "no credentials may be used for this repository; the proxy's operator can see \
                  why with `oci-proxy resolve`",
             ),
+            // A limit of the proxy's, not a credential decision: the message is the size.
+            Error::BlobTooLarge(_) => OciError::new(ErrorCode::Denied, msg),
             Error::DigestMismatch { .. }
             | Error::ManifestTooLarge { .. }
             | Error::BadUpstreamResponse { .. } => {

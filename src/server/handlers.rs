@@ -938,7 +938,7 @@ fn cache_error(e: CacheError, upstream: &str) -> Error {
     let upstream = upstream.to_owned();
     match e {
         // `limits.max_blob_size`: the proxy refuses, not the upstream.
-        CacheError::Fetch(f) if f.status() == 413 => Error::Denied(f.message().to_owned()),
+        CacheError::Fetch(f) if f.status() == 413 => Error::BlobTooLarge(f.message().to_owned()),
         CacheError::Fetch(f) => {
             let source = match f.status() {
                 404 => UpstreamError::NotFound { upstream },
