@@ -51,7 +51,7 @@ async fn get(proxy: &ProxyProcess, path: &str, range: &str) -> reqwest::Response
         .header("Range", range)
         .send()
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}; proxy log:\n{}", proxy.logs()))
 }
 
 /// Asserts a blob answer carries exactly the verified bytes for `range` of `data`: a 206 with
@@ -155,7 +155,11 @@ async fn an_upstream_that_always_lies_gets_no_clean_answer_through() {
     up.on("GET", &path, Scripted::new(200).body(inverted(&data)));
     let proxy = proxy_for(&up).await;
     for range in ["bytes=0-", "bytes=0-99", "garbage"] {
-        let resp = get(&proxy, &format!("blobs/{digest}"), range).await;
+        let url = format!("{}/v2/lying.test/{REPO}/blobs/{digest}", proxy.url());
+        let Ok(resp) = http_client().get(url).header("Range", range).send().await else {
+            // Cut before the head was out: no answer at all, which is not a clean one.
+            continue;
+        };
         let status = resp.status();
         let h = resp.headers().clone();
         let body = resp.bytes().await;
