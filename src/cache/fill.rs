@@ -422,7 +422,9 @@ async fn commit(
         .and_then(|r| r);
     match res {
         Ok(()) => {
-            inner.committed(fill, size);
+            if let Some(journaled) = inner.committed(fill, size) {
+                let _ = journaled.await;
+            }
             fill.phase.send_replace(Phase::Complete { size });
             true
         }

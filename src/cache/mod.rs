@@ -318,8 +318,16 @@ impl Inner {
     }
 
     /// Records a committed fill: indexed and out of flight in one step.
-    pub(crate) fn committed(&self, fill: &Arc<Fill>, size: u64) {
+    /// Indexes a committed fill and records its origin. The returned task appends the origin
+    /// to the journal: await it before readers hear of the commit, so a process killed right
+    /// after a client got its last byte still knows where the blob came from.
+    pub(crate) fn committed(
+        &self,
+        fill: &Arc<Fill>,
+        size: u64,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
         let gen = self.next_id();
+        let mut journaled = None;
         {
             let mut st = self.lock();
             st.insert(fill.digest.clone(), size, true, gen);
@@ -341,7 +349,7 @@ impl Inner {
             self.metrics.set_totals(st.total, st.index.len());
             // Verified bytes from that upstream (not from the bucket): its origin.
             if let Some(upstream) = origin.filter(|_| !fill.from_shared.load(Ordering::Acquire)) {
-                self.links.add_origin(&fill.digest, &upstream);
+                journaled = self.links.add_origin(&fill.digest, &upstream);
                 if let Some(s) = &self.shared {
                     s.put_origin(&upstream, &fill.digest);
                 }
@@ -351,6 +359,7 @@ impl Inner {
         if self.max_size.is_some() {
             self.evict_notify.notify_one();
         }
+        journaled
     }
 
     /// Forgets a blob whose file is gone (only the version `gen` refers to).
