@@ -131,11 +131,11 @@ impl Default for Limits {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     pub dir: PathBuf,
-    /// Upper bound for the blob store; least recently used blobs are evicted beyond it.
+    /// Upper bound for the (local) blob store; least recently used blobs are evicted beyond
+    /// it. `local_max_size` is an alias that names the local tier when a shared tier is
+    /// configured (setting both is an error: a duplicate key).
+    #[serde(alias = "local_max_size")]
     pub max_size: Option<ByteSize>,
-    /// Alias of `max_size` naming the local tier when a shared tier is configured; setting
-    /// both is an error. Use [`CacheConfig::local_limit`].
-    pub local_max_size: Option<ByteSize>,
     /// How long a tag → digest mapping is trusted before it is revalidated upstream.
     pub tag_ttl: Duration,
     /// How long an upstream's confirmation that a repository holds a cached object counts;
@@ -146,13 +146,6 @@ pub struct CacheConfig {
     pub backend: CacheBackend,
     /// The shared bucket; required when `backend: s3`.
     pub s3: Option<S3Config>,
-}
-
-impl CacheConfig {
-    /// The local tier's size bound: `local_max_size`, else `max_size`.
-    pub fn local_limit(&self) -> Option<ByteSize> {
-        self.local_max_size.or(self.max_size)
-    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -202,6 +195,38 @@ pub struct S3Config {
     pub max_size: Option<ByteSize>,
 }
 
+impl S3Config {
+    fn validate(&self, problems: &mut Problems) {
+        let s3 = self;
+        if s3.bucket.is_empty() {
+            problems.add("cache.s3.bucket", "must not be empty");
+        }
+        if let Some(e) = &s3.endpoint {
+            if !matches!(e.scheme(), "http" | "https") || e.host_str().is_none() {
+                problems.add(
+                    "cache.s3.endpoint",
+                    "must be an http:// or https:// URL with a host",
+                );
+            }
+            if e.scheme() == "http" && !s3.allow_http {
+                problems.add(
+                    "cache.s3.endpoint",
+                    "is http:// but cache.s3.allow_http is false",
+                );
+            }
+        }
+        if s3.lease_ttl.0.is_zero() {
+            problems.add("cache.s3.lease_ttl", "must be more than 0");
+        }
+        if s3.lease_wait.0.is_zero() {
+            problems.add("cache.s3.lease_wait", "must be more than 0");
+        }
+        if s3.max_size.is_some_and(|m| m.0 == 0) {
+            problems.add("cache.s3.max_size", "must be more than 0");
+        }
+    }
+}
+
 fn default_lease_ttl() -> Duration {
     Duration::from_secs(30)
 }
@@ -223,7 +248,6 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: PathBuf::from("./oci-proxy-cache"),
             max_size: None,
-            local_max_size: None,
             tag_ttl: Duration::from_secs(60),
             link_ttl: Duration::from_secs(24 * 3600),
             backend: CacheBackend::Disk,
@@ -367,15 +391,58 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
+    /// Every problem found, one per line, each `key.path: what is wrong`.
+    #[error("{0}")]
+    Invalid(Problems),
+}
+
+/// One wrong key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+/// The problems validation found, in the order of the file's keys.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let (path, message) = (path.into(), message.into());
+        // serde_yaml's messages may start with the key path already; say it once.
+        let message = message
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_owned)
+            .unwrap_or(message);
+        self.0.push(Problem { path, message });
+    }
+
+    fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(self))
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}", p.path, p.message)?;
+        }
+        Ok(())
+    }
 }
 
 fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        path: path.into(),
-        message: message.into(),
-    }
+    let mut problems = Problems::default();
+    problems.add(path, message);
+    ConfigError::Invalid(problems)
 }
 
 impl Config {
@@ -410,119 +477,91 @@ impl Config {
     }
 
     /// Checks what serde cannot: references between keys, URL schemes, non-zero limits.
+    /// Reports every problem, not just the first (as vector's `validate` does).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Problems::default();
         let mut names = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
             let at = |k: &str| format!("upstreams[{i}].{k}");
             if !crate::protocol::grammar::is_registry_host(&u.name) {
-                return Err(invalid(
+                problems.add(
                     at("name"),
                     format!("{:?} is not a registry host name", u.name),
-                ));
+                );
             }
             if !names.insert(u.name.to_ascii_lowercase()) {
-                return Err(invalid(
-                    at("name"),
-                    format!("duplicate upstream {:?}", u.name),
-                ));
+                problems.add(at("name"), format!("duplicate upstream {:?}", u.name));
             }
-            let endpoint = u
-                .endpoint()
-                .map_err(|e| invalid(at("endpoint"), e.to_string()))?;
+            let endpoint = match u.endpoint() {
+                Ok(e) => e,
+                Err(e) => {
+                    problems.add(at("endpoint"), e.to_string());
+                    continue;
+                }
+            };
             if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
-                return Err(invalid(
+                problems.add(
                     at("endpoint"),
                     "must be an http:// or https:// URL with a host",
-                ));
+                );
             }
             if endpoint.query().is_some() || endpoint.fragment().is_some() {
-                return Err(invalid(at("endpoint"), "must not have a query or fragment"));
+                problems.add(at("endpoint"), "must not have a query or fragment");
             }
             if !endpoint.username().is_empty() || endpoint.password().is_some() {
                 // Says where, never what: the value is a password.
-                return Err(invalid(
+                problems.add(
                     at("endpoint"),
                     "must not carry user:password@ (put credentials in credentials.docker_config \
                      or a module Secret)",
-                ));
+                );
             }
             for (j, entry) in u.token_realm_hosts.iter().enumerate() {
                 if crate::upstream::token::realm_entry_authority(entry, Some(443)).is_none()
                     || entry.contains(['/', '@', '?', '#'])
                 {
-                    return Err(invalid(
+                    problems.add(
                         at(&format!("token_realm_hosts[{j}]")),
                         "must be a host or host:port (no scheme, path or userinfo)",
-                    ));
+                    );
                 }
             }
         }
         for (i, u) in self.upstreams.iter().enumerate() {
             for t in &u.trust_content_from {
                 if !names.contains(&t.to_ascii_lowercase()) {
-                    return Err(invalid(
+                    problems.add(
                         format!("upstreams[{i}].trust_content_from"),
                         format!("{t:?} is not one of upstreams[].name"),
-                    ));
+                    );
                 }
             }
         }
         if self.cache.link_ttl.0.is_zero() {
-            return Err(invalid("cache.link_ttl", "must be more than 0"));
+            problems.add("cache.link_ttl", "must be more than 0");
         }
         if let Some(d) = &self.default_upstream {
             if !names.contains(&d.to_ascii_lowercase()) {
-                return Err(invalid(
+                problems.add(
                     "default_upstream",
                     format!("{d:?} is not one of upstreams[].name"),
-                ));
+                );
             }
         }
         if self.limits.max_concurrent_upstream_fetches == 0 {
-            return Err(invalid(
+            problems.add(
                 "limits.max_concurrent_upstream_fetches",
                 "must be at least 1",
-            ));
+            );
         }
-        self.limits.validate()?;
+        self.limits.validate(&mut problems);
         if self.limits.max_header_size.0 < 1024 {
-            return Err(invalid("limits.max_header_size", "must be at least 1KiB"));
-        }
-        if self.cache.max_size.is_some() && self.cache.local_max_size.is_some() {
-            return Err(invalid(
-                "cache.local_max_size",
-                "set either cache.max_size or cache.local_max_size (an alias), not both",
-            ));
+            problems.add("limits.max_header_size", "must be at least 1KiB");
         }
         if self.cache.backend == CacheBackend::S3 {
-            let Some(s3) = &self.cache.s3 else {
-                return Err(invalid("cache.s3", "required when cache.backend is s3"));
-            };
-            if s3.bucket.is_empty() {
-                return Err(invalid("cache.s3.bucket", "must not be empty"));
-            }
-            if let Some(e) = &s3.endpoint {
-                if !matches!(e.scheme(), "http" | "https") || e.host_str().is_none() {
-                    return Err(invalid(
-                        "cache.s3.endpoint",
-                        "must be an http:// or https:// URL with a host",
-                    ));
-                }
-                if e.scheme() == "http" && !s3.allow_http {
-                    return Err(invalid(
-                        "cache.s3.endpoint",
-                        "is http:// but cache.s3.allow_http is false",
-                    ));
-                }
-            }
-            if s3.lease_ttl.0.is_zero() {
-                return Err(invalid("cache.s3.lease_ttl", "must be more than 0"));
-            }
-            if s3.lease_wait.0.is_zero() {
-                return Err(invalid("cache.s3.lease_wait", "must be more than 0"));
-            }
-            if s3.max_size.is_some_and(|m| m.0 == 0) {
-                return Err(invalid("cache.s3.max_size", "must be more than 0"));
+            match &self.cache.s3 {
+                None => problems.add("cache.s3", "required when cache.backend is s3"),
+                Some(s3) => s3.validate(&mut problems),
             }
         }
         for (key, source) in [
@@ -533,45 +572,36 @@ impl Config {
                 continue;
             };
             if hosts.is_empty() {
-                return Err(invalid(
+                problems.add(
                     format!("credentials.{key}.hosts"),
                     "must list at least one host (leave it out for the defaults)",
-                ));
+                );
             }
             for (i, h) in hosts.iter().enumerate() {
                 if !crate::credentials::ambient::valid_host_pattern(h) {
-                    return Err(invalid(
+                    problems.add(
                         format!("credentials.{key}.hosts[{i}]"),
                         format!(
                             "{h:?} is not a host pattern (host[:port], globs per label, no path)"
                         ),
-                    ));
+                    );
                 }
             }
         }
         if let Some(ds) = &self.catalog.default_secret {
             if ds.name.is_empty() || ds.namespace.is_empty() {
-                return Err(invalid(
-                    "catalog.default_secret",
-                    "namespace and name are required",
-                ));
+                problems.add("catalog.default_secret", "namespace and name are required");
             }
             if ds.name.contains([',', '=', '!']) {
-                return Err(invalid(
-                    "catalog.default_secret.name",
-                    "is not a Secret name",
-                ));
+                problems.add("catalog.default_secret.name", "is not a Secret name");
             }
         }
         if let Some(k) = &self.catalog.kubernetes {
             if k.namespaces.iter().any(|n| n.trim().is_empty()) {
-                return Err(invalid(
-                    "catalog.kubernetes.namespaces",
-                    "contains an empty name",
-                ));
+                problems.add("catalog.kubernetes.namespaces", "contains an empty name");
             }
         }
-        Ok(())
+        problems.into_result()
     }
 
     /// The config as YAML with secrets redacted (there are none inline: files are referenced).
@@ -581,7 +611,7 @@ impl Config {
 }
 
 impl Limits {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, problems: &mut Problems) {
         let l = self;
         for (key, zero) in [
             (
@@ -601,10 +631,9 @@ impl Limits {
             ("header_read_timeout", l.header_read_timeout.0.is_zero()),
         ] {
             if zero {
-                return Err(invalid(format!("limits.{key}"), "must be more than 0"));
+                problems.add(format!("limits.{key}"), "must be more than 0");
             }
         }
-        Ok(())
     }
 }
 
@@ -845,7 +874,7 @@ mod tests {
     fn cache_backend_keys() {
         let cfg = Config::parse("cache:\n  dir: /x\n  max_size: 1GiB\n").unwrap();
         assert_eq!(cfg.cache.backend, CacheBackend::Disk);
-        assert_eq!(cfg.cache.local_limit(), Some(ByteSize(1 << 30)));
+        assert_eq!(cfg.cache.max_size, Some(ByteSize(1 << 30)));
         let cfg = Config::parse(
             "cache:\n  dir: /x\n  local_max_size: 2GiB\n  backend: s3\n  s3:\n    bucket: b\n    \
              prefix: p/\n    endpoint: http://127.0.0.1:9000\n    region: us-east-1\n    \
@@ -853,7 +882,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.cache.backend, CacheBackend::S3);
-        assert_eq!(cfg.cache.local_limit(), Some(ByteSize(2 << 30)));
+        assert_eq!(cfg.cache.max_size, Some(ByteSize(2 << 30)));
         let s3 = cfg.cache.s3.unwrap();
         assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("b", "p/"));
         assert_eq!(s3.lease_ttl, Duration::from_secs(30));
@@ -872,7 +901,7 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("allow_http"), "{e}");
         let e = Config::parse("cache:\n  max_size: 1GiB\n  local_max_size: 1GiB\n").unwrap_err();
-        assert!(e.to_string().starts_with("cache.local_max_size"), "{e}");
+        assert!(e.to_string().contains("duplicate field `max_size`"), "{e}");
         let e = Config::parse("cache:\n  backend: gcs\n").unwrap_err();
         assert!(e.to_string().starts_with("cache.backend"), "{e}");
     }
@@ -946,6 +975,32 @@ mod tests {
         }
         // fill_min_rate 0 turns the check off.
         assert!(Config::parse("limits:\n  fill_min_rate: 0\n").is_ok());
+    }
+
+    #[test]
+    fn validation_reports_every_problem_each_with_its_key_path_once() {
+        let e = Config::parse(
+            "default_upstream: nowhere.io\nupstreams:\n  - name: a.io\n    endpoint: ftp://x\n\
+             \x20 - name: b.io\n    trust_content_from: [c.io]\nlimits:\n  max_connections: 0\n\
+             cache:\n  link_ttl: 0s\n  backend: s3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e.lines().collect::<Vec<_>>(),
+            [
+                "upstreams[0].endpoint: must be an http:// or https:// URL with a host",
+                "upstreams[1].trust_content_from: \"c.io\" is not one of upstreams[].name",
+                "cache.link_ttl: must be more than 0",
+                "default_upstream: \"nowhere.io\" is not one of upstreams[].name",
+                "limits.max_connections: must be more than 0",
+                "cache.s3: required when cache.backend is s3",
+            ]
+        );
+        // A value serde refuses: its key path said once, not twice.
+        let e = Config::parse("listen: nope\n").unwrap_err().to_string();
+        assert!(e.starts_with("listen: "), "{e}");
+        assert!(!e.starts_with("listen: listen"), "{e}");
     }
 
     #[test]

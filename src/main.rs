@@ -70,7 +70,10 @@ fn main() {
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A config with several problems says each on its own line.
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
             1
         }
     };

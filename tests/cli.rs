@@ -26,6 +26,24 @@ fn check_config_reports_the_key_path_and_exits_1() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("upstreams[0].endpoint"), "{err}");
 
+    // Every problem, each on its own line with its key path.
+    std::fs::write(
+        &bad,
+        "default_upstream: x.io\nlimits:\n  max_connections: 0\ncache:\n  link_ttl: 0s\n",
+    )
+    .unwrap();
+    let out = bin().arg("check-config").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "error: cache.link_ttl: must be more than 0",
+            "error: default_upstream: \"x.io\" is not one of upstreams[].name",
+            "error: limits.max_connections: must be more than 0",
+        ]
+    );
+
     std::fs::write(&bad, "cache:\n  dir: /x\n  colour: red\n").unwrap();
     let out = bin().arg("check-config").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(1));

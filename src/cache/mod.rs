@@ -517,7 +517,7 @@ impl Cache {
             grant_key,
             manifests,
             tags,
-            max_size: cfg.local_limit().map(|s| s.0),
+            max_size: cfg.max_size.map(|s| s.0),
             shared,
             evict_notify: notify.clone(),
             ids,

@@ -8,7 +8,7 @@
 //!
 //! Keys that only take effect at start (a reload keeps their running values and warns):
 //! `listen`, `log_format`, switching `tls` on or off, and every `cache` key but `tag_ttl`
-//! (`cache.dir`, `cache.max_size`, `cache.local_max_size`, `cache.backend`, `cache.s3`; the open
+//! (`cache.dir`, `cache.max_size` (alias `local_max_size`), `cache.backend`, `cache.s3`; the open
 //! cache is reused and reads them only when it opens). `cache.s3.max_size` is pinned silently:
 //! only `oci-proxy gc-shared` reads it.
 //! Everything else is live, including `tls.cert`/`tls.key` paths, `cache.tag_ttl`, `limits`
@@ -183,17 +183,11 @@ fn pin_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     // The open cache is reused across reloads, and it reads every `cache` key but `tag_ttl`
     // only when it opens (`Cache::open`).
     let (old_cache, new_cache) = (&running.cache, &mut new.cache);
-    // `local_max_size` is an alias of `max_size`: only a different bound is a change.
-    if new_cache.local_limit() != old_cache.local_limit() {
-        if new_cache.max_size != old_cache.max_size {
-            changed.push("cache.max_size");
-        }
-        if new_cache.local_max_size != old_cache.local_max_size {
-            changed.push("cache.local_max_size");
-        }
+    // `local_max_size` is an alias of `max_size` (serde): a respelling is no change.
+    if new_cache.max_size != old_cache.max_size {
+        new_cache.max_size = old_cache.max_size;
+        changed.push("cache.max_size");
     }
-    new_cache.max_size = old_cache.max_size;
-    new_cache.local_max_size = old_cache.local_max_size;
     if new_cache.backend != old_cache.backend {
         new_cache.backend = old_cache.backend;
         changed.push("cache.backend");
@@ -248,15 +242,7 @@ mod tests {
         )
         .unwrap();
         let changed = pin_restart_only(&running, &mut new);
-        assert_eq!(
-            changed,
-            [
-                "cache.max_size",
-                "cache.local_max_size",
-                "cache.backend",
-                "cache.s3"
-            ]
-        );
+        assert_eq!(changed, ["cache.max_size", "cache.backend", "cache.s3"]);
         let mut expected = running.cache.clone();
         expected.tag_ttl = crate::config::Duration::from_secs(300);
         assert_eq!(new.cache, expected, "only tag_ttl is live");

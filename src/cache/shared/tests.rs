@@ -45,7 +45,7 @@ async fn bounded_replica(store: Arc<dyn ObjectStore>, local_max_size: Option<u64
     .unwrap();
     let cfg = CacheConfig {
         dir: dir.path().to_path_buf(),
-        local_max_size: local_max_size.map(crate::config::ByteSize),
+        max_size: local_max_size.map(crate::config::ByteSize),
         ..CacheConfig::default()
     };
     let cache = Cache::open_with(&cfg, &registry, Some(shared.clone()))
