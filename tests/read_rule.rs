@@ -4,6 +4,7 @@
 //! - Access ends when its source ends: once the named Secret leaves the (files) catalog, the
 //!   repository's cached manifest, tag and blob are no longer served within 5 s, nor after a
 //!   restart; while it is there, reads are hits with no upstream request.
+//! - Likewise when a label-era module's ModuleTemplate goes (its Secret stays).
 //! - `cache.link_ttl`: an older link is confirmed upstream again before the next read.
 //! - Cross-upstream confirmation: a lying upstream that answers 200 to every HEAD never gets
 //!   another upstream's cached blob, config or tagged manifest; `trust_content_from` opts in.
@@ -35,8 +36,13 @@ const REVOKE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// `GET <proxy>/v2/<upstream>/<REPO>/<what>`: status and body.
 async fn get(proxy: &str, upstream: &str, what: &str) -> (StatusCode, Vec<u8>) {
+    get_in(proxy, upstream, REPO, what).await
+}
+
+/// `GET <proxy>/v2/<upstream>/<repo>/<what>`: status and body.
+async fn get_in(proxy: &str, upstream: &str, repo: &str, what: &str) -> (StatusCode, Vec<u8>) {
     let r = http_client()
-        .get(format!("{proxy}/v2/{upstream}/{REPO}/{what}"))
+        .get(format!("{proxy}/v2/{upstream}/{repo}/{what}"))
         .header("accept", ACCEPT)
         .send()
         .await
@@ -67,8 +73,12 @@ fn random_layer() -> Vec<u8> {
 
 /// Every pull path answers 200 with the right bytes.
 async fn pulls_ok(proxy: &str, upstream: &str, img: &PushedImage) -> bool {
+    pulls_ok_in(proxy, upstream, REPO, img).await
+}
+
+async fn pulls_ok_in(proxy: &str, upstream: &str, repo: &str, img: &PushedImage) -> bool {
     for (what, want) in pull_paths(img) {
-        let (st, body) = get(proxy, upstream, &what).await;
+        let (st, body) = get_in(proxy, upstream, repo, &what).await;
         if st != StatusCode::OK || body != want {
             return false;
         }
@@ -133,8 +143,12 @@ async fn ready(proxy: &ProxyProcess) {
 /// None of the pull paths is served; each answer is a client error from the upstream's
 /// refusal (never the content).
 async fn all_refused(proxy: &str, img: &PushedImage) -> bool {
+    all_refused_in(proxy, PRIVATE, REPO, img).await
+}
+
+async fn all_refused_in(proxy: &str, upstream: &str, repo: &str, img: &PushedImage) -> bool {
     for (what, want) in pull_paths(img) {
-        let (st, body) = get(proxy, PRIVATE, &what).await;
+        let (st, body) = get_in(proxy, upstream, repo, &what).await;
         if st == StatusCode::OK {
             return false;
         }
@@ -296,4 +310,70 @@ async fn a_lying_upstream_gets_nothing_another_upstream_served_unless_trusted() 
     )
     .await;
     assert!(pulls_ok(&proxy.url(), LIAR, &img).await, "{}", proxy.logs());
+}
+
+/// A label-era module (its ModuleTemplate's `oci-registry-cred` selector picks its own Secret,
+/// outside any named Secret's base): once the ModuleTemplate goes, its cached content is no
+/// longer served anonymously within 5 s, although the Secret is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_ends_when_the_module_goes_although_its_secret_stays() {
+    let reg = Registry::start(RegistryAuth::htpasswd(&[
+        (ADMIN_USER, ADMIN_PASSWORD),
+        (ROBOT, ROBOT_PW),
+    ]))
+    .await;
+    let component = "kyma-project.io/module/mod-a";
+    let repo = kyma::module_repository("mods", component);
+    let img = push_image(
+        &reg,
+        Some((ADMIN_USER, ADMIN_PASSWORD)),
+        &repo,
+        "1.0.0",
+        &[random_layer()],
+    )
+    .await;
+    let catalog = tempfile::tempdir().unwrap();
+    let template = kyma::module_template(
+        NS,
+        "mod-a-regular",
+        &format!("{}/mods", reg.url()),
+        component,
+        "1.0.0",
+        Some("mod-a"),
+    );
+    kyma::write_object_file(catalog.path(), &template);
+    kyma::write_object_file(
+        catalog.path(),
+        &docker_secret(
+            NS,
+            "mod-a-cred",
+            Some("mod-a"),
+            &[(&reg.host(), ROBOT, ROBOT_PW)],
+        ),
+    );
+    // The module names the registry by its address: clients (LM) do too.
+    let config = format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n\
+         catalog:\n  files: \"{}\"\n",
+        catalog.path().display()
+    );
+    let proxy = ProxyProcess::start(&config).await;
+    ready(&proxy).await;
+    let (url, host) = (proxy.url(), reg.host());
+    assert!(
+        pulls_ok_in(&url, &host, &repo, &img).await,
+        "{}",
+        proxy.logs()
+    );
+
+    std::fs::remove_file(
+        catalog
+            .path()
+            .join("moduletemplate-kcp-system-mod-a-regular.yaml"),
+    )
+    .unwrap();
+    wait_until(REVOKE_DEADLINE, "cached module content refused", || {
+        all_refused_in(&url, &host, &repo, &img)
+    })
+    .await;
 }
