@@ -184,6 +184,22 @@ impl Source {
         }
     }
 
+    /// Deletes a catalog object.
+    fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        match self {
+            Source::Files(dir) => {
+                let file = format!("{kind}-{namespace}-{name}.yaml").to_ascii_lowercase();
+                std::fs::remove_file(dir.path().join(file)).expect("remove object file");
+            }
+            Source::Kubernetes { api, .. } => {
+                assert!(
+                    api.delete(kind, namespace, name),
+                    "{kind} {namespace}/{name}"
+                );
+            }
+        }
+    }
+
     /// The `catalog:` section of the proxy config.
     fn catalog_yaml(&self) -> String {
         let source = match self {
@@ -1494,6 +1510,21 @@ async fn current_lm_and_attacks(kind: SourceKind) {
     w.resolve(
         &victim,
         &[&format!("endpoint: https://{}", w.port_gate.host())],
+    )
+    .await;
+
+    // Access ends when its source ends: the named Secret goes, and within 5 s LM's request
+    // sequence gets nothing the Secret had fetched into the cache.
+    w.lm_pull_current().await;
+    w.source.delete("Secret", KCP_SYSTEM, NAMED_SECRET);
+    let proxy = w.proxy.url();
+    wait_until(
+        Duration::from_secs(5),
+        "cached module content refused",
+        || {
+            let proxy = proxy.clone();
+            async move { lm_pull(&proxy, CURRENT_REPO, "1.0.5").await.is_err() }
+        },
     )
     .await;
 }
