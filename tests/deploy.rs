@@ -576,10 +576,6 @@ fn cluster_role_grants_only_read_on_moduletemplates_manifests_and_secrets() {
             of_kind(docs, "Role").next().is_none(),
             "{overlay}: unexpected Role"
         );
-        assert!(
-            of_kind(docs, "RoleBinding").next().is_none(),
-            "{overlay}: unexpected RoleBinding"
-        );
         let roles: Vec<&Value> = of_kind(docs, "ClusterRole").collect();
         assert_eq!(roles.len(), 1, "{overlay}: exactly one ClusterRole");
         let role = roles[0];
@@ -617,13 +613,15 @@ fn cluster_role_grants_only_read_on_moduletemplates_manifests_and_secrets() {
         }
         assert_eq!(granted, expected, "{overlay}: resources granted");
 
-        let bindings: Vec<&Value> = of_kind(docs, "ClusterRoleBinding").collect();
-        assert_eq!(
-            bindings.len(),
-            1,
-            "{overlay}: exactly one ClusterRoleBinding"
+        // Bound in kcp-system only (a RoleBinding of the ClusterRole): no cluster-wide reads.
+        assert!(
+            of_kind(docs, "ClusterRoleBinding").next().is_none(),
+            "{overlay}: a ClusterRoleBinding grants every namespace's Secrets"
         );
+        let bindings: Vec<&Value> = of_kind(docs, "RoleBinding").collect();
+        assert_eq!(bindings.len(), 1, "{overlay}: exactly one RoleBinding");
         let binding = bindings[0];
+        assert_eq!(s(&binding["metadata"], "namespace"), NAMESPACE);
         assert_eq!(s(&binding["roleRef"], "kind"), "ClusterRole");
         assert_eq!(
             s(&binding["roleRef"], "name"),
@@ -1052,7 +1050,7 @@ fn sidecar_joins_lifecycle_manager_on_loopback_over_plain_http() {
     let kinds: BTreeSet<String> = docs.iter().map(id).collect();
     let expected: BTreeSet<String> = [
         "ClusterRole/oci-proxy-catalog-reader".to_owned(),
-        "ClusterRoleBinding/oci-proxy-catalog-reader-lifecycle-manager".to_owned(),
+        "RoleBinding/oci-proxy-catalog-reader-lifecycle-manager".to_owned(),
         format!("Deployment/{LM_DEPLOYMENT}"),
     ]
     .into_iter()
