@@ -375,6 +375,16 @@ const CASES: &[Case] = &[
         labels: &[("severity", "critical")],
     },
     Case {
+        alert: "OciProxyUpstreamSlotsExhausted",
+        series: &[(
+            "oci_proxy_limit_hits_total{limit=\"upstream_slot_wait\"}",
+            "0+3x40",
+        )],
+        quiet_at: "5m",
+        fires_at: "20m",
+        labels: &[("severity", "warning")],
+    },
+    Case {
         alert: "OciProxyCorruptCacheFiles",
         series: &[("oci_proxy_cache_corrupt_blobs_total", "0x5 1x20")],
         quiet_at: "4m",
