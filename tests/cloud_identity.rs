@@ -496,7 +496,16 @@ async fn ecr_web_identity_refused_by_sts_is_unavailable() {
     let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("ecr"), "{message}");
+    assert!(
+        message.contains("ecr GetAuthorizationToken")
+            && message
+                .contains("AccessDenied: Not authorized to perform sts:AssumeRoleWithWebIdentity"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("<ErrorResponse"),
+        "STS's XML, not its reason: {message}"
+    );
 
     let sts = aws.sts_calls();
     assert!(!sts.is_empty(), "STS was asked");
