@@ -11,8 +11,10 @@
 //! Region: the one in the registry host (`<account>.dkr.ecr.<region>.amazonaws.com`), else
 //! `AWS_REGION` / `AWS_DEFAULT_REGION`; one token per region. Endpoint:
 //! `AWS_ENDPOINT_URL_ECR`, else `AWS_ENDPOINT_URL`, else `https://api.ecr.<region>.amazonaws.com`
-//! (the SDKs' service endpoint override variables). `AWS_CA_BUNDLE` adds trusted CAs for ECR and
-//! STS, as in the AWS CLI and SDKs.
+//! (the SDKs' service endpoint override variables). With IRSA, `object_store` exchanges the token
+//! at `AWS_ENDPOINT_URL_STS`, else (set here) `AWS_ENDPOINT_URL`, else
+//! `https://sts.<AWS_REGION>.amazonaws.com`, over https only. `AWS_CA_BUNDLE` adds trusted CAs
+//! for ECR and STS, as in the AWS CLI and SDKs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
