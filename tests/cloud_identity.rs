@@ -1,7 +1,8 @@
 //! Credentials without Secrets (`credentials.google`, `credentials.ecr`) against a real
 //! token-authenticated `docker-registry` whose token server accepts only what the cloud
 //! identity fixtures issued: a loopback GKE metadata server / Google OAuth2 endpoint
-//! (`support::google`) and moto's ECR.
+//! (`support::google`) and moto's ECR, with static keys or IRSA web identity credentials from a
+//! loopback STS (`support::sts`).
 
 mod support;
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::google::GoogleIdentity;
 use support::s3::Moto;
+use support::sts::{AwsIdentity, ROLE_ARN};
 use support::*;
 
 const REPO: &str = "team/app";
@@ -362,4 +364,154 @@ async fn ecr_token_from_static_credentials() {
     assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
     let message = body["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("ecr GetAuthorizationToken"), "{message}");
+}
+
+/// IRSA: only `AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN` (plus loopback endpoints and
+/// their CA). The proxy exchanges the token at STS once, signs every `GetAuthorizationToken`
+/// with the temporary credentials (moto's ECR token is already expired, so each pull asks
+/// again), and logs neither the token nor the temporary keys.
+#[tokio::test]
+async fn ecr_token_from_web_identity_credentials() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let aws = AwsIdentity::start(&moto.endpoint()).await;
+    let (tokens, reg) = registry_for("AWS", |p| p == MOTO_ECR_PASSWORD).await;
+    let yaml = config(&reg, &format!("  ecr:\n    hosts: [\"{}\"]\n", reg.host()));
+    let url = aws.url();
+    let token_file = aws.token_file().display().to_string();
+    let ca = aws.ca_bundle().display().to_string();
+    let identity = [
+        ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.as_str()),
+        ("AWS_ROLE_ARN", ROLE_ARN),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_CA_BUNDLE", ca.as_str()),
+    ];
+
+    // `resolve` with the one endpoint variable for all services.
+    let mut env = identity.to_vec();
+    env.push(("AWS_ENDPOINT_URL", url.as_str()));
+    let explained = resolve(&yaml, &reg, &env).await;
+    assert!(explained.contains("credential source: ecr"), "{explained}");
+    assert!(!explained.contains("UNAVAILABLE"), "{explained}");
+    let sts_before = aws.sts_calls().len();
+    let ecr_before = aws.ecr_calls().len();
+    assert!(
+        sts_before >= 1 && ecr_before >= 1,
+        "resolve used STS and ECR"
+    );
+
+    // The proxy with the per-service variables.
+    let mut env = identity.to_vec();
+    env.push(("AWS_ENDPOINT_URL_STS", url.as_str()));
+    env.push(("AWS_ENDPOINT_URL_ECR", url.as_str()));
+    let proxy = ProxyProcess::start_with_env(&yaml, &env).await;
+    const PULLS: usize = 3;
+    for i in 0..PULLS {
+        let (status, body) = tags(&proxy, &reg).await;
+        assert_eq!(status, 200, "pull {i}: {body}");
+        assert_eq!(body["tags"], serde_json::json!(["v1"]));
+    }
+
+    let sts = aws.sts_calls();
+    let sts = &sts[sts_before..];
+    assert_eq!(sts.len(), 1, "one STS exchange for {PULLS} pulls: {sts:?}");
+    assert_eq!(sts[0].role_arn, ROLE_ARN);
+    assert_eq!(sts[0].web_identity_token, aws.web_identity_token());
+    assert!(sts[0].unsigned && sts[0].accepted, "{:?}", sts[0]);
+    let issued = aws.issued().last().expect("credentials issued").clone();
+
+    let ecr = aws.ecr_calls();
+    let ecr = &ecr[ecr_before..];
+    assert!(ecr.len() >= PULLS, "an ECR call per pull: {ecr:?}");
+    for call in ecr {
+        assert_eq!(call.status, 200, "{call:?}");
+        assert_eq!(
+            call.target.as_deref(),
+            Some("AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken")
+        );
+        assert_eq!(call.service.as_deref(), Some("ecr"));
+        assert_eq!(
+            call.access_key_id.as_ref(),
+            Some(&issued.access_key_id),
+            "signed with the STS credentials"
+        );
+        assert_eq!(call.security_token.as_ref(), Some(&issued.session_token));
+    }
+    assert_eq!(passwords_seen(&tokens, "AWS"), [MOTO_ECR_PASSWORD]);
+
+    let logs = proxy.logs();
+    for secret in [
+        aws.web_identity_token(),
+        issued.secret_access_key.clone(),
+        issued.session_token.clone(),
+        MOTO_ECR_PASSWORD.to_string(),
+    ] {
+        assert!(!logs.contains(&secret), "the proxy log holds a secret");
+    }
+    let m = proxy.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "oci_proxy_credential_source_fetches_total",
+            &[("source", "ecr"), ("result", "ok")]
+        ) >= PULLS as f64
+    );
+}
+
+/// STS refuses the role: clients get `UNAVAILABLE` naming ECR, ECR is never called unsigned or
+/// with other credentials, and the web identity token appears nowhere.
+#[tokio::test]
+async fn ecr_web_identity_refused_by_sts_is_unavailable() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let aws =
+        AwsIdentity::start_for_role(&moto.endpoint(), "arn:aws:iam::123456789012:role/other").await;
+    let (tokens, reg) = registry_for("AWS", |p| p == MOTO_ECR_PASSWORD).await;
+    let yaml = config(&reg, &format!("  ecr:\n    hosts: [\"{}\"]\n", reg.host()));
+    let url = aws.url();
+    let token_file = aws.token_file().display().to_string();
+    let ca = aws.ca_bundle().display().to_string();
+    let env = [
+        ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file.as_str()),
+        ("AWS_ROLE_ARN", ROLE_ARN),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_CA_BUNDLE", ca.as_str()),
+        ("AWS_ENDPOINT_URL", url.as_str()),
+    ];
+    let proxy = ProxyProcess::start_with_env(&yaml, &env).await;
+    let resp = http_client()
+        .get(format!(
+            "{}/v2/{}/{REPO}/tags/list",
+            proxy.url(),
+            reg.host()
+        ))
+        .send()
+        .await
+        .expect("proxy answers");
+    assert_eq!(resp.status().as_u16(), 503);
+    let text = resp.text().await.unwrap_or_default();
+    assert!(!text.contains(&aws.web_identity_token()), "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("ecr GetAuthorizationToken")
+            && message
+                .contains("AccessDenied: Not authorized to perform sts:AssumeRoleWithWebIdentity"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("<ErrorResponse"),
+        "STS's XML, not its reason: {message}"
+    );
+
+    let sts = aws.sts_calls();
+    assert!(!sts.is_empty(), "STS was asked");
+    assert!(sts.iter().all(|c| c.role_arn == ROLE_ARN && !c.accepted));
+    assert!(aws.issued().is_empty());
+    assert!(aws.ecr_calls().is_empty(), "{:?}", aws.ecr_calls());
+    assert!(passwords_seen(&tokens, "AWS").is_empty());
+    assert!(!proxy.logs().contains(&aws.web_identity_token()));
 }

@@ -11,8 +11,10 @@
 //! Region: the one in the registry host (`<account>.dkr.ecr.<region>.amazonaws.com`), else
 //! `AWS_REGION` / `AWS_DEFAULT_REGION`; one token per region. Endpoint:
 //! `AWS_ENDPOINT_URL_ECR`, else `AWS_ENDPOINT_URL`, else `https://api.ecr.<region>.amazonaws.com`
-//! (the SDKs' service endpoint override variables). `AWS_CA_BUNDLE` adds trusted CAs for ECR and
-//! STS, as in the AWS CLI and SDKs.
+//! (the SDKs' service endpoint override variables). With IRSA, `object_store` exchanges the token
+//! at `AWS_ENDPOINT_URL_STS`, else (set here) `AWS_ENDPOINT_URL`, else
+//! `https://sts.<AWS_REGION>.amazonaws.com`, over https only. `AWS_CA_BUNDLE` adds trusted CAs
+//! for ECR and STS, as in the AWS CLI and SDKs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -214,7 +216,7 @@ impl Fetch for EcrFetcher {
             .credentials
             .get_credential()
             .await
-            .map_err(|e| fail(format!("no AWS credentials: {e}")))?;
+            .map_err(|e| fail(format!("no AWS credentials: {}", credential_failure(&e))))?;
         let body = Bytes::from_static(b"{}");
         let mut req = http::Request::builder()
             .method(http::Method::POST)
@@ -285,6 +287,33 @@ impl Fetch for EcrFetcher {
     }
 }
 
+/// Longest reason from the credential chain put into an error.
+const MAX_REASON: usize = 300;
+
+/// Why the AWS credential chain gave nothing, for logs and error bodies: where STS answered
+/// with an error document, its `Code` and `Message` instead of the whole XML, bounded in
+/// length. (`object_store` already redacts the STS request URL, which holds the web identity
+/// token.)
+fn credential_failure(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let text = text.strip_prefix("Generic S3 error: ").unwrap_or(&text);
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let len = text[start..].find(&format!("</{name}>"))?;
+        Some(text[start..start + len].trim().to_string())
+    };
+    let reason = match (text.find('<'), element("Code")) {
+        (Some(xml), Some(code)) => {
+            let message = element("Message").unwrap_or_default();
+            let before = text[..xml].trim_end().trim_end_matches(':');
+            format!("{before}: {code}: {message}")
+        }
+        _ => text.to_string(),
+    };
+    reason.chars().take(MAX_REASON).collect()
+}
+
 /// `base64("AWS:<password>")` → `<password>`.
 fn decode_token(token: &str) -> Option<Secret<String>> {
     let raw = Secret::new(STANDARD.decode(token.trim()).ok()?);
@@ -330,6 +359,36 @@ mod tests {
         assert_eq!(region_of("127.0.0.1:5000"), None);
         assert_eq!(region_of("ecr.example.com"), None);
         assert_eq!(region_of("1.dkr.ecr.us-east-1.example.com"), None);
+    }
+
+    #[test]
+    fn credential_failures_are_short() {
+        let sts = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing POST REDACTED in 5ms - Server returned non-2xx status \
+                     code: 403 Forbidden: <ErrorResponse><Error><Type>Sender</Type>\
+                     <Code>AccessDenied</Code><Message>Not authorized to perform \
+                     sts:AssumeRoleWithWebIdentity</Message></Error></ErrorResponse>"
+                .into(),
+        };
+        assert_eq!(
+            credential_failure(&sts),
+            "Error performing POST REDACTED in 5ms - Server returned non-2xx status code: 403 \
+             Forbidden: AccessDenied: Not authorized to perform sts:AssumeRoleWithWebIdentity"
+        );
+        let long = object_store::Error::Generic {
+            store: "S3",
+            source: "x".repeat(5000).into(),
+        };
+        assert_eq!(credential_failure(&long).len(), MAX_REASON);
+        let file = object_store::Error::Generic {
+            store: "S3",
+            source: "Failed to read token file '/nope': No such file".into(),
+        };
+        assert_eq!(
+            credential_failure(&file),
+            "Failed to read token file '/nope': No such file"
+        );
     }
 
     #[test]

@@ -58,6 +58,14 @@
 //!   length (`set_blob(digest, Blob::..)`), endless tag lists (`set_tags(repo, TagPages)`);
 //!   `requests(kind)`, `open_bodies()`. `ProxyProcess::pid()` for `/proc/<pid>/status`.
 //!
+//! # AWS STS with web identity (`sts`)
+//! - `AwsIdentity::start(ecr_backend) -> AwsIdentity` (async): a TLS STS on 127.0.0.1 that
+//!   answers `AssumeRoleWithWebIdentity` for `sts::ROLE_ARN` and the token in `token_file()`,
+//!   and passes ECR calls signed with the credentials it issued on to `ecr_backend` (moto).
+//!   `url()`, `ca_bundle()`, `token_file()`, `web_identity_token()`; observation:
+//!   `sts_calls()`, `issued()`, `ecr_calls()`. `start_for_role(ecr_backend, arn)` trusts the
+//!   token for another role.
+//!
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
@@ -79,6 +87,7 @@ pub mod registry;
 pub mod s3;
 pub mod seed;
 pub mod skopeo;
+pub mod sts;
 pub mod token_server;
 
 pub use faulty::{Behaviour, Down, FaultyRegistry};
