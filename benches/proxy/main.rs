@@ -20,7 +20,9 @@
 //! Payloads are generated to disk and pushed with a streaming upload; clients stream and
 //! discard bodies. `OCI_PROXY_BENCH_QUICK=1` shrinks everything for a smoke run.
 
+// The integration tests' fixtures; the bench uses a few of them.
 #[path = "../../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod support;
 
 mod blobs;

@@ -141,15 +141,6 @@ impl FaultyRegistry {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// `127.0.0.1:<port>`
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Stores `bytes` as a blob held by `repo`; returns its `sha256:` digest.
     pub fn add_blob(&self, repo: &str, bytes: &[u8]) -> String {
         let digest = sha256_digest(bytes);
@@ -161,11 +152,6 @@ impl FaultyRegistry {
     /// Makes an already stored digest visible in `repo` too.
     pub fn link_blob(&self, repo: &str, digest: &str) {
         lock(&self.inner.members).insert((repo.to_string(), digest.to_string()));
-    }
-
-    /// Hides a digest from `repo` (it answers 404 there).
-    pub fn unlink_blob(&self, repo: &str, digest: &str) {
-        lock(&self.inner.members).remove(&(repo.to_string(), digest.to_string()));
     }
 
     /// Stores a manifest in `repo` under `tag` (and its digest); returns the digest.
@@ -213,11 +199,6 @@ impl FaultyRegistry {
             .get(&(method.to_string(), path.to_string()))
             .copied()
             .unwrap_or(0)
-    }
-
-    /// All requests received, any method and path.
-    pub fn total_requests(&self) -> usize {
-        lock(&self.inner.counts).values().sum()
     }
 
     /// Makes the registry unavailable (see [`Down`]).

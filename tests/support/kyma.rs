@@ -203,15 +203,9 @@ pub struct LmPullError {
     pub body: Value,
 }
 
-impl LmPullError {
-    /// `errors[0].code`.
-    pub fn code(&self) -> &str {
-        self.body["errors"][0]["code"].as_str().unwrap_or("")
-    }
-
-    /// `errors[0].message`.
-    pub fn message(&self) -> &str {
-        self.body["errors"][0]["message"].as_str().unwrap_or("")
+impl std::fmt::Display for LmPullError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} {}", self.what, self.status, self.body)
     }
 }
 

@@ -10,7 +10,7 @@
 //!   (`RegistryAuth::htpasswd(&[("u", "p")])` is a shorthand). Basic realm: `BASIC_REALM`.
 //! - `url()` = `http://127.0.0.1:port`, `host()` = `127.0.0.1:port`, `port()`, `logs()`, `auth()`.
 //! - `set_htpasswd(&[("u", "p")])`: live password rotation. distribution 2.8 re-reads the
-//!   htpasswd file when its mtime changes (verified in `tests/fixtures.rs`), no restart needed.
+//!   htpasswd file when its mtime changes (verified in `tests/it/fixtures.rs`), no restart needed.
 //! - `restart_with(auth)` (async): same data and port, new auth. `stop()` kills it (to test
 //!   an unreachable upstream); `restart_with` brings it back.
 //!
@@ -74,12 +74,13 @@
 //! - `helpers`: `scrape_metrics(url)`, `metric_sum(text, name, labels)`,
 //!   `metric_value(text, series)`, `write_docker_config(path, key, user, password)`;
 //!   `ProxyProcess::metrics()` scrapes the proxy under test.
-#![allow(dead_code, unused_imports)]
 
 pub mod faulty;
 pub mod flood;
 pub mod google;
 pub mod helpers;
+pub mod hostile;
+pub mod kube_api;
 pub mod kyma;
 pub mod liar;
 pub mod process;
@@ -94,14 +95,11 @@ pub use faulty::{Behaviour, Down, FaultyRegistry};
 pub use helpers::{metric_sum, metric_value, scrape_metrics, write_docker_config};
 pub use registry::{Registry, RegistryAuth};
 pub use seed::{
-    fetch_token, parse_challenge, push_blob, push_docker_image, push_image, push_image_as,
-    push_manifest, random_bytes, registry_get, registry_request, sha256_digest, ImageFormat,
-    PushedImage,
+    parse_challenge, push_blob, push_docker_image, push_image, push_manifest, random_bytes,
+    registry_get, registry_request, sha256_digest, PushedImage,
 };
 pub use skopeo::{assert_success, skopeo_copy, DirImage};
-pub use token_server::{
-    TokenPolicy, TokenRequest, TokenServer, TokenServerInfo, ADMIN_PASSWORD, ADMIN_USER,
-};
+pub use token_server::{TokenPolicy, TokenRequest, TokenServer, ADMIN_PASSWORD, ADMIN_USER};
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -12,11 +12,9 @@ use super::http_client;
 use super::registry::Registry;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
@@ -33,7 +31,6 @@ pub enum ImageFormat {
 /// What [`push_image`] stored.
 #[derive(Clone, Debug)]
 pub struct PushedImage {
-    pub repo: String,
     pub tag: String,
     /// `sha256:<hex>` of `manifest`.
     pub manifest_digest: String,
@@ -394,7 +391,6 @@ pub async fn push_image_as(
     .expect("serialize manifest");
     let manifest_digest = push_manifest(reg, creds, repo, tag, manifest_type, &manifest).await;
     PushedImage {
-        repo: repo.to_string(),
         tag: tag.to_string(),
         manifest_digest,
         manifest,

@@ -44,8 +44,6 @@ pub fn assert_success(output: &Output) {
 /// The contents of a skopeo `dir:` destination.
 #[derive(Clone, Debug)]
 pub struct DirImage {
-    /// Bytes of `manifest.json`.
-    pub manifest: Vec<u8>,
     /// `sha256:` digest of `manifest.json`.
     pub manifest_digest: String,
     /// Digests (`sha256:<hex>`) of the blob files, from their names.
@@ -77,7 +75,6 @@ impl DirImage {
         }
         DirImage {
             manifest_digest: sha256_digest(&manifest),
-            manifest,
             blob_digests,
         }
     }

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,7 +49,6 @@ pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/oci-proxy-puller";
 pub struct StsCall {
     pub role_arn: String,
     pub web_identity_token: String,
-    pub session_name: String,
     /// Whether the call came without a SigV4 `Authorization` header (as it must: the web
     /// identity token is the only credential).
     pub unsigned: bool,
@@ -294,7 +293,6 @@ fn assume_role_with_web_identity(
     inner.sts_calls.lock().unwrap().push(StsCall {
         role_arn,
         web_identity_token,
-        session_name: session_name.clone(),
         unsigned: !headers.contains_key("authorization"),
         accepted,
     });

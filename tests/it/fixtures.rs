@@ -1,7 +1,7 @@
 //! Proves the shared fixtures in `tests/support` against the real distribution 2.8.2
 //! registry, skopeo and the in-process token server (no proxy involved).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -170,6 +170,31 @@ async fn anonymous_registry_docker_image_survives_stop_and_restart() {
         &random_bytes(500, 3),
     )
     .await;
+}
+
+/// distribution's own pull-through mode, the benchmark's peer: a blob it never held comes
+/// from the upstream (which logs the GET) and is served whole; its port is its own.
+#[tokio::test]
+async fn pull_through_registry_fetches_from_its_upstream() {
+    let upstream = Registry::start(RegistryAuth::Anonymous).await;
+    let body = random_bytes(300_000, 4);
+    let image = push_image(
+        &upstream,
+        None,
+        "lib/peer",
+        "1",
+        std::slice::from_ref(&body),
+    )
+    .await;
+    let peer = Registry::start_pull_through(&upstream.url()).await;
+    assert_ne!(peer.port(), upstream.port());
+    let digest = &image.layer_digests[0];
+    assert_blob(&peer.url(), None, "lib/peer", digest, &body).await;
+    let fetched = format!("\"GET /v2/lib/peer/blobs/{digest} ");
+    assert!(
+        upstream.logs().lines().any(|l| l.contains(&fetched)),
+        "the peer fetched from its upstream"
+    );
 }
 
 /// GETs blob `digest` of `repo` at `url` with `creds`; asserts a 200 with exactly `want`.

@@ -6,10 +6,9 @@
 //! host and port of another configured upstream, standing in for a CDN) still works, without a
 //! `Referer`.
 
-mod support;
+use crate::support;
 
-#[path = "support/hostile.rs"]
-mod hostile;
+use crate::support::hostile;
 
 use hostile::{Hostile, Scripted};
 use reqwest::StatusCode;

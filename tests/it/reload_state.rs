@@ -2,7 +2,7 @@
 //! challenge and its tokens, so pulls after a reload cost no new token exchange; an upstream
 //! whose settings changed starts fresh.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

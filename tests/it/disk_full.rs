@@ -5,7 +5,7 @@
 //!
 //! Mounting needs root (CI runs as root); elsewhere the test prints why and passes.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,8 +1,7 @@
 //! The files source end to end: `Catalog::start` with `catalog.files`, a directory of YAML and
 //! JSON, and changes picked up while running.
 
-#[path = "support/kube_api.rs"]
-mod kube_api;
+use crate::support::kube_api;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -23,10 +23,9 @@
 //! Also here: the README's worked example (`config/dev-catalog-example/`) run end to end, and
 //! two `#[ignore]`d tests documenting bugs in src/ (see their doc comments for the fixes).
 
-mod support;
+use crate::support;
 
-#[path = "support/kube_api.rs"]
-mod kube_api;
+use crate::support::kube_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

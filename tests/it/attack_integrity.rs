@@ -5,10 +5,9 @@
 //! receives: the verified bytes, or an error; never a clean 200/206 carrying wrong bytes, and
 //! never `Docker-Content-Digest` or a long `Cache-Control` on unverified bytes.
 
-mod support;
+use crate::support;
 
-#[path = "support/hostile.rs"]
-mod hostile;
+use crate::support::hostile;
 
 use hostile::{Hostile, Scripted};
 use reqwest::StatusCode;

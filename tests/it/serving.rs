@@ -3,7 +3,7 @@
 //! read timeout, `/metrics` and the JSON access log. Every proxy started here is checked on
 //! drop for leaked passwords and tokens in its log.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! (`support::google`) and moto's ECR, with static keys or IRSA web identity credentials from a
 //! loopback STS (`support::sts`).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The pull-through proxy core against real distribution 2.8 upstreams (htpasswd and token
 //! auth), with skopeo and reqwest as clients.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

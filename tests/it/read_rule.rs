@@ -9,7 +9,7 @@
 //! - Cross-upstream confirmation: a lying upstream that answers 200 to every HEAD never gets
 //!   another upstream's cached blob, config or tagged manifest; `trust_content_from` opts in.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,8 +2,7 @@
 //! over HTTP: initial list and sync, label/type/namespace filtering, live changes,
 //! 410 re-lists, bookmarks, missing CRDs, and `client()` from a kubeconfig.
 
-#[path = "support/kube_api.rs"]
-mod kube_api;
+use crate::support::kube_api;
 
 use std::time::Duration;
 

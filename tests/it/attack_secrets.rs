@@ -3,7 +3,7 @@
 //! every process, so it cannot be used to test password guesses offline. (That `DENIED` bodies
 //! name no Secret or catalog object is asserted end to end in `modules.rs`, scenario 3.)
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

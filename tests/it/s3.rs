@@ -4,7 +4,7 @@
 //!
 //! Without moto installed these tests print why and pass, unless `CI` is set: then they fail.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! Limits are tiny here (2 blob slots, 1 s timeouts, 3 s rate windows) so the tests are fast;
 //! the defaults are in README "Limits".
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 //! in-process `FaultyRegistry` for faults a real registry will not produce (and for exact
 //! per-path request counts).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

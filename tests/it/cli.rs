@@ -1,7 +1,7 @@
 //! The command line: the embedded default serves, `check-config` names the key path of an
 //! error and exits 1.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
