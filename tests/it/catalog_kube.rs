@@ -645,7 +645,7 @@ async fn client_uses_the_kubeconfig_from_the_environment() {
     let child = tokio::process::Command::new(exe)
         .args([
             "--exact",
-            "client_uses_the_kubeconfig_from_the_environment",
+            "catalog_kube::client_uses_the_kubeconfig_from_the_environment",
             "--test-threads=1",
         ])
         .env("KUBECONFIG", &kubeconfig)
