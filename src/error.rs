@@ -64,8 +64,21 @@ impl Error {
         move |source| Error::Upstream { subject, source }
     }
 
+    /// The error the fetch behind a cache fill met (see `crate::pull::blob`), carried through
+    /// the cache as it is: the client error and label are that error's, whichever request
+    /// started the fill.
+    fn fetched(&self) -> Option<&Error> {
+        match self {
+            Error::Cache(crate::cache::CacheError::Fetch(f)) => f.downcast_ref::<Error>(),
+            _ => None,
+        }
+    }
+
     /// Bounded label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
+        if let Some(e) = self.fetched() {
+            return e.metric_label();
+        }
         match self {
             Error::Request(_) => "bad_request",
             Error::Upstream { source, .. } => source.metric_label(),
@@ -84,6 +97,9 @@ impl Error {
     /// The error as the client sees it. Messages name upstreams, never credentials, Secrets
     /// or catalog objects.
     pub fn to_oci(&self) -> OciError {
+        if let Some(e) = self.fetched() {
+            return e.to_oci();
+        }
         let msg = self.to_string();
         match self {
             Error::Request(e) => e.clone(),

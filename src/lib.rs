@@ -2,7 +2,8 @@
 //!
 //! Follow one request: [`server`] accepts it and [`protocol::route`]s it to an operation;
 //! [`routing`] picks the upstream and repository; [`credentials`] (with the module [`catalog`])
-//! picks the credential; [`cache`] answers or fills from [`upstream`], which authenticates.
+//! picks the credential; [`pull`] decides what the pull may be served, from the [`cache`] or
+//! by filling it from [`upstream`], which authenticates.
 
 pub mod cache;
 pub mod catalog;
@@ -11,6 +12,7 @@ pub mod credentials;
 pub mod error;
 pub mod metrics;
 pub mod protocol;
+pub mod pull;
 pub mod routing;
 pub mod server;
 pub mod upstream;

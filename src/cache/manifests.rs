@@ -7,9 +7,11 @@
 //! its digest (cheap at this size), so a corrupt file is dropped, never served.
 //!
 //! Tags live in memory and in the journal `tags.jsonl` (compacted when it grows to more than
-//! twice its live entries). Each records the [`Grant`] under which the upstream answered;
-//! the server applies `cache.tag_ttl` to `checked_at` and trusts a tag without asking
-//! upstream only for a request with the same grant (see [`super::links`]).
+//! twice its live entries). Each records the [`Grant`] under which the upstream answered.
+//! How old a check is counts here, in one rule ([`TagEntry::checked_within`]), for the cache
+//! and for the pull policy (`crate::pull::manifest`), which trusts a tag without asking
+//! upstream within the tag TTL and only for a request with the same grant (see
+//! [`super::links`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -45,6 +47,15 @@ pub struct TagEntry {
     /// The grant of the request whose upstream check this is; `None` (a record from before
     /// grants, or unreadable) never matches a request.
     pub grant: Option<Grant>,
+}
+
+impl TagEntry {
+    /// Whether the upstream check is less than `ttl` old. A `checked_at` in the future (the
+    /// clock went backwards since) counts as stale: the tag is checked again rather than
+    /// trusted for a time nobody can tell.
+    pub fn checked_within(&self, ttl: Duration) -> bool {
+        self.checked_at.elapsed().is_ok_and(|age| age < ttl)
+    }
 }
 
 pub struct Manifests {
@@ -340,6 +351,22 @@ impl Tags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tag_checked_in_the_future_is_stale() {
+        let entry = |checked_at| TagEntry {
+            digest: Digest::sha256_of(b"m"),
+            checked_at,
+            grant: None,
+        };
+        let now = SystemTime::now();
+        let ttl = Duration::from_secs(60);
+        assert!(entry(now - Duration::from_secs(1)).checked_within(ttl));
+        assert!(!entry(now - Duration::from_secs(61)).checked_within(ttl));
+        // The clock went backwards: not trusted for the TTL from a time yet to come.
+        assert!(!entry(now + Duration::from_secs(30)).checked_within(ttl));
+        assert!(!entry(now + Duration::from_secs(3600)).checked_within(ttl));
+    }
 
     #[tokio::test]
     async fn manifests_verify_and_persist() {

@@ -105,50 +105,37 @@ pub struct UpstreamBody {
     pub stream: BoxStream<'static, Result<bytes::Bytes, io::Error>>,
 }
 
-/// The caller's upstream error, opaque to the cache; handed back to every waiting request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FetchError {
-    /// `status` is HTTP-ish (e.g. 404, 429, 502 for "unreachable") so the caller can map it back.
-    /// `retry_after` carries an upstream 429's `Retry-After` back to every waiting client.
-    #[error("upstream: {status} {message}")]
-    Upstream {
-        status: u16,
-        message: String,
-        retry_after: Option<String>,
-    },
-}
+/// The caller's fetch error, opaque to the cache and handed back intact (shared, not
+/// flattened) to every request waiting on the fill, so each maps the very error the fetch
+/// met; the caller recovers its type with [`FetchError::downcast_ref`].
+#[derive(Clone)]
+pub struct FetchError(Arc<dyn std::error::Error + Send + Sync>);
 
 impl FetchError {
-    pub fn new(status: u16, message: impl Into<String>) -> FetchError {
-        FetchError::Upstream {
-            status,
-            message: message.into(),
-            retry_after: None,
-        }
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> FetchError {
+        FetchError(Arc::new(error))
     }
 
-    pub fn with_retry_after(mut self, value: Option<String>) -> FetchError {
-        let FetchError::Upstream { retry_after, .. } = &mut self;
-        *retry_after = value;
-        self
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref()
     }
+}
 
-    pub fn retry_after(&self) -> Option<&str> {
-        match self {
-            FetchError::Upstream { retry_after, .. } => retry_after.as_deref(),
-        }
+impl std::fmt::Debug for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
     }
+}
 
-    pub fn status(&self) -> u16 {
-        match self {
-            FetchError::Upstream { status, .. } => *status,
-        }
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
     }
+}
 
-    pub fn message(&self) -> &str {
-        match self {
-            FetchError::Upstream { message, .. } => message,
-        }
+impl std::error::Error for FetchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
@@ -879,8 +866,7 @@ impl Cache {
     /// if it was checked more recently (and kept locally with its check time).
     pub async fn tag(&self, repo_key: &str, tag: &str, ttl: Duration) -> Option<TagEntry> {
         let local = self.inner.tags.get(repo_key, tag);
-        let fresh = |e: &TagEntry| e.checked_at.elapsed().is_ok_and(|age| age < ttl);
-        if local.as_ref().is_some_and(fresh) {
+        if local.as_ref().is_some_and(|e| e.checked_within(ttl)) {
             return local;
         }
         let Some(shared) = &self.inner.shared else {

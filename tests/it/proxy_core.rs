@@ -3,7 +3,13 @@
 
 use crate::support;
 
+#[path = "support/hostile.rs"]
+mod hostile;
+
 use std::path::Path;
+use std::time::Duration;
+
+use hostile::{Hostile, Scripted};
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -497,4 +503,96 @@ async fn unreachable_upstream_is_a_bad_gateway() {
         .as_str()
         .unwrap()
         .contains("down.test"));
+}
+
+/// The status, OCI error code and access-log error label a client gets for `GET /v2/{path}`
+/// through a proxy that logs JSON and has served nothing else on `route`.
+async fn failure_seen(
+    proxy: &ProxyProcess,
+    path: &str,
+    route: &str,
+) -> (StatusCode, String, String) {
+    let resp = http_client()
+        .get(format!("{}/v2/{path}", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    let code = body["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let access = || {
+        proxy
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["target"] == "oci_proxy::access" && v["route"] == route)
+    };
+    wait_until(Duration::from_secs(10), "the access line", || async {
+        access().is_some()
+    })
+    .await;
+    let label = access().unwrap()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code, label)
+}
+
+/// A blob's upstream fetch runs inside a cache fill, a manifest's does not; the same upstream
+/// failure must still reach the client as the same error: status, OCI code and the label in
+/// the access log (a token refusal once became `unauthorized` for blobs only, an upstream 502
+/// `unreachable`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_and_a_manifest_get_the_same_error_for_the_same_upstream_failure() {
+    let digest = sha256_digest(b"never pushed");
+    // Wrong password against a token-auth upstream: the token server refuses.
+    let (_tokens, reg) = token_registry(TokenPolicy::puller(USER, PASSWORD, "team/app")).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dc = docker_config(tmp.path(), "token.test", USER, "not-the-password");
+    let token_cfg = trust_registry_realm(
+        &proxy_config(&[("token.test", &reg.url())], Some(&dc)),
+        &reg,
+    );
+    // An upstream answering 502 to both.
+    let bad = Hostile::start().await;
+    for kind in ["manifests", "blobs"] {
+        bad.on(
+            "GET",
+            &format!("/v2/team/app/{kind}/{digest}"),
+            Scripted::new(502),
+        );
+    }
+    let cases = [
+        (
+            "token.test",
+            token_cfg,
+            (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "token"),
+        ),
+        (
+            "bad.test",
+            proxy_config(&[("bad.test", &bad.url())], None),
+            (StatusCode::BAD_GATEWAY, "UNAVAILABLE", "status"),
+        ),
+        (
+            "down.test",
+            proxy_config(
+                &[("down.test", &format!("http://127.0.0.1:{}", free_port()))],
+                None,
+            ),
+            (StatusCode::BAD_GATEWAY, "UNAVAILABLE", "unreachable"),
+        ),
+    ];
+    for (name, config, (status, code, label)) in cases {
+        let proxy = ProxyProcess::start(&format!("log_format: json\n{config}")).await;
+        let base = format!("{name}/team/app");
+        let manifest =
+            failure_seen(&proxy, &format!("{base}/manifests/{digest}"), "manifest").await;
+        let blob = failure_seen(&proxy, &format!("{base}/blobs/{digest}"), "blob").await;
+        let want = (status, code.to_owned(), label.to_owned());
+        assert_eq!(manifest, want, "{name}: manifest");
+        assert_eq!(blob, want, "{name}: blob");
+    }
 }
