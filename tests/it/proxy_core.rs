@@ -3,8 +3,7 @@
 
 use crate::support;
 
-#[path = "support/hostile.rs"]
-mod hostile;
+use crate::support::hostile;
 
 use std::path::Path;
 use std::time::Duration;
