@@ -22,10 +22,14 @@ mod index;
 mod metrics;
 mod model;
 mod selector;
+mod wire;
 
 /// The credentials API the catalog builds on.
 mod creds {
-    pub(crate) use crate::credentials::dockerconfig::DockerConfig;
+    pub(crate) use crate::credentials::dockerconfig::{
+        DockerConfig, DOCKER_CFG_KEY, DOCKER_CONFIG_JSON_KEY, SECRET_TYPE_DOCKERCFG,
+        SECRET_TYPE_DOCKER_CONFIG_JSON,
+    };
     pub(crate) use crate::credentials::keychain::{Keychain, KeychainMatch};
 }
 
