@@ -668,7 +668,6 @@ fn same_selector(a: &SelectorSpec, b: &SelectorSpec) -> bool {
 
 /// `host/repo[:tag][@digest]` → location with tag and digest stripped. A reference without a
 /// registry host is on Docker Hub (`library/` added to one-segment names).
-
 pub fn image_location(reference: &str) -> Result<RepoLocation, String> {
     let without_digest = reference
         .split_once('@')
