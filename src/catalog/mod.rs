@@ -15,7 +15,6 @@
 
 pub mod kube;
 
-mod adapters;
 mod explain;
 mod files;
 mod index;
@@ -369,6 +368,12 @@ impl Catalog {
                 secret: secret.to_string(),
             },
         }
+    }
+
+    /// `Some(insecure)` when the catalog names `host`: whether `repository` on it is reached
+    /// over plain HTTP (see `routing::HostSource`).
+    pub fn scheme(&self, host: &str, repository: &str) -> Option<bool> {
+        self.current().scheme(host, repository)
     }
 
     /// Everything `oci-proxy resolve` prints about `<registry_host>/<repository>`.

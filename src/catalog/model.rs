@@ -35,6 +35,7 @@ use super::wire::{
     Access, Descriptor, Field, Head, Kyma, Label, ManifestSpec, Metadata, ReleaseMetaSpec,
     RepositoryContext, Resource, TemplateSpec,
 };
+use crate::protocol::grammar::names_registry_host;
 
 /// The descriptor label holding a module's credential selector.
 pub const OCI_REGISTRY_CRED_LABEL: &str = "oci-registry-cred";
@@ -89,7 +90,7 @@ impl RepoLocation {
     /// the upstream location the proxy routes it to, by the rules every client request
     /// follows: `<proxy host>/<registry>/<path>` (an operator's ModuleTemplate `baseUrl`
     /// through the proxy) is `<registry>/<path>` when `<registry>` is a registry host by the
-    /// client rules (see [`crate::routing::names_registry_host`]); any other path (LM ≥ 1.8's
+    /// client rules (see [`names_registry_host`]); any other path (LM ≥ 1.8's
     /// Manifest `repo: <proxy>/modules`) is on `own_upstream` (`default_upstream`). The
     /// upstream's own config decides its scheme. `false` when the location names nothing the
     /// proxy can route (no default upstream): it must be dropped, never turned into a host.
@@ -101,7 +102,7 @@ impl RepoLocation {
             return true;
         }
         if let Some((registry, rest)) = self.repository.split_once('/') {
-            if crate::routing::names_registry_host(registry) && !rest.is_empty() {
+            if names_registry_host(registry) && !rest.is_empty() {
                 self.host = registry.to_ascii_lowercase();
                 self.repository = rest.to_owned();
                 self.insecure = false;
@@ -378,7 +379,7 @@ pub fn split_location(url: &str) -> Result<(String, String, bool), String> {
     };
     let rest = rest.trim_matches('/');
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if !crate::routing::names_registry_host(host) {
+    if !names_registry_host(host) {
         return Err(format!("{host:?} is not a registry host"));
     }
     Ok((
