@@ -1,6 +1,7 @@
-//! Every Prometheus metric family of the proxy (the cache registers its own into the same
-//! registry; the catalog's are registered here, see [`CatalogMetrics`]). Labels are bounded: route classes, status classes, upstream names (from config
-//! and the module catalog), outcomes.
+//! The proxy's own Prometheus metric families, and the registry every part registers into
+//! (the cache and the module catalog register their own families there, so this module
+//! depends on neither). Labels are bounded: route classes, status classes, upstream names
+//! (from config and the module catalog), outcomes.
 
 use std::time::Duration;
 
@@ -8,12 +9,8 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
-use crate::catalog::CatalogMetrics;
-
 pub struct Metrics {
     pub registry: Registry,
-    /// The module catalog's families; here because a reload may start a new catalog.
-    pub catalog: CatalogMetrics,
     requests: IntCounterVec,
     request_seconds: HistogramVec,
     response_bytes: IntCounterVec,
@@ -147,9 +144,7 @@ impl Metrics {
         }
         registry.register(Box::new(request_seconds.clone()))?;
         registry.register(Box::new(upstream_seconds.clone()))?;
-        let catalog = CatalogMetrics::register(&registry)?;
         Ok(Metrics {
-            catalog,
             registry,
             requests,
             request_seconds,

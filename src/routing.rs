@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use crate::protocol::grammar::is_registry_host;
+pub use crate::protocol::grammar::names_registry_host;
 use crate::protocol::{ErrorCode, OciError, Repository};
 use crate::upstream::{Upstream, Upstreams};
 
@@ -32,15 +33,6 @@ pub trait HostSource: Send + Sync {
     /// `Some(insecure)` when the host is named by the catalog: whether `repository` on it is
     /// reached over plain HTTP.
     fn lookup_host(&self, host: &str, repository: &str) -> Option<bool>;
-}
-
-/// Whether a path segment names a registry host by the client rules: a valid host name that
-/// contains a dot or a port, or is `localhost`.
-pub fn names_registry_host(segment: &str) -> bool {
-    is_registry_host(segment)
-        && (segment.contains('.')
-            || segment.contains(':')
-            || segment.eq_ignore_ascii_case("localhost"))
 }
 
 /// Resolves a validated request name (and containerd's `ns=`) to a target:

@@ -15,17 +15,20 @@
 
 pub mod kube;
 
-mod adapters;
 mod explain;
 mod files;
 mod index;
 mod metrics;
 mod model;
 mod selector;
+mod wire;
 
 /// The credentials API the catalog builds on.
 mod creds {
-    pub(crate) use crate::credentials::dockerconfig::DockerConfig;
+    pub(crate) use crate::credentials::dockerconfig::{
+        DockerConfig, DOCKER_CFG_KEY, DOCKER_CONFIG_JSON_KEY, SECRET_TYPE_DOCKERCFG,
+        SECRET_TYPE_DOCKER_CONFIG_JSON,
+    };
     pub(crate) use crate::credentials::keychain::{Keychain, KeychainMatch};
 }
 
@@ -365,6 +368,12 @@ impl Catalog {
                 secret: secret.to_string(),
             },
         }
+    }
+
+    /// `Some(insecure)` when the catalog names `host`: whether `repository` on it is reached
+    /// over plain HTTP (see `routing::HostSource`).
+    pub fn scheme(&self, host: &str, repository: &str) -> Option<bool> {
+        self.current().scheme(host, repository)
     }
 
     /// Everything `oci-proxy resolve` prints about `<registry_host>/<repository>`.

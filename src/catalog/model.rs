@@ -1,26 +1,41 @@
 //! The Kubernetes objects the catalog understands, parsed from JSON as `kubectl get -o json`
-//! gives them (YAML documents are converted to JSON first): ModuleTemplates
-//! (`operator.kyma-project.io` v1beta2, tolerating v1beta1/v1alpha1), ModuleReleaseMetas,
-//! Manifests, and pull Secrets (`kubernetes.io/dockerconfigjson`, legacy
-//! `kubernetes.io/dockercfg`).
+//! gives them (YAML documents are converted to JSON first; the Kubernetes source hands over
+//! the same shape): ModuleTemplates (`operator.kyma-project.io` v1beta2, tolerating
+//! v1beta1/v1alpha1), ModuleReleaseMetas, Manifests, and pull Secrets
+//! (`kubernetes.io/dockerconfigjson`, legacy `kubernetes.io/dockercfg`).
 //!
-//! Every Lifecycle Manager era must parse: label-era templates with a full descriptor, and
-//! current ones (`modulectl` writes `descriptor: {}` or none, and puts `moduleName`,
-//! `version`, `info`, `manager`, ... beside it; the OCM component name moves to the
-//! ModuleReleaseMeta). Parsing is lenient about unknown fields and strict about what decides
-//! credentials: a descriptor that is there but has no usable repository context is an error
-//! (the caller skips the object), and a bad `oci-registry-cred` label becomes
-//! [`SelectorSpec::Invalid`] so the module is denied rather than silently served with someone
-//! else's credentials.
+//! Objects are deserialized into typed shapes ([`super::wire`] for the CRDs, `k8s-openapi`'s
+//! `Secret` read by the credentials' own [`DockerConfig::from_kubernetes_secret`]), and this
+//! module turns them into the catalog's model. Every Lifecycle Manager era must parse:
+//! label-era templates with a full descriptor, and current ones (`modulectl` writes
+//! `descriptor: {}` or none, and puts `moduleName`, `version`, `info`, `manager`, ... beside
+//! it; the OCM component name moves to the ModuleReleaseMeta). The shapes are lenient about
+//! unknown and malformed fields; the checks here are strict about what decides credentials: a
+//! descriptor that is there but has no usable repository context is an error (the caller
+//! skips the object), and a bad `oci-registry-cred` label becomes [`SelectorSpec::Invalid`] so
+//! the module is denied rather than silently served with someone else's credentials. Errors
+//! never quote a value.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
+use k8s_openapi::api::core::v1::Secret as K8sSecret;
+use k8s_openapi::ByteString;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::creds::DockerConfig;
+use super::creds::{
+    DockerConfig, DOCKER_CFG_KEY, DOCKER_CONFIG_JSON_KEY, SECRET_TYPE_DOCKERCFG,
+    SECRET_TYPE_DOCKER_CONFIG_JSON,
+};
 use super::selector::Selector;
+use super::wire::{
+    Access, Descriptor, Field, Head, Kyma, Label, ManifestSpec, Metadata, ReleaseMetaSpec,
+    RepositoryContext, Resource, TemplateSpec,
+};
+use crate::protocol::grammar::names_registry_host;
 
 /// The descriptor label holding a module's credential selector.
 pub const OCI_REGISTRY_CRED_LABEL: &str = "oci-registry-cred";
@@ -75,7 +90,7 @@ impl RepoLocation {
     /// the upstream location the proxy routes it to, by the rules every client request
     /// follows: `<proxy host>/<registry>/<path>` (an operator's ModuleTemplate `baseUrl`
     /// through the proxy) is `<registry>/<path>` when `<registry>` is a registry host by the
-    /// client rules (see [`crate::routing::names_registry_host`]); any other path (LM ≥ 1.8's
+    /// client rules (see [`names_registry_host`]); any other path (LM ≥ 1.8's
     /// Manifest `repo: <proxy>/modules`) is on `own_upstream` (`default_upstream`). The
     /// upstream's own config decides its scheme. `false` when the location names nothing the
     /// proxy can route (no default upstream): it must be dropped, never turned into a host.
@@ -87,7 +102,7 @@ impl RepoLocation {
             return true;
         }
         if let Some((registry, rest)) = self.repository.split_once('/') {
-            if crate::routing::names_registry_host(registry) && !rest.is_empty() {
+            if names_registry_host(registry) && !rest.is_empty() {
                 self.host = registry.to_ascii_lowercase();
                 self.repository = rest.to_owned();
                 self.insecure = false;
@@ -299,69 +314,59 @@ impl Object {
 
 /// `Kind namespace/name` of a raw object, for warnings about objects that do not parse.
 pub fn describe(v: &Value) -> String {
-    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("object");
-    let meta = v.get("metadata");
-    let ns = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>");
-    format!("{kind} {ns}/{name}")
+    let head = Head::deserialize(v).unwrap_or_default();
+    let meta = head.metadata.ok().unwrap_or_default();
+    format!(
+        "{} {}/{}",
+        head.kind.as_str().unwrap_or("object"),
+        meta.namespace.as_str().unwrap_or("default"),
+        meta.name.as_str().unwrap_or("<unnamed>")
+    )
 }
 
 /// Parses one object. `Ok(None)` for kinds the catalog ignores.
 pub fn parse_object(v: &Value) -> Result<Option<Object>, ModelError> {
-    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let api_version = v
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    // Not an object at all: nothing the catalog reads.
+    let head = Head::deserialize(v).unwrap_or_default();
+    let kind = head.kind.as_str().unwrap_or_default();
+    let api_version = head.api_version.as_str().unwrap_or_default();
     let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
     match (kind, group) {
         ("ModuleTemplate", KYMA_GROUP) => {
-            parse_module_template(v).map(|m| Some(Object::ModuleTemplate(m)))
+            parse_module_template(v, api_version).map(|m| Some(Object::ModuleTemplate(m)))
         }
         ("ModuleReleaseMeta", KYMA_GROUP) => {
             parse_module_release_meta(v).map(|m| Some(Object::ModuleReleaseMeta(m)))
         }
         ("Manifest", KYMA_GROUP) => parse_manifest(v).map(|m| Some(Object::Manifest(m))),
-        ("Secret", "") => parse_secret(v).map(|s| Some(Object::Secret(s))),
+        ("Secret", "") => {
+            parse_secret(v, head.metadata.as_ref().ok()).map(|s| Some(Object::Secret(s)))
+        }
         _ => Ok(None),
     }
 }
 
-fn object_ref(v: &Value, fallback_name: Option<&str>) -> Result<ObjectRef, ModelError> {
-    let meta = v.get("metadata");
+/// A Kyma object's typed form. Its metadata and everything outside `spec` cannot fail; a
+/// `spec` of the wrong shape is an error that names no value.
+fn kyma<S: DeserializeOwned>(v: &Value) -> Result<Kyma<S>, ModelError> {
+    Kyma::deserialize(v).map_err(|e| invalid("spec", without_content(&e)))
+}
+
+fn object_ref(
+    meta: Option<&Metadata>,
+    fallback_name: Option<&str>,
+) -> Result<ObjectRef, ModelError> {
     let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
+        .and_then(|m| m.name.non_empty())
         .or(fallback_name)
         .ok_or(ModelError::Missing("metadata.name"))?;
     let namespace = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
+        .and_then(|m| m.namespace.non_empty())
         .unwrap_or("default");
     Ok(ObjectRef {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
     })
-}
-
-/// A field that may be embedded as an object or as a JSON/YAML string (RawExtension).
-fn embedded(v: &Value) -> Option<Value> {
-    match v {
-        Value::Object(_) => Some(v.clone()),
-        Value::String(s) => serde_json::from_str(s)
-            .ok()
-            .or_else(|| serde_yaml::from_str::<Value>(s).ok())
-            .filter(Value::is_object),
-        _ => None,
-    }
 }
 
 /// `http(s)://host/path` → (host lower-cased, path without slashes at either end, insecure).
@@ -374,7 +379,7 @@ pub fn split_location(url: &str) -> Result<(String, String, bool), String> {
     };
     let rest = rest.trim_matches('/');
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if !crate::routing::names_registry_host(host) {
+    if !names_registry_host(host) {
         return Err(format!("{host:?} is not a registry host"));
     }
     Ok((
@@ -393,46 +398,24 @@ fn join_path(parts: &[&str]) -> String {
         .join("/")
 }
 
-/// The component-descriptor shape: OCM v2 (`component`) or v3alpha1 (`metadata` + `spec`).
-struct ComponentView<'a> {
-    name: Option<&'a str>,
-    version: Option<&'a str>,
-    labels: Option<&'a Value>,
-    repository_contexts: Option<&'a Value>,
-    resources: Option<&'a Value>,
-}
-
-fn component_view(descriptor: &Value) -> Option<ComponentView<'_>> {
-    if let Some(c) = descriptor.get("component").filter(|c| c.is_object()) {
-        return Some(ComponentView {
-            name: c.get("name").and_then(Value::as_str),
-            version: c.get("version").and_then(Value::as_str),
-            labels: c.get("labels"),
-            repository_contexts: c.get("repositoryContexts"),
-            resources: c.get("resources"),
-        });
-    }
-    let meta = descriptor.get("metadata")?;
-    Some(ComponentView {
-        name: meta.get("name").and_then(Value::as_str),
-        version: meta.get("version").and_then(Value::as_str),
-        labels: meta.get("labels"),
-        repository_contexts: descriptor.get("repositoryContexts"),
-        resources: descriptor.get("spec").and_then(|s| s.get("resources")),
-    })
-}
-
 fn access_type_is(t: &str, names: &[&str]) -> bool {
     let base = t.strip_suffix("/v1").unwrap_or(t);
     names.iter().any(|n| base.eq_ignore_ascii_case(n))
 }
 
-fn find_label<'a>(labels: Option<&'a Value>, name: &str) -> Option<&'a Value> {
-    labels?
-        .as_array()?
+/// The value of the first label called `name`; `null` when it has none.
+fn find_label<'a>(labels: &'a Field<Vec<Field<Label>>>, name: &str) -> Option<&'a Value> {
+    let Field::Valid(labels) = labels else {
+        return None;
+    };
+    labels
         .iter()
-        .find(|l| l.get("name").and_then(Value::as_str) == Some(name))
-        .map(|l| l.get("value").unwrap_or(&Value::Null))
+        .filter_map(|l| match l {
+            Field::Valid(l) => Some(l),
+            _ => None,
+        })
+        .find(|l| l.name.as_str() == Some(name))
+        .map(|l| &l.value)
 }
 
 fn selector_from_label(value: &Value, origin: String) -> SelectorSpec {
@@ -445,36 +428,60 @@ fn selector_from_label(value: &Value, origin: String) -> SelectorSpec {
     }
 }
 
-/// The fields of a ModuleTemplate's `spec` the catalog reads; everything else (`info`,
-/// `manager`, `associatedResources`, `data`, fields of future LM versions) is ignored.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct TemplateSpec {
-    module_name: Option<String>,
-    version: Option<String>,
-    descriptor: Option<Value>,
+/// The parts of a component descriptor the catalog reads, whichever OCM version wrote it.
+struct ComponentView<'a> {
+    name: Option<&'a str>,
+    version: Option<&'a str>,
+    labels: &'a Field<Vec<Field<Label>>>,
+    repository_contexts: &'a Field<Vec<Field<RepositoryContext>>>,
+    resources: &'a Field<Vec<Field<Resource>>>,
 }
 
-fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
-    let id = object_ref(v, None)?;
-    let api_version = v
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let raw_spec = v.get("spec").ok_or(ModelError::Missing("spec"))?;
-    let spec: TemplateSpec = serde_json::from_value(raw_spec.clone())
-        .map_err(|e| invalid("spec", without_content(&e)))?;
+static NO_RESOURCES: Field<Vec<Field<Resource>>> = Field::Absent;
+
+impl Descriptor {
+    /// A descriptor that names a component (v2 `component` or v3alpha1 `metadata`), written
+    /// in any shape: `descriptor: {}` (modulectl since 2025-10) names none.
+    fn names_component(&self) -> bool {
+        self.component.is_present() || self.metadata.is_present()
+    }
+
+    fn view(&self) -> Option<ComponentView<'_>> {
+        if let Field::Valid(c) = &self.component {
+            return Some(ComponentView {
+                name: c.name.as_str(),
+                version: c.version.as_str(),
+                labels: &c.labels,
+                repository_contexts: &c.repository_contexts,
+                resources: &c.resources,
+            });
+        }
+        let Field::Valid(meta) = &self.metadata else {
+            return None;
+        };
+        Some(ComponentView {
+            name: meta.name.as_str(),
+            version: meta.version.as_str(),
+            labels: &meta.labels,
+            repository_contexts: &self.repository_contexts,
+            resources: match &self.spec {
+                Field::Valid(s) => &s.resources,
+                _ => &NO_RESOURCES,
+            },
+        })
+    }
+}
+
+fn parse_module_template(v: &Value, api_version: &str) -> Result<ModuleTemplate, ModelError> {
+    let object: Kyma<TemplateSpec> = kyma(v)?;
+    let id = object_ref(object.metadata.as_ref().ok(), None)?;
+    let api_version = api_version.to_owned();
+    let spec = object.spec.ok_or(ModelError::Missing("spec"))?;
     let module_name = spec.module_name.filter(|n| !n.is_empty());
     let top_version = spec.version.filter(|n| !n.is_empty());
-    // `descriptor: {}` (modulectl since 2025-10) or none: a current template. Only a
-    // descriptor that has a component is read, and then strictly.
-    let descriptor = spec
-        .descriptor
-        .as_ref()
-        .and_then(embedded)
-        .filter(|d| d.get("component").is_some() || d.get("metadata").is_some());
-    let Some(descriptor) = descriptor else {
+    // `descriptor: {}` or none: a current template. Only a descriptor that has a component is
+    // read, and then strictly.
+    let Some(descriptor) = spec.descriptor.0.filter(Descriptor::names_component) else {
         return Ok(ModuleTemplate {
             id,
             api_version,
@@ -487,7 +494,9 @@ fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
             images: Vec::new(),
         });
     };
-    let c = component_view(&descriptor).ok_or(ModelError::Missing("spec.descriptor.component"))?;
+    let c = descriptor
+        .view()
+        .ok_or(ModelError::Missing("spec.descriptor.component"))?;
     let component = c
         .name
         .filter(|n| !n.is_empty())
@@ -495,39 +504,35 @@ fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
         .to_owned();
 
     // OCM's effective repository context is the last one.
-    let ctx = c
-        .repository_contexts
-        .and_then(Value::as_array)
-        .and_then(|a| a.last())
-        .ok_or(ModelError::Missing(
-            "spec.descriptor.component.repositoryContexts",
-        ))?;
+    let ctx = match c.repository_contexts {
+        Field::Valid(contexts) => contexts.last(),
+        _ => None,
+    }
+    .ok_or(ModelError::Missing(
+        "spec.descriptor.component.repositoryContexts",
+    ))?;
+    let default_ctx = RepositoryContext::default();
+    let ctx = match ctx {
+        Field::Valid(ctx) => ctx,
+        Field::Absent | Field::Malformed => &default_ctx,
+    };
     const CTX: &str = "spec.descriptor.component.repositoryContexts[-1]";
-    let ctx_type = ctx
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("OCIRegistry");
+    let ctx_type = ctx.type_.as_str().unwrap_or("OCIRegistry");
     if !access_type_is(ctx_type, &["OCIRegistry"]) {
         return Err(invalid(CTX, format!("unsupported type {ctx_type:?}")));
     }
-    let mapping = ctx
-        .get("componentNameMapping")
-        .and_then(Value::as_str)
-        .unwrap_or("urlPath");
+    let mapping = ctx.component_name_mapping.as_str().unwrap_or("urlPath");
     if mapping != "urlPath" {
         return Err(invalid(
             CTX,
             format!("unsupported componentNameMapping {mapping:?}"),
         ));
     }
-    let base_url = ctx
-        .get("baseUrl")
-        .and_then(Value::as_str)
-        .ok_or(ModelError::Missing(
-            "spec.descriptor.component.repositoryContexts[-1].baseUrl",
-        ))?;
+    let base_url = ctx.base_url.as_str().ok_or(ModelError::Missing(
+        "spec.descriptor.component.repositoryContexts[-1].baseUrl",
+    ))?;
     let (host, base_path, insecure) = split_location(base_url).map_err(|m| invalid(CTX, m))?;
-    let sub_path = ctx.get("subPath").and_then(Value::as_str).unwrap_or("");
+    let sub_path = ctx.sub_path.as_str().unwrap_or("");
     let descriptor_repository = RepoLocation {
         host,
         repository: join_path(&[&base_path, sub_path, COMPONENT_DESCRIPTORS, &component]),
@@ -537,25 +542,36 @@ fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
     let mut local_blobs = Vec::new();
     let mut images = Vec::new();
     let mut resource_selector: Option<(bool, SelectorSpec)> = None;
-    for r in c.resources.and_then(Value::as_array).into_iter().flatten() {
-        let name = r.get("name").and_then(Value::as_str).unwrap_or("<unnamed>");
-        let access = r.get("access");
-        let atype = access
-            .and_then(|a| a.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let field = |k: &str| access.and_then(|a| a.get(k)).and_then(Value::as_str);
+    let resources = match c.resources {
+        Field::Valid(r) => r.as_slice(),
+        _ => &[],
+    };
+    let default_resource = Resource::default();
+    let default_access = Access::default();
+    for r in resources {
+        let r = match r {
+            Field::Valid(r) => r,
+            Field::Absent | Field::Malformed => &default_resource,
+        };
+        let name = r.name.as_str().unwrap_or("<unnamed>");
+        let access = match &r.access {
+            Field::Valid(a) => a,
+            Field::Absent | Field::Malformed => &default_access,
+        };
+        let atype = access.type_.as_str().unwrap_or("");
         if access_type_is(atype, &["localOciBlob", "localBlob"]) {
-            let digest = field("digest")
-                .or_else(|| field("localReference"))
+            let digest = access
+                .digest
+                .as_str()
+                .or_else(|| access.local_reference.as_str())
                 .unwrap_or("");
             local_blobs.push(LocalBlob {
                 resource: name.to_owned(),
                 access_type: atype.to_owned(),
                 digest: digest.to_owned(),
-                media_type: field("mediaType").map(str::to_owned),
+                media_type: access.media_type.as_str().map(str::to_owned),
             });
-            if let Some(value) = find_label(r.get("labels"), OCI_REGISTRY_CRED_LABEL) {
+            if let Some(value) = find_label(&r.labels, OCI_REGISTRY_CRED_LABEL) {
                 let spec = selector_from_label(
                     value,
                     format!("label {OCI_REGISTRY_CRED_LABEL} of resource {name}"),
@@ -573,7 +589,7 @@ fn parse_module_template(v: &Value) -> Result<ModuleTemplate, ModelError> {
                 }
             }
         } else if access_type_is(atype, &["ociArtifact", "ociImage", "ociRegistry"]) {
-            if let Some(image) = field("imageReference") {
+            if let Some(image) = access.image_reference.as_str() {
                 match image_location(image) {
                     Ok(location) => images.push(ModuleImage {
                         resource: name.to_owned(),
@@ -617,39 +633,10 @@ fn without_content(e: &serde_json::Error) -> String {
     }
 }
 
-/// `spec` of a ModuleReleaseMeta as LM defines it (`api/v1beta2/modulereleasemeta_types.go`).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct ReleaseMetaSpec {
-    module_name: Option<String>,
-    ocm_component_name: Option<String>,
-    channels: Option<Vec<ChannelVersion>>,
-    mandatory: Option<Mandatory>,
-    beta: Option<bool>,
-    internal: Option<bool>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct ChannelVersion {
-    channel: Option<String>,
-    version: Option<String>,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct Mandatory {
-    version: Option<String>,
-}
-
 fn parse_module_release_meta(v: &Value) -> Result<ModuleReleaseMeta, ModelError> {
-    let id = object_ref(v, None)?;
-    let spec: ReleaseMetaSpec = match v.get("spec") {
-        None | Some(Value::Null) => ReleaseMetaSpec::default(),
-        Some(s) => {
-            serde_json::from_value(s.clone()).map_err(|e| invalid("spec", without_content(&e)))?
-        }
-    };
+    let object: Kyma<ReleaseMetaSpec> = kyma(v)?;
+    let id = object_ref(object.metadata.as_ref().ok(), None)?;
+    let spec = object.spec.unwrap_or_default();
     let non_empty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
     Ok(ModuleReleaseMeta {
         id,
@@ -711,36 +698,32 @@ pub fn image_location(reference: &str) -> Result<RepoLocation, String> {
 }
 
 fn parse_manifest(v: &Value) -> Result<Manifest, ModelError> {
-    let annotations = v.get("metadata").and_then(|m| m.get("annotations"));
-    let fallback = annotations.and_then(|a| {
-        a.get("operator.kyma-project.io/ocm-component-name")
-            .or_else(|| a.get("operator.kyma-project.io/fqdn"))
-            .and_then(Value::as_str)
-    });
-    let id = object_ref(v, fallback)?;
-    let spec = v.get("spec").ok_or(ModelError::Missing("spec"))?;
+    let object: Kyma<ManifestSpec> = kyma(v)?;
+    let meta = object.metadata.as_ref().ok();
+    let annotation = |key: &str| {
+        meta.and_then(|m| match &m.annotations {
+            Field::Valid(a) => a.get(key).and_then(Field::as_str),
+            _ => None,
+        })
+    };
+    let fallback = annotation("operator.kyma-project.io/ocm-component-name")
+        .or_else(|| annotation("operator.kyma-project.io/fqdn"));
+    let id = object_ref(meta, fallback)?;
+    let spec = object.spec.ok_or(ModelError::Missing("spec"))?;
+    let install = spec.install.ok().and_then(|i| i.source.0);
     let mut sources = Vec::new();
-    let candidates = [
-        (
-            "spec.install.source",
-            spec.get("install").and_then(|i| i.get("source")),
-        ),
-        ("spec.config", spec.get("config")),
-    ];
-    for (field, raw) in candidates {
-        let Some(src) = raw.and_then(embedded) else {
-            continue;
-        };
-        let (Some(repo), Some(name)) = (
-            src.get("repo").and_then(Value::as_str),
-            src.get("name").and_then(Value::as_str),
-        ) else {
+    for (field, src) in [
+        ("spec.install.source", install),
+        ("spec.config", spec.config.0),
+    ] {
+        let Some(src) = src else { continue };
+        let (Some(repo), Some(name)) = (src.repo.as_str(), src.name.as_str()) else {
             continue;
         };
         let (host, path, insecure) = split_location(repo).map_err(|m| invalid(field, m))?;
-        let selector = match src.get("credSecretSelector") {
-            None | Some(Value::Null) => SelectorSpec::None,
-            Some(sel) => match Selector::from_label_selector(sel) {
+        let selector = match &src.cred_secret_selector {
+            Value::Null => SelectorSpec::None,
+            sel => match Selector::from_label_selector(sel) {
                 Ok(selector) => SelectorSpec::Valid {
                     selector,
                     origin: format!("{field}.credSecretSelector"),
@@ -765,83 +748,74 @@ fn parse_manifest(v: &Value) -> Result<Manifest, ModelError> {
                 repository,
                 insecure,
             },
-            reference: src.get("ref").and_then(Value::as_str).map(str::to_owned),
+            reference: src.reference.as_str().map(str::to_owned),
             selector,
         });
     }
     Ok(Manifest { id, sources })
 }
 
-use crate::credentials::dockerconfig::{
-    DOCKER_CFG_KEY, DOCKER_CONFIG_JSON_KEY, SECRET_TYPE_DOCKERCFG, SECRET_TYPE_DOCKER_CONFIG_JSON,
-};
-
-fn parse_secret(v: &Value) -> Result<PullSecret, ModelError> {
-    let id = object_ref(v, None)?;
-    let labels = v
-        .get("metadata")
-        .and_then(|m| m.get("labels"))
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
-    let secret_type = v
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("Opaque")
-        .to_owned();
+/// A Secret through `k8s-openapi`'s type and the credentials' own parser
+/// ([`DockerConfig::from_kubernetes_secret`]). Before it is typed, the Secret is cut down to
+/// the one key its type carries registry credentials in (nothing else of it is kept), and that
+/// key's base64 is decoded here: leniently about whitespace (files wrap long lines), and with
+/// an error that names the key, never the content.
+fn parse_secret(v: &Value, meta: Option<&Metadata>) -> Result<PullSecret, ModelError> {
+    let id = object_ref(meta, None)?;
+    let head = SecretHead::deserialize(v).unwrap_or_default();
+    let secret_type = head.type_.ok().unwrap_or_else(|| "Opaque".to_owned());
     let key = match secret_type.as_str() {
         SECRET_TYPE_DOCKER_CONFIG_JSON => Some(DOCKER_CONFIG_JSON_KEY),
         SECRET_TYPE_DOCKERCFG => Some(DOCKER_CFG_KEY),
         _ => None,
     };
-    let config = match key {
-        None => None,
-        Some(key) => match secret_data(v, key)? {
-            None => None,
-            Some(bytes) if bytes.is_empty() => None,
-            Some(bytes) => {
-                let parsed = if key == DOCKER_CFG_KEY {
-                    DockerConfig::from_dockercfg(&bytes)
-                } else {
-                    DockerConfig::from_dockerconfigjson(&bytes)
-                };
-                Some(parsed.map_err(|e| invalid("data", format!("{key}: {e}")))?)
+    let (mut data, mut string_data) = (None, None);
+    if let Some(key) = key {
+        // `stringData` (plain) wins over `data` (base64), as the API server merges them.
+        match (head.string_data.get(key), head.data.get(key)) {
+            (Some(Field::Valid(plain)), _) => {
+                string_data = Some(BTreeMap::from([(key.to_owned(), plain.clone())]));
             }
-        },
-    };
+            (_, Some(Field::Valid(b64))) => {
+                let cleaned: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(cleaned)
+                    .map_err(|_| invalid("data", format!("{key} is not valid base64")))?;
+                data = Some(BTreeMap::from([(key.to_owned(), ByteString(bytes))]));
+            }
+            (_, Some(Field::Malformed)) => {
+                return Err(invalid("data", format!("{key} is not a string")));
+            }
+            _ => {}
+        }
+    }
+    let mut v = v.clone();
+    if let Value::Object(m) = &mut v {
+        m.remove("data");
+        m.remove("stringData");
+    }
+    let mut secret =
+        K8sSecret::deserialize(&v).map_err(|e| invalid("metadata", without_content(&e)))?;
+    secret.data = data;
+    secret.string_data = string_data;
+    let config = DockerConfig::from_kubernetes_secret(&secret)
+        .map_err(|e| invalid("data", format!("{}: {e}", key.unwrap_or_default())))?;
     Ok(PullSecret {
         id,
-        labels,
+        labels: secret.metadata.labels.unwrap_or_default(),
         secret_type,
         config,
     })
 }
 
-/// The bytes of one Secret key: `stringData` (plain) wins over `data` (base64), as the API
-/// server merges them.
-fn secret_data(v: &Value, key: &str) -> Result<Option<Vec<u8>>, ModelError> {
-    if let Some(s) = v
-        .get("stringData")
-        .and_then(|d| d.get(key))
-        .and_then(Value::as_str)
-    {
-        return Ok(Some(s.as_bytes().to_vec()));
-    }
-    match v.get("data").and_then(|d| d.get(key)) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(b64)) => {
-            let cleaned: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-            base64::engine::general_purpose::STANDARD
-                .decode(cleaned)
-                .map(Some)
-                .map_err(|_| invalid("data", format!("{key} is not valid base64")))
-        }
-        Some(_) => Err(invalid("data", format!("{key} is not a string"))),
-    }
+/// What [`parse_secret`] reads before the Secret is typed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct SecretHead {
+    #[serde(rename = "type")]
+    type_: Field<String>,
+    data: BTreeMap<String, Field<String>>,
+    string_data: BTreeMap<String, Field<String>>,
 }
 
 #[cfg(test)]
@@ -1106,6 +1080,113 @@ mod tests {
                 .is_none()
         );
         assert!(parse_object(&json!("string")).unwrap().is_none());
+    }
+
+    #[test]
+    fn v3alpha1_descriptor_and_a_string_embedded_descriptor() {
+        let descriptor = json!({
+            "meta": {"schemaVersion": "v3alpha1"},
+            "metadata": {"name": "kyma-project.io/module/y", "version": "2.0.0",
+                "labels": [{"name": "oci-registry-cred", "value": {"team": "y"}}]},
+            "repositoryContexts": [{"baseUrl": "reg.io/base", "type": "OCIRegistry", "subPath": "sub"}],
+            "spec": {"resources": [{"name": "raw-manifest",
+                "access": {"type": "localOciBlob", "digest": "sha256:01", "mediaType": "application/x-tar"}}]}
+        });
+        for embedded in [descriptor.clone(), Value::String(descriptor.to_string())] {
+            let m = module(&json!({"apiVersion": "operator.kyma-project.io/v1beta2",
+                "kind": "ModuleTemplate", "metadata": {"name": "m", "namespace": "ns"},
+                "spec": {"descriptor": embedded}}));
+            assert_eq!(m.component.as_deref(), Some("kyma-project.io/module/y"));
+            assert_eq!(m.version.as_deref(), Some("2.0.0"));
+            assert_eq!(
+                m.descriptor_repository.unwrap().to_string(),
+                "reg.io/base/sub/component-descriptors/kyma-project.io/module/y"
+            );
+            assert_eq!(m.local_blobs[0].digest, "sha256:01");
+            let SelectorSpec::Valid { selector, .. } = &m.selector else {
+                panic!("{:?}", m.selector)
+            };
+            assert_eq!(selector.to_string(), "team=y");
+        }
+    }
+
+    #[test]
+    fn fields_of_the_wrong_shape_count_as_absent_where_they_decide_nothing() {
+        // A label that is not an object, a resource without access, a numeric mediaType:
+        // ignored one by one; the credential label beside them still counts.
+        let m = module(&json!({"apiVersion": "operator.kyma-project.io/v1beta2",
+        "kind": "ModuleTemplate", "metadata": {"name": "m", "namespace": 7},
+        "spec": {"moduleName": "x", "info": {"future": true}, "descriptor": {"component": {
+            "name": "c", "repositoryContexts": ["junk", {"baseUrl": "r.io"}],
+            "labels": ["junk", {"name": "oci-registry-cred", "value": "{\"k\":\"v\"}"}],
+            "resources": ["junk", {"name": "n"},
+                {"name": "raw-manifest", "access": {"type": "localBlob", "localReference": "sha256:02", "mediaType": 1}}]
+        }}}}));
+        assert_eq!(m.id.to_string(), "default/m");
+        assert_eq!(m.module_name.as_deref(), Some("x"));
+        assert_eq!(m.descriptor_repository.unwrap().host, "r.io");
+        assert_eq!(m.local_blobs.len(), 1);
+        assert_eq!(m.local_blobs[0].digest, "sha256:02");
+        assert_eq!(m.local_blobs[0].media_type, None);
+        assert!(matches!(m.selector, SelectorSpec::Valid { .. }));
+        // The last repository context decides: one that is not an object has no baseUrl.
+        let last_junk = json!({"apiVersion": "operator.kyma-project.io/v1beta2",
+            "kind": "ModuleTemplate", "metadata": {"name": "m"},
+            "spec": {"descriptor": {"component": {"name": "c",
+                "repositoryContexts": [{"baseUrl": "r.io"}, "junk"]}}}});
+        assert_eq!(
+            parse_object(&last_junk).unwrap_err(),
+            ModelError::Missing("spec.descriptor.component.repositoryContexts[-1].baseUrl")
+        );
+        // A typed spec field of the wrong type is an error that quotes nothing.
+        let bad_spec = json!({"apiVersion": "operator.kyma-project.io/v1beta2",
+            "kind": "ModuleTemplate", "metadata": {"name": "m"},
+            "spec": {"moduleName": ["s3cr3t-looking"]}});
+        let e = parse_object(&bad_spec).unwrap_err().to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+    }
+
+    #[test]
+    fn secrets_keep_only_their_credential_key_and_errors_quote_nothing() {
+        let cfg = base64::engine::general_purpose::STANDARD
+            .encode(r#"{"auths":{"r.io":{"username":"u","password":"hunter2"}}}"#);
+        // Wrapped base64 (as in a file), another key that is not base64, stringData winning.
+        let wrapped = format!("{}\n  {}", &cfg[..10], &cfg[10..]);
+        let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a", "labels": {"l": "v"}},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": wrapped, "other": "!!!"}});
+        let Some(Object::Secret(s)) = parse_object(&s).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.labels["l"], "v");
+        assert!(s.config.unwrap().auths.contains_key("r.io"));
+        let both = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": 5},
+            "stringData": {".dockerconfigjson": "{\"auths\":{\"s.io\":{}}}"}});
+        let Some(Object::Secret(s)) = parse_object(&both).unwrap() else {
+            panic!()
+        };
+        assert!(s.config.unwrap().auths.contains_key("s.io"));
+        // Errors name the key, never the content.
+        for bad in [
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"},
+                "type": "kubernetes.io/dockerconfigjson", "data": {".dockerconfigjson": "hunter2!"}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"},
+                "type": "kubernetes.io/dockerconfigjson",
+                "stringData": {".dockerconfigjson": "{\"auths\": \"hunter2\"}"}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a", "labels": {"l": ["hunter2"]}},
+                "type": "kubernetes.io/dockerconfigjson", "data": {".dockerconfigjson": cfg}}),
+        ] {
+            let e = parse_object(&bad).unwrap_err().to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let e = parse_object(
+            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "a"},
+            "type": "kubernetes.io/dockercfg", "data": {".dockercfg": ["x"]}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "data: .dockercfg is not a string");
     }
 
     #[test]

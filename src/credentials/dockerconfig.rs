@@ -135,15 +135,25 @@ impl DockerConfig {
     /// The contribution of one Kubernetes Secret, as go-containerregistry's `NewFromPullSecrets`:
     /// `kubernetes.io/dockerconfigjson` with a non-empty `.dockerconfigjson`, or
     /// `kubernetes.io/dockercfg` with a non-empty `.dockercfg`. Any other Secret gives `None`.
+    /// A key in `stringData` (plain) wins over the same key in `data`, as the API server
+    /// merges them (a Secret read from a file may still carry `stringData`).
     pub fn from_kubernetes_secret(
         secret: &k8s_openapi::api::core::v1::Secret,
     ) -> Result<Option<Self>, DockerConfigError> {
         let data = |key: &str| {
-            secret
-                .data
+            let plain = secret
+                .string_data
                 .as_ref()
                 .and_then(|d| d.get(key))
-                .map(|b| b.0.as_slice())
+                .map(String::as_bytes);
+            plain
+                .or_else(|| {
+                    secret
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get(key))
+                        .map(|b| b.0.as_slice())
+                })
                 .filter(|b| !b.is_empty())
         };
         match secret.type_.as_deref() {

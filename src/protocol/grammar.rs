@@ -79,6 +79,16 @@ pub fn is_name_component(s: &str) -> bool {
     true
 }
 
+/// Whether a path segment names a registry host by the client rules (docker,
+/// go-containerregistry): a valid host name that contains a dot or a port, or is `localhost`.
+/// Routing applies it to client paths, the catalog to the locations its objects name.
+pub fn names_registry_host(segment: &str) -> bool {
+    is_registry_host(segment)
+        && (segment.contains('.')
+            || segment.contains(':')
+            || segment.eq_ignore_ascii_case("localhost"))
+}
+
 /// A registry host as it may appear as the first path segment: `host[:port]`, where host is
 /// dot-separated labels of `[a-zA-Z0-9-]` (not starting or ending with `-`).
 pub fn is_registry_host(s: &str) -> bool {

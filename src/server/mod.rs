@@ -20,6 +20,7 @@
 //!   because cache hits must never queue behind upstream traffic.
 
 pub mod body;
+mod catalog_adapters;
 pub mod guard;
 pub mod handlers;
 pub mod reload;
@@ -62,6 +63,9 @@ pub struct App {
     pub cache: Arc<crate::cache::Cache>,
     /// The module catalog, when one is configured.
     pub catalog: Option<Arc<crate::catalog::Catalog>>,
+    /// The catalog's metric families, registered once per process (a reload may start a new
+    /// catalog that reports into them).
+    catalog_metrics: crate::catalog::CatalogMetrics,
 }
 
 /// Logs and counts each request once (see [`body::Metered`]).
@@ -380,9 +384,13 @@ impl App {
     }
 
     async fn assemble(config: Config, previous: Option<&App>) -> Result<App, BuildError> {
-        let metrics = match previous {
-            Some(p) => p.metrics.clone(),
-            None => Arc::new(Metrics::new()?),
+        let (metrics, catalog_metrics) = match previous {
+            Some(p) => (p.metrics.clone(), p.catalog_metrics.clone()),
+            None => {
+                let metrics = Arc::new(Metrics::new()?);
+                let catalog = crate::catalog::CatalogMetrics::register(&metrics.registry)?;
+                (metrics, catalog)
+            }
         };
         let upstreams = match previous {
             Some(p) => {
@@ -421,7 +429,7 @@ impl App {
                 let mut c = config.catalog.clone();
                 c.proxy_hosts.extend(own_hosts(config.listen));
                 c.own_upstream = config.default_upstream.clone();
-                let m = Some(metrics.catalog.clone());
+                let m = Some(catalog_metrics.clone());
                 Some(crate::catalog::Catalog::start_with(&c, None, m).await?)
             }
             _ => None,
@@ -449,6 +457,7 @@ impl App {
             ready,
             cache,
             catalog,
+            catalog_metrics,
         })
     }
 

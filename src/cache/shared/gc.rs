@@ -13,12 +13,11 @@ use std::fmt;
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore};
 
 use super::lease::now_ms;
-use super::normalize_prefix;
+use super::{normalize_prefix, s3_builder};
 use crate::config::{ByteSize, CacheConfig, S3Config};
 
 /// Timeout of each store request the collector makes (list pages, lease reads, deletes).
@@ -153,21 +152,7 @@ pub fn plan(mut objects: Vec<BlobObject>, max_size: u64) -> Vec<BlobObject> {
 
 /// The bucket named by `cfg`, credentials from the AWS environment (as the proxy's).
 pub fn open_store(cfg: &S3Config) -> Result<Arc<dyn ObjectStore>, GcError> {
-    let mut b = AmazonS3Builder::from_env()
-        .with_bucket_name(&cfg.bucket)
-        .with_allow_http(cfg.allow_http)
-        .with_client_options(
-            ClientOptions::new()
-                .with_connect_timeout(cfg.connect_timeout.0)
-                .with_timeout(REQUEST_TIMEOUT)
-                .with_allow_http(cfg.allow_http),
-        );
-    if let Some(e) = &cfg.endpoint {
-        b = b.with_endpoint(e.as_str().trim_end_matches('/'));
-    }
-    if let Some(r) = &cfg.region {
-        b = b.with_region(r);
-    }
+    let b = s3_builder(cfg, ClientOptions::new().with_timeout(REQUEST_TIMEOUT));
     Ok(Arc::new(b.build()?))
 }
 

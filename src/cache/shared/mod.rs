@@ -159,6 +159,27 @@ fn normalize_prefix(p: &str) -> String {
     }
 }
 
+/// The bucket `cfg` names, as both the proxy and `gc-shared` reach it:
+/// `AmazonS3Builder::from_env()` (credentials and defaults from the AWS environment
+/// variables), then the config's keys override; `client` adds the caller's timeouts.
+pub(crate) fn s3_builder(cfg: &S3Config, client: ClientOptions) -> AmazonS3Builder {
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(&cfg.bucket)
+        .with_allow_http(cfg.allow_http)
+        .with_client_options(
+            client
+                .with_connect_timeout(cfg.connect_timeout.0)
+                .with_allow_http(cfg.allow_http),
+        );
+    if let Some(e) = &cfg.endpoint {
+        b = b.with_endpoint(e.as_str().trim_end_matches('/'));
+    }
+    if let Some(r) = &cfg.region {
+        b = b.with_region(r);
+    }
+    b
+}
+
 impl Shared {
     /// The S3 tier: `AmazonS3Builder::from_env()` (credentials and defaults from the AWS
     /// environment variables), then the config's keys override.
@@ -166,32 +187,18 @@ impl Shared {
         cfg: &S3Config,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Shared>, SharedError> {
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(&cfg.bucket)
-            .with_allow_http(cfg.allow_http)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(cfg.connect_timeout.0)
-                    // Blob bodies may take long; small calls are bounded by `op_timeout`,
-                    // blob reads by an idle timeout between chunks.
-                    .with_timeout_disabled()
-                    .with_allow_http(cfg.allow_http),
-            )
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(50),
-                    max_backoff: Duration::from_millis(500),
-                    base: 2.0,
-                },
-                max_retries: 1,
-                retry_timeout: cfg.op_timeout.0,
-            });
-        if let Some(e) = &cfg.endpoint {
-            b = b.with_endpoint(e.as_str().trim_end_matches('/'));
-        }
-        if let Some(r) = &cfg.region {
-            b = b.with_region(r);
-        }
+        // Blob bodies may take long; small calls are bounded by `op_timeout`, blob reads by an
+        // idle timeout between chunks.
+        let client = ClientOptions::new().with_timeout_disabled();
+        let b = s3_builder(cfg, client).with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(500),
+                base: 2.0,
+            },
+            max_retries: 1,
+            retry_timeout: cfg.op_timeout.0,
+        });
         let store = b.build()?;
         tracing::info!(
             bucket = cfg.bucket.as_str(),
@@ -337,6 +344,59 @@ impl Shared {
         );
         *self.resting_until.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Instant::now() + REST_AFTER_ERROR);
+    }
+
+    /// The tier's one call pattern: while it rests after an error the call is not made and
+    /// counts as skipped; else `call` runs and its outcome is counted once: a value as `Ok`,
+    /// a missing object as a miss, a lost create race as `Exists`, any other error rests the
+    /// tier ([`Shared::failed`]). The value, on success only.
+    async fn counted<T>(
+        &self,
+        op: Op,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Option<T> {
+        if !self.available() {
+            self.metrics.op(op, Res::Skipped);
+            return None;
+        }
+        self.count(op, call.await)
+    }
+
+    /// [`Shared::counted`] for a write that nobody waits for: skipped now while the tier
+    /// rests, else `call(shared)` runs in the background and its outcome is counted there.
+    fn counted_in_background<F>(self: &Arc<Self>, op: Op, call: impl FnOnce(Arc<Shared>) -> F)
+    where
+        F: Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        if !self.available() {
+            self.metrics.op(op, Res::Skipped);
+            return;
+        }
+        let (me, call) = (self.clone(), call(self.clone()));
+        tokio::spawn(async move {
+            me.count(op, call.await);
+        });
+    }
+
+    fn count<T>(&self, op: Op, outcome: Result<T, StoreError>) -> Option<T> {
+        match outcome {
+            Ok(v) => {
+                self.metrics.op(op, Res::Ok);
+                Some(v)
+            }
+            Err(StoreError::Missing) => {
+                self.metrics.op(op, Res::Miss);
+                None
+            }
+            Err(StoreError::Exists) => {
+                self.metrics.op(op, Res::Exists);
+                None
+            }
+            Err(e) => {
+                self.failed(op, &e);
+                None
+            }
+        }
     }
 
     async fn timed<T>(
@@ -542,24 +602,11 @@ impl Shared {
     /// Size of the blob's object in the bucket (a HEAD); `None` when it is not there or the
     /// store cannot say now.
     pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
-        if !self.available() {
-            self.metrics.op(Op::HeadBlob, Res::Skipped);
-            return None;
-        }
-        match self.timed(self.store.head(&self.blob_key(digest))).await {
-            Ok(meta) => {
-                self.metrics.op(Op::HeadBlob, Res::Ok);
-                Some(meta.size)
-            }
-            Err(StoreError::Missing) => {
-                self.metrics.op(Op::HeadBlob, Res::Miss);
-                None
-            }
-            Err(e) => {
-                self.failed(Op::HeadBlob, &e);
-                None
-            }
-        }
+        let key = self.blob_key(digest);
+        let meta = self
+            .counted(Op::HeadBlob, self.timed(self.store.head(&key)))
+            .await?;
+        Some(meta.size)
     }
 
     /// Bytes `[start, end]` (inclusive) of the blob's object with one ranged GET, streamed as
@@ -583,27 +630,18 @@ impl Shared {
             range: Some(GetRange::Bounded(start..end + 1)),
             ..Default::default()
         };
-        let res = match self
-            .timed(self.store.get_opts(&self.blob_key(digest), opts))
-            .await
-        {
-            Ok(r) if r.range == (start..end + 1) => r,
-            Ok(r) => {
-                let e =
-                    StoreError::Other(format!("asked for bytes {start}-{end}, got {:?}", r.range));
-                self.failed(Op::GetRange, &e);
-                return None;
+        let key = self.blob_key(digest);
+        let get = async {
+            let r = self.timed(self.store.get_opts(&key, opts)).await?;
+            if r.range != (start..end + 1) {
+                return Err(StoreError::Other(format!(
+                    "asked for bytes {start}-{end}, got {:?}",
+                    r.range
+                )));
             }
-            Err(StoreError::Missing) => {
-                self.metrics.op(Op::GetRange, Res::Miss);
-                return None;
-            }
-            Err(e) => {
-                self.failed(Op::GetRange, &e);
-                return None;
-            }
+            Ok(r)
         };
-        self.metrics.op(Op::GetRange, Res::Ok);
+        let res = self.counted(Op::GetRange, get).await?;
         struct St {
             body: BoxStream<'static, object_store::Result<Bytes>>,
             got: u64,
@@ -776,11 +814,7 @@ impl Shared {
 
     /// Uploads a verified manifest in the background.
     pub fn put_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, bytes: Bytes) {
-        if !self.available() {
-            self.metrics.op(Op::PutManifest, Res::Skipped);
-            return;
-        }
-        let (me, key) = (self.clone(), self.manifest_key(digest));
+        let key = self.manifest_key(digest);
         let mut attributes = Attributes::new();
         attributes.insert(
             Attribute::ContentType,
@@ -791,56 +825,36 @@ impl Shared {
             attributes,
             ..Default::default()
         };
-        tokio::spawn(async move {
-            match me
-                .timed(me.store.put_opts(&key, PutPayload::from(bytes), opts))
+        self.counted_in_background(Op::PutManifest, |me| async move {
+            me.timed(me.store.put_opts(&key, PutPayload::from(bytes), opts))
                 .await
-            {
-                Ok(_) => me.metrics.op(Op::PutManifest, Res::Ok),
-                Err(StoreError::Exists) => me.metrics.op(Op::PutManifest, Res::Exists),
-                Err(e) => me.failed(Op::PutManifest, &e),
-            }
+                .map(|_| ())
         });
     }
 
     /// The tag as another replica last checked it upstream; `None` when absent, unreadable
     /// or the store cannot say now.
     pub async fn get_tag(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
-        if !self.available() {
-            self.metrics.op(Op::GetTag, Res::Skipped);
-            return None;
+        let key = self.tag_key(repo_key, tag);
+        let (_, b) = self.counted(Op::GetTag, self.get_small(&key, 1024)).await?;
+        let parsed = std::str::from_utf8(&b).ok().and_then(|s| {
+            let mut it = s.split_whitespace();
+            let digest = Digest::parse(it.next()?).ok()?;
+            let ms = it.next()?.parse::<u64>().ok()?;
+            Some(TagEntry {
+                digest,
+                checked_at: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+                grant: it.next().and_then(Grant::from_hex),
+            })
+        });
+        if parsed.is_none() {
+            tracing::warn!(
+                repository = repo_key,
+                tag,
+                "unreadable shared tag object; ignored"
+            );
         }
-        match self.get_small(&self.tag_key(repo_key, tag), 1024).await {
-            Ok((_, b)) => {
-                let parsed = std::str::from_utf8(&b).ok().and_then(|s| {
-                    let mut it = s.split_whitespace();
-                    let digest = Digest::parse(it.next()?).ok()?;
-                    let ms = it.next()?.parse::<u64>().ok()?;
-                    Some(TagEntry {
-                        digest,
-                        checked_at: SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
-                        grant: it.next().and_then(Grant::from_hex),
-                    })
-                });
-                self.metrics.op(Op::GetTag, Res::Ok);
-                if parsed.is_none() {
-                    tracing::warn!(
-                        repository = repo_key,
-                        tag,
-                        "unreadable shared tag object; ignored"
-                    );
-                }
-                parsed
-            }
-            Err(StoreError::Missing) => {
-                self.metrics.op(Op::GetTag, Res::Miss);
-                None
-            }
-            Err(e) => {
-                self.failed(Op::GetTag, &e);
-                None
-            }
-        }
+        parsed
     }
 
     /// Records (or, with `None`, deletes: the upstream said 404) a tag in the bucket, in the
@@ -852,15 +866,11 @@ impl Shared {
         digest: Option<&Digest>,
         grant: Grant,
     ) {
-        if !self.available() {
-            self.metrics.op(Op::PutTag, Res::Skipped);
-            return;
-        }
-        let (me, key) = (self.clone(), self.tag_key(repo_key, tag));
+        let key = self.tag_key(repo_key, tag);
         let now = super::manifests::to_ms(SystemTime::now());
         let body = digest.map(|d| format!("{d} {now} {}", grant.to_hex()));
-        tokio::spawn(async move {
-            let res = match body {
+        self.counted_in_background(Op::PutTag, |me| async move {
+            match body {
                 Some(body) => me
                     .timed(me.store.put(&key, PutPayload::from(body)))
                     .await
@@ -869,98 +879,58 @@ impl Shared {
                     Err(StoreError::Missing) => Ok(()),
                     r => r,
                 },
-            };
-            match res {
-                Ok(()) => me.metrics.op(Op::PutTag, Res::Ok),
-                Err(e) => me.failed(Op::PutTag, &e),
             }
         });
     }
 
     /// The link a replica recorded for `repo_key` and `digest` (the newest confirmation).
     pub async fn get_link(&self, repo_key: &str, digest: &Digest) -> Option<LinkInfo> {
-        if !self.available() {
-            self.metrics.op(Op::HeadLink, Res::Skipped);
-            return None;
-        }
-        match self.get_small(&self.link_key(repo_key, digest), 256).await {
-            Ok((_, b)) => {
-                self.metrics.op(Op::HeadLink, Res::Ok);
-                let s = std::str::from_utf8(&b).ok()?;
-                let (g, at) = s.trim().split_once(' ')?;
-                Some(LinkInfo {
-                    grant: Grant::from_hex(g)?,
-                    at: SystemTime::UNIX_EPOCH + Duration::from_millis(at.parse().ok()?),
-                })
-            }
-            Err(StoreError::Missing) => {
-                self.metrics.op(Op::HeadLink, Res::Miss);
-                None
-            }
-            Err(e) => {
-                self.failed(Op::HeadLink, &e);
-                None
-            }
-        }
+        let key = self.link_key(repo_key, digest);
+        let (_, b) = self
+            .counted(Op::HeadLink, self.get_small(&key, 256))
+            .await?;
+        let s = std::str::from_utf8(&b).ok()?;
+        let (g, at) = s.trim().split_once(' ')?;
+        Some(LinkInfo {
+            grant: Grant::from_hex(g)?,
+            at: SystemTime::UNIX_EPOCH + Duration::from_millis(at.parse().ok()?),
+        })
     }
 
     /// Records a link in the bucket (overwriting an older one), in the background.
     pub fn put_link(self: &Arc<Self>, repo_key: &str, digest: &Digest, link: LinkInfo) {
-        if !self.available() {
-            self.metrics.op(Op::PutLink, Res::Skipped);
-            return;
-        }
-        let (me, key) = (self.clone(), self.link_key(repo_key, digest));
+        let key = self.link_key(repo_key, digest);
         let body = format!(
             "{} {}",
             link.grant.to_hex(),
             super::manifests::to_ms(link.at)
         );
-        tokio::spawn(async move {
-            match me.timed(me.store.put(&key, PutPayload::from(body))).await {
-                Ok(_) => me.metrics.op(Op::PutLink, Res::Ok),
-                Err(e) => me.failed(Op::PutLink, &e),
-            }
+        self.counted_in_background(Op::PutLink, |me| async move {
+            me.timed(me.store.put(&key, PutPayload::from(body)))
+                .await
+                .map(|_| ())
         });
     }
 
     /// Whether a replica recorded that `digest` was fetched from `upstream`.
     pub async fn has_origin(&self, upstream: &str, digest: &Digest) -> bool {
-        if !self.available() {
-            self.metrics.op(Op::HeadOrigin, Res::Skipped);
-            return false;
-        }
-        let found = self
-            .exists(&self.origin_key(upstream, digest), Op::HeadOrigin)
-            .await;
-        match found {
-            Some(true) => self.metrics.op(Op::HeadOrigin, Res::Ok),
-            Some(false) => self.metrics.op(Op::HeadOrigin, Res::Miss),
-            None => {}
-        }
-        found == Some(true)
+        let key = self.origin_key(upstream, digest);
+        self.counted(Op::HeadOrigin, self.timed(self.store.head(&key)))
+            .await
+            .is_some()
     }
 
     /// Records an origin in the bucket, in the background.
     pub fn put_origin(self: &Arc<Self>, upstream: &str, digest: &Digest) {
-        if !self.available() {
-            self.metrics.op(Op::PutOrigin, Res::Skipped);
-            return;
-        }
-        let (me, key) = (self.clone(), self.origin_key(upstream, digest));
-        tokio::spawn(async move {
+        let key = self.origin_key(upstream, digest);
+        self.counted_in_background(Op::PutOrigin, |me| async move {
             let opts = PutOptions {
                 mode: PutMode::Create,
                 ..Default::default()
             };
-            match me
-                .timed(me.store.put_opts(&key, PutPayload::new(), opts))
+            me.timed(me.store.put_opts(&key, PutPayload::new(), opts))
                 .await
-            {
-                Ok(_) => me.metrics.op(Op::PutOrigin, Res::Ok),
-                Err(StoreError::Exists) => me.metrics.op(Op::PutOrigin, Res::Exists),
-                Err(e) => me.failed(Op::PutOrigin, &e),
-            }
+                .map(|_| ())
         });
     }
 }

@@ -1,10 +1,11 @@
-//! The catalog as the server sees it: [`ModuleCredentials`] for the credential chain and
-//! [`HostSource`] for routing. Thin mappings of [`Catalog::decide`] and [`Catalog::hosts`].
+//! The catalog as the app sees it: [`ModuleCredentials`] for the credential chain and
+//! [`HostSource`] for routing. Thin mappings of [`Catalog::decide`] and [`Catalog::scheme`],
+//! here where the app is assembled so that the catalog depends on neither routing nor the
+//! upstreams behind it.
 
+use crate::catalog::{Catalog, Decision};
 use crate::credentials::chain::{ModuleCredentials, ModuleDecision};
 use crate::routing::HostSource;
-
-use super::{Catalog, Decision};
 
 impl ModuleCredentials for Catalog {
     fn decide(&self, registry_host: &str, repository: &str) -> ModuleDecision {
@@ -33,7 +34,7 @@ impl ModuleCredentials for Catalog {
 
 impl HostSource for Catalog {
     fn lookup_host(&self, host: &str, repository: &str) -> Option<bool> {
-        self.current().scheme(host, repository)
+        Catalog::scheme(self, host, repository)
     }
 }
 
