@@ -39,8 +39,6 @@ pub enum Error {
     BadUpstreamResponse { upstream: String, message: String },
     #[error("the manifest's media type {media_type} is not in the request's Accept header")]
     NotAcceptable { media_type: String },
-    #[error("catalog is not synced yet")]
-    NotReady,
     /// The ambient identity for the upstream has no valid token (e.g. the GKE metadata server
     /// is down and the cached token expired).
     #[error("{0}")]
@@ -88,7 +86,6 @@ impl Error {
             Error::BlobTooLarge(_) => "blob_too_large",
             Error::BadUpstreamResponse { .. } => "bad_upstream_response",
             Error::NotAcceptable { .. } => "not_acceptable",
-            Error::NotReady => "not_ready",
             Error::CredentialsUnavailable(_) => "credentials_unavailable",
             Error::Cache(_) => "cache",
         }
@@ -164,7 +161,7 @@ impl Error {
                 ErrorCode::ManifestUnknown,
                 format!("manifest of type {media_type} found, but the Accept header does not include it"),
             ),
-            Error::NotReady | Error::CredentialsUnavailable(_) => {
+            Error::CredentialsUnavailable(_) => {
                 OciError::new(ErrorCode::Unavailable, msg)
             }
             Error::Cache(_) => {

@@ -56,7 +56,7 @@ use store::Store;
 pub use budget::{enforce as enforce_fill_limits, FillLimits, LimitExceeded};
 pub use grant::Grant;
 pub use links::LinkInfo;
-pub use manifests::{CachedManifest, TagEntry};
+pub use manifests::{CachedManifest, TagEntry, MAX_MANIFEST_SIZE};
 pub use metrics::FailReason;
 pub use reader::BlobReader;
 pub use shared::gc;

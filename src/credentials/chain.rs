@@ -100,13 +100,6 @@ impl CredentialChain {
         &self.ambient
     }
 
-    /// Replaces the docker config keychain (after the file changed).
-    pub fn set_docker_config(&self, keychain: Keychain) {
-        if let Ok(mut k) = self.docker_config.write() {
-            *k = Arc::new(keychain);
-        }
-    }
-
     /// Picks the credential for `repository` on the upstream known to clients as `registry`
     /// (and reached at `endpoint_host`).
     pub async fn choose(

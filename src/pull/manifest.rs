@@ -20,8 +20,8 @@ use crate::error::{Error, Subject};
 use crate::protocol::{media, Digest, Reference, Tag};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
-/// Largest manifest accepted from an upstream (distribution's own limit is 4 MiB).
-pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
+/// Largest manifest accepted from an upstream: the cache's bound (distribution's own is 4 MiB).
+pub use crate::cache::MAX_MANIFEST_SIZE;
 
 /// A manifest the proxy can serve, wherever it came from.
 #[derive(Clone, Debug)]

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use http::header::{ACCEPT, AUTHORIZATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{ACCEPT, AUTHORIZATION, RANGE, RETRY_AFTER};
 use http::{HeaderValue, Method, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 use url::Url;
@@ -252,13 +252,7 @@ impl Upstream {
                 return self.check_status(resp, req);
             }
             // 401: learn (or re-learn) the challenge; drop a refused token; retry once.
-            let values: Vec<&str> = resp
-                .headers()
-                .get_all(WWW_AUTHENTICATE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            let learned = challenge::pick(&challenge::parse(&values));
+            let learned = challenge::pick(&challenge::from_headers(resp.headers()));
             let changed = self.learn(learned);
             if let Some(key) = used_token.take() {
                 self.session.tokens.invalidate(&key).await;
