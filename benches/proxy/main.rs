@@ -18,13 +18,17 @@
 //! 6. the time to open a cache of 100 000 blobs (start to first answer) vs an empty one.
 //!
 //! Payloads are generated to disk and pushed with a streaming upload; clients stream and
-//! discard bodies. `OCI_PROXY_BENCH_QUICK=1` shrinks everything for a smoke run.
+//! discard bodies. `OCI_PROXY_BENCH_QUICK=1` shrinks everything for a smoke run;
+//! `OCI_PROXY_BENCH_ONLY=cold` runs only the cold rows (2 at the three sizes);
+//! `OCI_PROXY_BENCH_BASELINE=<oci-proxy binary>` adds that build to the cold rows, alternating
+//! with this one ([`baseline`]), for a before/after within one run.
 
 // The integration tests' fixtures; the bench uses a few of them.
 #[path = "../../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod support;
 
+mod baseline;
 mod blobs;
 mod client;
 mod nginx;
@@ -173,6 +177,13 @@ async fn run() {
 
     let http = client::client();
     let mut rows = Vec::new();
+    if std::env::var("OCI_PROXY_BENCH_ONLY").is_ok_and(|v| v == "cold") {
+        for blob in [&small_blob, &stream_blob, &rss_blob] {
+            rows.extend(cold_vs_peer(plan.reps, &http, &registry, blob).await.rows);
+        }
+        print_table(&rows);
+        return;
+    }
     let hit = warm(plan.reps, &http, &registry, &nginx, &stream_blob).await;
     rows.push(hit.row);
     let miss = cold_vs_peer(plan.reps, &http, &registry, &stream_blob).await;
@@ -448,7 +459,26 @@ async fn cold_vs_peer(
     let (mut p, mut q, mut r) = (Vec::new(), Vec::new(), Vec::new());
     let (mut p_cpu, mut q_cpu, mut c_r) = (0.0, 0.0, 0.0);
     let (mut idle, mut iowait) = (Vec::new(), Vec::new());
+    let base_bin = baseline::binary();
+    let (mut b, mut b_cpu, mut b_idle, mut b_iowait) = (Vec::new(), 0.0, Vec::new(), Vec::new());
     for _ in 0..reps {
+        if let Some(bin) = &base_bin {
+            let base = baseline::Baseline::start(bin, &proxy_config(&registry.host())).await;
+            let pid = Some(base.pid());
+            let url = format!(
+                "{}/v2/{}/{REPO}/blobs/{}",
+                base.url(),
+                registry.host(),
+                blob.digest
+            );
+            let (s0, m0) = (cpu(pid), procfs::machine_ticks());
+            let t = client::fetch(http, &url, blob.len).await;
+            let (i, w) = procfs::idle_iowait(m0, procfs::machine_ticks());
+            b_cpu += cpu(pid) - s0;
+            b.push(client::mib_per_sec(blob.len, t));
+            b_idle.push(i * 100.0);
+            b_iowait.push(w * 100.0);
+        }
         let proxy = start_proxy(&registry.host()).await;
         let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
         let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
@@ -481,6 +511,19 @@ async fn cold_vs_peer(
     runs_line("machine idle, oci-proxy", &idle, "%");
     runs_line("machine iowait, oci-proxy", &iowait, "%");
     let total = gib(blob.len * reps as u64);
+    let mut base_row = None;
+    if !b.is_empty() {
+        runs_line("baseline oci-proxy (miss)", &b, "MiB/s");
+        runs_line("machine idle, baseline", &b_idle, "%");
+        runs_line("machine iowait, baseline", &b_iowait, "%");
+        println!("  CPU s per GiB: baseline oci-proxy {:.2}", b_cpu / total);
+        base_row = Some(throughput_row(
+            format!("cold {} MiB vs baseline build (MiB/s)", blob.len / MIB),
+            &p,
+            &b,
+            1.0,
+        ));
+    }
     let cpu = MissCpu {
         proxy_per_gib: p_cpu / total,
         peer_per_gib: q_cpu / total,
@@ -500,7 +543,10 @@ async fn cold_vs_peer(
                 1.2,
             ),
             throughput_row(format!("cold {mb} MiB vs direct (MiB/s)"), &p, &r, 0.6),
-        ],
+        ]
+        .into_iter()
+        .chain(base_row)
+        .collect(),
         cpu,
     }
 }

@@ -1,50 +1,95 @@
-//! Single-flight fills: one upstream GET per digest feeds a temp file, hashing as bytes pass;
-//! the blob is committed only when size and digest match.
+//! Single-flight fills: one upstream GET per digest feeds the fill's readers, a hasher and a
+//! temp file at once; the blob is committed only when size and digest match.
 //!
 //! The design follows pingora-cache's cache lock: the first miss becomes the writer (a
 //! detached task, so it survives its client), every other request for the digest becomes a
-//! follower of the [`Fill`], reading the growing temp file through a shared file handle as
-//! [`Phase::Streaming`] announces new bytes. A [`Guard`] owned by the task publishes
-//! [`Phase::Failed`] when the task dies (panic or abort: the future is dropped), so a dead
-//! writer never leaves readers hanging; it also takes the fill out of the in-flight map, so
-//! the next request starts a new fill.
+//! follower of the [`Fill`]. A [`Guard`] owned by the task publishes [`Phase::Failed`] when the
+//! task dies (panic or abort: the future is dropped), so a dead writer never leaves readers
+//! hanging; it also takes the fill out of the in-flight map, so the next request starts a new
+//! fill.
+//!
+//! The miss path touches each byte as few times as possible, and its stages overlap: the
+//! receive loop only hands the upstream's `Bytes` on (reference-counted, never copied) to
+//! - a hasher on its own blocking thread,
+//! - a writer on its own blocking thread (fewer, larger `writev`s; a background `fdatasync`
+//!   every [`SYNC_EVERY`] bytes so the final flush is short),
+//! - the readers, through [`Recent`]: the newest bytes in memory. The client that started the
+//!   fill and followers that keep up take them from there; a follower that lags or joins late
+//!   `pread`s the temp file from its offset, and is back on memory once it catches up.
+//!
+//! Memory is bounded per fill, whatever the clients do: at most [`IN_FLIGHT`] bytes are
+//! received but not yet both hashed and written (the receive loop waits for the slower
+//! thread), and [`Recent`] holds the last [`RECENT_WINDOW`] bytes plus the ones not yet on
+//! disk (at most [`IN_FLIGHT`]): 16 MiB plus one upstream chunk. A stalled reader holds
+//! only the chunk it was handed.
+//!
+//! The clean end comes before the commit: [`Phase::Verified`] is published as soon as size
+//! and digest match, and readers may end cleanly there (their bytes are verified, in memory
+//! or in the file). The commit (wait for the writer, fsync, rename) follows, then
+//! [`Phase::Complete`]: the fsync is off every client's critical path, and a crash before the
+//! rename leaves only a temp file (removed on open), never a complete-looking name.
 //!
 //! A write error (disk full, read-only dir) turns the fill "uncached": it is counted once,
 //! leaves the in-flight map, and the rest of the body goes to the first client only, through
-//! a bounded channel ([`Direct`]); followers get an error at the point the file stops.
+//! a bounded channel ([`Direct`]); followers get an error at the point the readable bytes
+//! stop. A write error found only after the whole body arrived costs nothing but the commit.
 //!
 //! With a shared tier, the fill first asks it ([`super::shared::Shared::before_upstream`]):
 //! verified bytes from the bucket are committed like upstream ones (small blobs are verified
-//! before readers see them, large ones stream to readers as they arrive), otherwise the
-//! upstream fill commits and then uploads in the background.
+//! before readers see them, large ones stream to readers as they arrive, from the file),
+//! otherwise the upstream fill commits and then uploads in the background.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::metrics::{FailReason, Tier};
 use super::shared::Before;
 use super::{FetchError, FetchFn, Inner};
-use crate::protocol::grammar::{Algorithm, Digest};
+use crate::protocol::grammar::{Digest, Hasher};
+
+/// Bytes a fill keeps in memory behind the newest one, for readers that keep up (see the
+/// module docs for the whole bound).
+pub const RECENT_WINDOW: u64 = 8 << 20;
+
+/// Bytes received but not yet both hashed and written: the receive loop waits beyond this.
+pub const IN_FLIGHT: usize = 8 << 20;
+
+/// Write-behind: the writer starts a background `fdatasync` every this many bytes, so the
+/// commit's fsync has little left to flush.
+pub const SYNC_EVERY: u64 = 32 << 20;
+
+/// The receive loop hands on what the upstream has ready in batches of up to this many bytes
+/// (plus one chunk).
+pub const RECEIVE_BATCH: u64 = 1 << 20;
+
+/// The writer gathers up to this many queued bytes into one `writev`.
+const WRITE_BATCH: u64 = 4 << 20;
 
 /// Where a fill is. Readers watch it.
 #[derive(Clone, Debug)]
 pub enum Phase {
     /// Waiting for the upstream's response headers.
     Fetching,
-    /// Bytes `[0, written)` are in the temp file.
+    /// Bytes `[0, written)` can be read: the newest in memory ([`Fill::recent`]), the rest in
+    /// the temp file.
     Streaming { size: Option<u64>, written: u64 },
-    /// A write failed: the file stops at `written`; the rest of the body (and the verdict)
-    /// goes to the first client only, by its [`Direct`] channel. Final for followers.
+    /// A write failed: readers can have `[0, written)`; the rest of the body (and the
+    /// verdict) goes to the first client only, by its [`Direct`] channel. Final for followers.
     Uncached { size: Option<u64>, written: u64 },
-    /// All `size` bytes are in the file and verified (committed, unless the final fsync or
-    /// rename failed: the bytes are still good for readers holding the file).
+    /// All `size` bytes arrived and match the digest: readers may end cleanly. They are in the
+    /// temp file or still in memory; the commit (fsync, rename) is under way.
+    Verified { size: u64 },
+    /// All `size` bytes are verified and the commit is over (committed, unless a write, the
+    /// final fsync or the rename failed: the bytes are still good for readers holding the
+    /// fill).
     Complete { size: u64 },
     /// The fill ended without a verified blob.
     Failed {
@@ -73,6 +118,42 @@ pub enum Direct {
     Failed(String),
 }
 
+/// The newest bytes of a fill, in memory: `[start, end)`, as the upstream's chunks. Every byte
+/// before `start` is in the temp file; chunks leave only once they are on disk, so a reader
+/// finds any byte the fill announced either here or in the file.
+#[derive(Debug, Default)]
+pub struct Recent {
+    start: u64,
+    end: u64,
+    chunks: VecDeque<(u64, Bytes)>,
+}
+
+impl Recent {
+    fn push(&mut self, b: Bytes) {
+        let at = self.end;
+        self.end += b.len() as u64;
+        self.chunks.push_back((at, b));
+    }
+
+    /// Drops the oldest chunks beyond [`RECENT_WINDOW`] that are on disk.
+    fn trim(&mut self, on_disk: u64) {
+        while self.held() > RECENT_WINDOW {
+            match self.chunks.front() {
+                Some((at, b)) if at + b.len() as u64 <= on_disk => {
+                    self.start = at + b.len() as u64;
+                    self.chunks.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn held(&self) -> u64 {
+        self.end - self.start
+    }
+}
+
 /// One fill in flight, shared by the writer task and its readers.
 #[derive(Debug)]
 pub struct Fill {
@@ -81,6 +162,10 @@ pub struct Fill {
     pub phase: watch::Sender<Phase>,
     /// The temp file, once created; readers `pread` it (the fd survives rename and unlink).
     pub file: OnceLock<Arc<File>>,
+    /// The newest bytes, for readers that keep up.
+    pub recent: Mutex<Recent>,
+    /// Bytes the writer put in the temp file (upstream fills).
+    pub on_disk: AtomicU64,
     /// The bytes came from the shared tier (set before the phase leaves `Fetching`).
     pub from_shared: AtomicBool,
     /// The upstream fetch, handed back when the fill failed in the shared tier without
@@ -88,6 +173,9 @@ pub struct Fill {
     pub unused_fetch: UnusedFetch,
     #[cfg(test)]
     pub abort: OnceLock<tokio::task::AbortHandle>,
+    /// Tests: while true, the writer thread waits before each write.
+    #[cfg(test)]
+    pub hold_writes: (Mutex<bool>, std::sync::Condvar),
 }
 
 impl Fill {
@@ -97,11 +185,66 @@ impl Fill {
             temp,
             phase: watch::Sender::new(Phase::Fetching),
             file: OnceLock::new(),
+            recent: Mutex::new(Recent::default()),
+            on_disk: AtomicU64::new(0),
             from_shared: AtomicBool::new(false),
             unused_fetch: UnusedFetch::default(),
             #[cfg(test)]
             abort: OnceLock::new(),
+            #[cfg(test)]
+            hold_writes: Default::default(),
         }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes held in memory now.
+    #[cfg(test)]
+    pub fn recent_held(&self) -> u64 {
+        self.recent().held()
+    }
+
+    /// The bytes from `pos` (before `end`) when they are in memory: `Ok` with a slice of one
+    /// upstream chunk (no copy). Otherwise `Err(upto)`: read `[pos, upto)` from the temp file.
+    /// `pos < end`, and `end` within what the phase announced.
+    pub fn bytes_at(&self, pos: u64, end: u64) -> Result<Bytes, u64> {
+        let r = self.recent();
+        if pos < r.start {
+            return Err(r.start.min(end));
+        }
+        if pos >= r.end {
+            return Err(end);
+        }
+        // `start <= pos < end`: the chunk holding `pos` is there, the first at or before it.
+        let i = r
+            .chunks
+            .partition_point(|(at, _)| *at <= pos)
+            .saturating_sub(1);
+        let Some((at, b)) = r.chunks.get(i) else {
+            return Err(end);
+        };
+        let lo = (pos - at) as usize;
+        let hi = (end.min(at + b.len() as u64) - at) as usize;
+        Ok(b.slice(lo..hi))
+    }
+
+    #[cfg(test)]
+    fn wait_writes_allowed(&self) {
+        let (held, cv) = &self.hold_writes;
+        let mut g = held.lock().unwrap_or_else(|p| p.into_inner());
+        while *g {
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Tests: holds (or lets go of) the writer thread before its next write.
+    #[cfg(test)]
+    pub fn hold_writes(&self, hold: bool) {
+        let (held, cv) = &self.hold_writes;
+        *held.lock().unwrap_or_else(|p| p.into_inner()) = hold;
+        cv.notify_all();
     }
 }
 
@@ -122,39 +265,6 @@ impl UnusedFetch {
 impl std::fmt::Debug for UnusedFetch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("UnusedFetch")
-    }
-}
-
-/// sha256 or sha512, as the digest asks.
-pub enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    pub fn new(alg: Algorithm) -> Hasher {
-        use sha2::Digest as _;
-        match alg {
-            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-        }
-    }
-
-    pub fn update(&mut self, b: &[u8]) {
-        use sha2::Digest as _;
-        match self {
-            Hasher::Sha256(h) => h.update(b),
-            Hasher::Sha512(h) => h.update(b),
-        }
-    }
-
-    pub fn matches(self, digest: &Digest) -> bool {
-        use sha2::Digest as _;
-        let raw = match self {
-            Hasher::Sha256(h) => h.finalize().to_vec(),
-            Hasher::Sha512(h) => h.finalize().to_vec(),
-        };
-        Digest::from_raw(digest.algorithm(), &raw) == *digest
     }
 }
 
@@ -193,9 +303,31 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if !self.fill.phase.borrow().is_terminal() {
-            self.fail(FailReason::Aborted, "fill task ended early".into(), None);
+        let verified = match *self.fill.phase.borrow() {
+            Phase::Verified { size } => Some(size),
+            ref p if p.is_terminal() => return self.cleanup(),
+            _ => None,
+        };
+        match verified {
+            // Ended during the commit: the bytes readers have are verified; nothing is kept.
+            Some(size) => {
+                if !self.counted {
+                    self.counted = true;
+                    let msg = "fill task ended before its commit";
+                    self.inner
+                        .metrics
+                        .fill_failed(&self.fill.digest, FailReason::Aborted, msg);
+                }
+                self.fill.phase.send_replace(Phase::Complete { size });
+            }
+            None => self.fail(FailReason::Aborted, "fill task ended early".into(), None),
         }
+        self.cleanup();
+    }
+}
+
+impl Guard {
+    fn cleanup(&self) {
         self.inner.forget_fill(&self.fill);
         let _ = std::fs::remove_file(&self.fill.temp);
     }
@@ -249,6 +381,7 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
             Before::Filled(size) => {
                 fill.from_shared.store(true, Ordering::Release);
                 inner.metrics.tier(Tier::Shared);
+                fill.phase.send_replace(Phase::Verified { size });
                 commit(&inner, &fill, &mut g, f, size).await;
                 return;
             }
@@ -283,62 +416,91 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         Phase::Uncached { size, written: 0 }
     });
 
-    let mut hasher = Hasher::new(digest.algorithm());
+    // The three stages: a hasher and a writer on their own threads, readers from memory.
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT));
+    let (hash_tx, hash_rx) = std::sync::mpsc::channel::<Arc<Batch>>();
+    let alg = digest.algorithm();
+    let hashing = tokio::task::spawn_blocking(move || {
+        let mut h = Hasher::new(alg);
+        while let Ok(b) = hash_rx.recv() {
+            for c in &b.chunks {
+                h.update(c);
+            }
+        }
+        h
+    });
+    let mut writer = match (&file, cached) {
+        (Some(f), true) => Some(Writer::spawn(&inner, &fill, f)),
+        _ => None,
+    };
+
     let mut received: u64 = 0;
-    let mut chunks = body.stream.ready_chunks(64);
-    while let Some(batch) = chunks.next().await {
-        let mut data = Vec::with_capacity(batch.len());
+    let mut stream = body.stream.fuse();
+    while let Some(first) = stream.next().await {
+        // What is ready now, up to RECEIVE_BATCH bytes, goes on as one batch.
+        let mut data = Vec::new();
+        let mut n: u64 = 0;
         let mut upstream_err = None;
-        for item in batch {
-            match item {
-                Ok(b) if !b.is_empty() => data.push(b),
-                Ok(_) => {}
+        let mut item = Some(first);
+        while let Some(it) = item.take() {
+            match it {
+                Ok(b) => {
+                    n += b.len() as u64;
+                    if !b.is_empty() {
+                        data.push(b);
+                    }
+                }
                 Err(e) => {
                     upstream_err = Some(e);
                     break;
                 }
             }
+            if n < RECEIVE_BATCH {
+                item = stream.next().now_or_never().flatten();
+            }
         }
-        let n: u64 = data.iter().map(|b| b.len() as u64).sum();
         if let Some(limit) = size.filter(|s| received + n > *s) {
             let msg = format!("body longer than its Content-Length {limit}");
             let _ = leader.send(Direct::Failed(msg.clone())).await;
             g.fail(FailReason::DigestMismatch, msg, None);
             return;
         }
-        // Hashing and writing a batch both run on the blocking pool, in one call.
-        let target = if cached { file.clone() } else { None };
-        let fault = inner.fault_before(received + n);
-        let mut h = hasher;
-        let done = tokio::task::spawn_blocking(move || {
-            for b in &data {
-                h.update(b);
-            }
-            let wrote = target.map(|f| fault.and_then(|()| super::store::write_chunks(&f, &data)));
-            (h, data, wrote)
-        })
-        .await;
-        let (h, data, wrote) = match done {
-            Ok(done) => done,
-            Err(e) => {
-                let msg = format!("hashing task failed: {e}");
-                let _ = leader.send(Direct::Failed(msg.clone())).await;
-                g.fail(FailReason::Aborted, msg, None);
-                return;
-            }
-        };
-        hasher = h;
-        if let Some(write) = wrote {
-            match write {
-                Ok(()) => {
+        if n > 0 {
+            // Wait while the slower of hasher and writer is IN_FLIGHT bytes behind.
+            let permits = n.min(IN_FLIGHT as u64) as u32;
+            let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+                return; // never closed; the guard fails the fill
+            };
+            let b = Arc::new(Batch {
+                chunks: data,
+                _permit: permit,
+            });
+            let _ = hash_tx.send(b.clone()); // a dead hasher is found at the end
+            if cached {
+                let sent = writer
+                    .as_ref()
+                    .is_some_and(|w| w.tx.send(b.clone()).is_ok());
+                if sent {
+                    let on_disk = fill.on_disk.load(Ordering::Acquire);
+                    let mut r = fill.recent();
+                    for c in &b.chunks {
+                        r.push(c.clone());
+                    }
+                    r.trim(on_disk);
+                    drop(r);
                     fill.phase.send_modify(|p| {
                         if let Phase::Streaming { written, .. } = p {
                             *written = received + n;
                         }
                     });
-                }
-                Err(e) => {
-                    // Counted once; the first client keeps streaming from upstream.
+                } else {
+                    // The writer stopped on an error: counted once; readers keep what was
+                    // announced, the first client the rest of the body.
+                    let e = match writer.take() {
+                        Some(w) => w.finish().await.err(),
+                        None => None,
+                    };
+                    let e = e.unwrap_or_else(|| io::Error::other("cache writer stopped"));
                     cached = false;
                     g.counted = true;
                     inner
@@ -351,12 +513,12 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
                     });
                 }
             }
-        }
-        if !cached {
-            for b in data {
-                if leader.send(Direct::Data(b)).await.is_err() {
-                    g.fail(FailReason::WriteError, "first client gone".into(), None);
-                    return;
+            if !cached {
+                for c in &b.chunks {
+                    if leader.send(Direct::Data(c.clone())).await.is_err() {
+                        g.fail(FailReason::WriteError, "first client gone".into(), None);
+                        return;
+                    }
                 }
             }
         }
@@ -382,26 +544,168 @@ pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mps
         g.fail(FailReason::ShortBody, msg, None);
         return;
     }
-    if !hasher.matches(&digest) {
+    drop(hash_tx);
+    let matches = match hashing.await {
+        Ok(h) => h.matches(&digest),
+        Err(e) => {
+            let msg = format!("hashing task failed: {e}");
+            let _ = leader.send(Direct::Failed(msg.clone())).await;
+            g.fail(FailReason::Aborted, msg, None);
+            return;
+        }
+    };
+    if !matches {
         let msg = format!("{received} bytes do not match the digest");
         let _ = leader.send(Direct::Failed(msg.clone())).await;
         g.fail(FailReason::DigestMismatch, msg, None);
         return;
     }
-    match (cached, &file) {
-        (true, Some(f)) => {
+    let (Some(w), Some(f), true) = (writer, &file, cached) else {
+        let _ = leader.send(Direct::End).await;
+        return;
+    };
+    // Readers may end now; the commit follows off their critical path.
+    fill.phase.send_replace(Phase::Verified { size: received });
+    match w.finish().await {
+        Ok(n) if n == received => {
             if commit(&inner, &fill, &mut g, f, received).await {
                 if let Some(shared) = &inner.shared {
                     shared.upload_blob(digest, f.clone(), received, lease.take());
                 }
             }
         }
-        _ => {
-            let _ = leader.send(Direct::End).await;
+        res => {
+            let e = res
+                .err()
+                .map_or_else(|| "short write".to_string(), |e| e.to_string());
+            // The bytes are verified (readers have them from memory and file); none kept.
+            g.counted = true;
+            inner
+                .metrics
+                .fill_failed(&digest, FailReason::WriteError, &e);
+            inner.forget_fill(&fill);
+            fill.phase.send_replace(Phase::Complete { size: received });
         }
     }
 }
 
+/// Chunks received together, shared by the hasher, the writer and [`Recent`]; holds its
+/// share of [`IN_FLIGHT`] until both threads are done with it.
+struct Batch {
+    chunks: Vec<Bytes>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The writer thread of a fill: appends batches to the temp file, gathering what is queued
+/// into one `writev`, and keeps the page cache flushing behind it.
+struct Writer {
+    tx: std::sync::mpsc::Sender<Arc<Batch>>,
+    task: tokio::task::JoinHandle<io::Result<u64>>,
+}
+
+impl Writer {
+    fn spawn(inner: &Arc<Inner>, fill: &Arc<Fill>, file: &Arc<File>) -> Writer {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Batch>>();
+        let (inner, fill, file) = (inner.clone(), fill.clone(), file.clone());
+        let task = tokio::task::spawn_blocking(move || write_loop(&inner, &fill, &file, &rx));
+        Writer { tx, task }
+    }
+
+    /// Lets the writer drain its queue; the bytes it wrote, or its error.
+    async fn finish(self) -> io::Result<u64> {
+        drop(self.tx);
+        self.task.await.map_err(io::Error::other)?
+    }
+}
+
+fn write_loop(
+    inner: &Inner,
+    fill: &Fill,
+    file: &Arc<File>,
+    rx: &std::sync::mpsc::Receiver<Arc<Batch>>,
+) -> io::Result<u64> {
+    let mut total: u64 = 0;
+    let mut behind = WriteBehind::new(file.clone());
+    while let Ok(first) = rx.recv() {
+        let mut n: u64 = first.chunks.iter().map(|c| c.len() as u64).sum();
+        let mut group = vec![first];
+        while n < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(b) => {
+                    n += b.chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+                    group.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        #[cfg(test)]
+        fill.wait_writes_allowed();
+        inner.fault_before(total + n)?;
+        let mut slices: Vec<IoSlice<'_>> = group
+            .iter()
+            .flat_map(|b| b.chunks.iter().map(|c| IoSlice::new(c)))
+            .collect();
+        super::store::write_slices(file, &mut slices)?;
+        total += n;
+        fill.on_disk.store(total, Ordering::Release);
+        behind.wrote(total)?;
+    }
+    behind.finish()?;
+    Ok(total)
+}
+
+/// A background `fdatasync` every [`SYNC_EVERY`] bytes (one at a time), so dirty pages are
+/// flushed while the fill goes on rather than all at its commit. Its error fails the fill:
+/// after a failed fsync the kernel may have dropped the pages, and a later fsync may not say so.
+struct WriteBehind {
+    file: Arc<File>,
+    synced_upto: u64,
+    running: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl WriteBehind {
+    fn new(file: Arc<File>) -> WriteBehind {
+        WriteBehind {
+            file,
+            synced_upto: 0,
+            running: None,
+        }
+    }
+
+    fn wrote(&mut self, total: u64) -> io::Result<()> {
+        if total - self.synced_upto < SYNC_EVERY {
+            return Ok(());
+        }
+        if let Some(t) = &self.running {
+            if !t.is_finished() {
+                return Ok(());
+            }
+            self.join()?;
+        }
+        let f = self.file.clone();
+        let spawned = std::thread::Builder::new()
+            .name("oci-proxy-sync".into())
+            .spawn(move || f.sync_data());
+        // Without a thread, the commit's fsync does it all.
+        if let Ok(t) = spawned {
+            self.running = Some(t);
+            self.synced_upto = total;
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> io::Result<()> {
+        match self.running.take().map(|t| t.join()) {
+            Some(Ok(res)) => res,
+            Some(Err(_)) => Err(io::Error::other("write-behind sync panicked")),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        self.join()
+    }
+}
 /// Commits `size` verified bytes in the fill's temp file; whether they were kept.
 async fn commit(
     inner: &Arc<Inner>,

@@ -70,7 +70,7 @@ pub fn verify_stream(
     on_verified: Box<dyn FnOnce() + Send>,
 ) -> BoxStream<'static, Result<bytes::Bytes, io::Error>> {
     use futures_util::StreamExt;
-    let hasher = fill::Hasher::new(digest.algorithm());
+    let hasher = crate::protocol::grammar::Hasher::new(digest.algorithm());
     let state = (stream, Some((hasher, on_verified, digest)));
     futures_util::stream::unfold(state, |(mut stream, mut pending)| async move {
         let (hasher, _, _) = pending.as_mut()?;
@@ -676,7 +676,7 @@ impl Cache {
         let size = match phase {
             Phase::Fetching => None,
             Phase::Streaming { size, .. } => size,
-            Phase::Complete { size, .. } => Some(size),
+            Phase::Verified { size } | Phase::Complete { size } => Some(size),
             Phase::Uncached { size, .. } if direct.is_some() => size,
             Phase::Uncached { .. } => return Ok(None),
             Phase::Failed { fetch: Some(e), .. } => return Err(CacheError::Fetch(e)),

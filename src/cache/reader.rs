@@ -1,12 +1,16 @@
 //! [`BlobReader`]: streams a blob to a client out of a committed file (hit) or out of a fill
 //! as its bytes arrive (miss and coalesced).
 //!
-//! Reads are `pread`s of up to [`CHUNK`] bytes on the blocking pool into a fresh buffer (one
-//! copy out of the kernel); a hit reads one chunk ahead, so the disk read of the next chunk
-//! overlaps the socket write of this one (two chunks per client at most). A stream never ends cleanly with unverified bytes: when the end of
-//! the requested bytes is known, the chunk holding the last byte is held back until the fill
-//! is verified (or, for a hit not yet verified since the restart, until the whole file hashed
-//! right). On failure the stream ends with an `Err`.
+//! A fill's reader takes the upstream's chunks from memory while they are there (the fill's
+//! [`super::fill::Recent`]: no copy, no disk), and `pread`s the temp file only when it lags
+//! behind them or joined late, switching back to memory once it catches up.
+//! File reads are `pread`s of up to [`CHUNK`] bytes on the blocking pool into a fresh buffer
+//! (one copy out of the kernel); a hit reads one chunk ahead, so the disk read of the next
+//! chunk overlaps the socket write of this one (two chunks per client at most). A stream never
+//! ends cleanly with unverified bytes: when the end of the requested bytes is known, the chunk
+//! holding the last byte is held back until the fill is verified ([`Phase::Verified`]: size
+//! and digest matched, the commit may still be under way) or, for a hit not yet verified since
+//! the restart, until the whole file hashed right. On failure the stream ends with an `Err`.
 
 use std::fs::File;
 use std::io;
@@ -16,9 +20,9 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use super::fill::{Direct, Fill, Hasher, Phase};
+use super::fill::{Direct, Fill, Phase};
 use super::{Inner, Outcome};
-use crate::protocol::grammar::Digest;
+use crate::protocol::grammar::{Digest, Hasher};
 
 /// Largest read from a cache file. Small on purpose: a client that stops reading holds at most
 /// two of them (the one hyper is writing and the one read ahead), so 300 stalled readers of a
@@ -237,12 +241,13 @@ impl Reader {
                 Phase::Fetching => (0, None, true),
                 Phase::Streaming { size, written } => (*written, *size, true),
                 Phase::Uncached { size, written } => (*written, *size, false),
-                Phase::Complete { size, .. } => (*size, Some(*size), true),
+                Phase::Verified { size } | Phase::Complete { size } => (*size, Some(*size), true),
                 Phase::Failed { message, .. } => {
                     return Err(err(format!("cache fill failed: {message}")));
                 }
             };
-            let complete = matches!(phase, Phase::Complete { .. });
+            // Verified is enough to end cleanly: the commit does not change the bytes.
+            let complete = matches!(phase, Phase::Verified { .. } | Phase::Complete { .. });
             let end = if self.range_given { self.end } else { size };
             if let (Some(e), Some(s)) = (end, size) {
                 if e > s {
@@ -258,12 +263,17 @@ impl Reader {
             }
             if self.pos < avail {
                 let want = end.map_or(avail, |e| e.min(avail));
-                let len = CHUNK.min((want - self.pos) as usize);
-                let Some(file) = fill.file.get().cloned() else {
-                    return Err(err("cache fill has no file"));
+                let b = match fill.bytes_at(self.pos, want) {
+                    Ok(b) => b,
+                    Err(upto) => {
+                        let len = CHUNK.min((upto - self.pos) as usize);
+                        let Some(file) = fill.file.get().cloned() else {
+                            return Err(err("cache fill has no file"));
+                        };
+                        read_at(file, self.pos, len, None).await?.0
+                    }
                 };
-                let (b, _) = read_at(file, self.pos, len, None).await?;
-                self.pos += len as u64;
+                self.pos += b.len() as u64;
                 if end == Some(self.pos) && !complete {
                     // Hold the last bytes back until the fill is verified.
                     self.wait_verified().await?;
@@ -285,12 +295,12 @@ impl Reader {
             return Err(err("no fill to wait for"));
         };
         let p = rx
-            .wait_for(Phase::is_terminal)
+            .wait_for(|p| p.is_terminal() || matches!(p, Phase::Verified { .. }))
             .await
             .map_err(|_| err("cache fill writer is gone"))?
             .clone();
         match p {
-            Phase::Complete { .. } => Ok(()),
+            Phase::Verified { .. } | Phase::Complete { .. } => Ok(()),
             Phase::Uncached { .. } => self.drain_direct().await,
             Phase::Failed { message, .. } => Err(err(format!("cache fill failed: {message}"))),
             _ => Err(err("cache fill in an unexpected state")),

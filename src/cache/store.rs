@@ -205,9 +205,14 @@ pub fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> 
 }
 
 /// Appends chunks to a file, many per `writev`.
-pub fn write_chunks(mut file: &File, chunks: &[Bytes]) -> io::Result<()> {
+pub fn write_chunks(file: &File, chunks: &[Bytes]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
-    let mut rest = &mut slices[..];
+    write_slices(file, &mut slices)
+}
+
+/// Appends `slices` to a file, as many per `writev` as the kernel takes.
+pub fn write_slices(mut file: &File, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let mut rest = slices;
     while !rest.is_empty() {
         match file.write_vectored(rest) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

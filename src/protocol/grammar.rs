@@ -239,6 +239,49 @@ impl Digest {
     }
 }
 
+/// A running hash of a blob's bytes in the digest's algorithm (sha256 or sha512): fed as the
+/// bytes pass, then compared with the digest. Lives next to [`Digest`] so every module that
+/// verifies content (fills, the shared tier, pass-through streams) depends on the grammar
+/// only, not on each other.
+pub enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn new(alg: Algorithm) -> Hasher {
+        use sha2::Digest as _;
+        match alg {
+            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    pub fn update(&mut self, b: &[u8]) {
+        use sha2::Digest as _;
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Sha512(h) => h.update(b),
+        }
+    }
+
+    /// Whether the bytes fed so far hash to `digest`.
+    pub fn matches(self, digest: &Digest) -> bool {
+        use sha2::Digest as _;
+        let raw = match self {
+            Hasher::Sha256(h) => h.finalize().to_vec(),
+            Hasher::Sha512(h) => h.finalize().to_vec(),
+        };
+        Digest::from_raw(digest.algorithm(), &raw) == *digest
+    }
+}
+
+impl fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.algorithm.as_str(), self.hex)

@@ -49,14 +49,13 @@ use object_store::{
     ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
 
-use super::fill::Hasher;
 use super::grant::{Grant, GrantKey, KEY_LEN};
 use super::links::LinkInfo;
 use super::manifests::{TagEntry, MAX_MANIFEST_SIZE};
 use super::metrics::FailReason;
 use super::store::{read_exact_at, write_chunks};
 use crate::config::S3Config;
-use crate::protocol::grammar::Digest;
+use crate::protocol::grammar::{Digest, Hasher};
 pub use lease::Lease;
 use metrics::{Op, Res, SharedMetrics, WaitEnd};
 

@@ -149,7 +149,12 @@ async fn a_blob_filled_by_one_replica_is_served_by_another_without_upstream() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "B never went upstream");
     assert_eq!(b.cache.inner.metrics.tier_count(Tier::Shared), 1);
     assert_eq!(b.cache.inner.metrics.tier_count(Tier::Upstream), 0);
-    // Now local on B.
+    // Now local on B (once committed: the read may end before the commit).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while b.cache.blob_size(&d).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never committed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (o, _) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
     assert_eq!(o, Outcome::Hit);
     assert_eq!(b.cache.inner.metrics.tier_count(Tier::Local), 1);
