@@ -794,7 +794,17 @@ async fn json_log_has_one_access_line_per_request() {
         pushed.layer_digests[0]
     ));
     let accept = "application/vnd.oci.image.manifest.v1+json";
-    for url in [&manifest, &blob, &blob] {
+    for (i, url) in [&manifest, &blob, &blob].into_iter().enumerate() {
+        if i == 2 {
+            // A fill's client ends at verification; the commit (fsync, rename) follows. Until
+            // it lands, another request joins the fill: wait for it, so the next one is a hit.
+            let metrics = proxy.url("/metrics");
+            wait_until(Duration::from_secs(10), "the blob committed", || async {
+                let text = support::scrape_metrics(&metrics).await;
+                support::metric_value(&text, "oci_proxy_cache_fills_committed_total") >= 1.0
+            })
+            .await;
+        }
         let r = client
             .get(url)
             .header("accept", accept)
