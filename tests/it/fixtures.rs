@@ -190,11 +190,14 @@ async fn pull_through_registry_fetches_from_its_upstream() {
     assert_ne!(peer.port(), upstream.port());
     let digest = &image.layer_digests[0];
     assert_blob(&peer.url(), None, "lib/peer", digest, &body).await;
+    // The upstream logs a request once it completes, which may be after the peer's client
+    // got its last byte.
     let fetched = format!("\"GET /v2/lib/peer/blobs/{digest} ");
-    assert!(
-        upstream.logs().lines().any(|l| l.contains(&fetched)),
-        "the peer fetched from its upstream"
-    );
+    wait_until(Duration::from_secs(10), "the peer's upstream GET", || {
+        let seen = upstream.logs().lines().any(|l| l.contains(&fetched));
+        async move { seen }
+    })
+    .await;
 }
 
 /// GETs blob `digest` of `repo` at `url` with `creds`; asserts a 200 with exactly `want`.
