@@ -498,6 +498,12 @@ async fn a_large_blob_streams_from_the_bucket_before_it_is_all_read() {
     assert!(got == body, "the whole blob, in order");
     assert_eq!(calls.load(Ordering::SeqCst), 0, "never upstream");
     assert_eq!(b.cache.inner.metrics.tier_count(Tier::Shared), 1);
+    // The read ends at verification; the commit follows.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while b.cache.blob_size(&d).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never committed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (o, _) = read(&b.cache, &d, fetch(body.clone(), calls.clone(), None)).await;
     assert_eq!(o, Outcome::Hit, "committed after verification");
 }
