@@ -1526,6 +1526,28 @@ async fn current_lm_and_attacks(kind: SourceKind) {
         },
     )
     .await;
+
+    // A label-era module's ModuleTemplate goes while its Secret stays: within 5 s its cached
+    // manifests (by tag and by digest) are no longer served anonymously.
+    let team = format!("{ALIAS}/{TEAM_REPO}");
+    let digest = w.pushed[TEAM_REPO].manifest_digest.clone();
+    for reference in ["1.0.0", digest.as_str()] {
+        let (status, body) = w.get_manifest(&team, reference).await;
+        assert_eq!(status, StatusCode::OK, "{reference}: {body}");
+    }
+    w.source.delete("ModuleTemplate", KCP_SYSTEM, "team");
+    wait_until(
+        Duration::from_secs(5),
+        "the team module's cached content refused",
+        || async {
+            let mut refused = true;
+            for reference in ["1.0.0", digest.as_str()] {
+                refused &= w.get_manifest(&team, reference).await.0 != StatusCode::OK;
+            }
+            refused
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
