@@ -7,7 +7,7 @@ use crate::upstream::UpstreamError;
 
 /// What a client asked for, so "not found" upstream becomes the right code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Subject {
+pub(crate) enum Subject {
     Manifest,
     Blob,
     Tags,
@@ -15,7 +15,7 @@ pub enum Subject {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The request itself is invalid (bad name, digest, method...).
     #[error(transparent)]
     Request(#[from] OciError),
@@ -58,7 +58,7 @@ impl From<crate::credentials::chain::ChooseError> for Error {
 }
 
 impl Error {
-    pub fn upstream(subject: Subject) -> impl FnOnce(UpstreamError) -> Error {
+    pub(crate) fn upstream(subject: Subject) -> impl FnOnce(UpstreamError) -> Error {
         move |source| Error::Upstream { subject, source }
     }
 
@@ -73,7 +73,7 @@ impl Error {
     }
 
     /// Bounded label for metrics and logs.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         if let Some(e) = self.fetched() {
             return e.metric_label();
         }
@@ -93,7 +93,7 @@ impl Error {
 
     /// The error as the client sees it. Messages name upstreams, never credentials, Secrets
     /// or catalog objects.
-    pub fn to_oci(&self) -> OciError {
+    pub(crate) fn to_oci(&self) -> OciError {
         if let Some(e) = self.fetched() {
             return e.to_oci();
         }

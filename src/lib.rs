@@ -5,14 +5,22 @@
 //! picks the credential; [`pull`] decides what the pull may be served, from the [`cache`] or
 //! by filling it from [`upstream`], which authenticates.
 
-pub mod cache;
+//!
+//! The public face is what the binary and the integration tests drive: the config model,
+//! the server, the module catalog and the routing grammar. Everything else is `pub(crate)`,
+//! so the compiler reports what nothing uses (`unreachable_pub` and `dead_code`).
+
+pub(crate) mod cache;
 pub mod catalog;
 pub mod config;
-pub mod credentials;
-pub mod error;
-pub mod metrics;
+pub(crate) mod credentials;
+pub(crate) mod error;
+pub(crate) mod metrics;
 pub mod protocol;
-pub mod pull;
-pub mod routing;
+pub(crate) mod pull;
+pub(crate) mod routing;
 pub mod server;
-pub mod upstream;
+pub(crate) mod upstream;
+
+pub use cache::gc;
+pub use credentials::Credential;

@@ -127,8 +127,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = Config::load(&config)?;
             server::init_logging(cfg.log_format);
-            let report =
-                runtime()?.block_on(oci_proxy::cache::gc::run(&cfg.cache, max_size, dry_run))?;
+            let report = runtime()?.block_on(oci_proxy::gc::run(&cfg.cache, max_size, dry_run))?;
             print!("{report}");
             Ok(report.into_result()?)
         }

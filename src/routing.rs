@@ -10,20 +10,20 @@
 use std::sync::Arc;
 
 use crate::protocol::grammar::is_registry_host;
-pub use crate::protocol::grammar::names_registry_host;
+pub(crate) use crate::protocol::grammar::names_registry_host;
 use crate::protocol::{ErrorCode, OciError, Repository};
 use crate::upstream::{Upstream, Upstreams};
 
 /// A repository on an upstream.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub(crate) struct Target {
     pub upstream: Arc<Upstream>,
     pub repository: Repository,
 }
 
 impl Target {
     /// The key the cache uses for "this repository on this upstream".
-    pub fn repo_key(&self) -> String {
+    pub(crate) fn repo_key(&self) -> String {
         format!("{}/{}", self.upstream.name, self.repository)
     }
 }
@@ -39,7 +39,7 @@ pub trait HostSource: Send + Sync {
 /// 1. `ns=<host>` names the upstream and the whole name is the repository;
 /// 2. else a first segment naming an upstream (configured, or a module's registry host);
 /// 3. else the default upstream; else `NAME_UNKNOWN`.
-pub fn resolve(
+pub(crate) fn resolve(
     upstreams: &Upstreams,
     hosts: Option<&dyn HostSource>,
     name: &str,

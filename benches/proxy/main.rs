@@ -23,6 +23,9 @@
 //! `OCI_PROXY_BENCH_BASELINE=<oci-proxy binary>` adds that build to the cold rows, alternating
 //! with this one ([`baseline`]), for a before/after within one run.
 
+// A bench binary exports nothing: `pub` in its modules means "shared between its modules".
+#![allow(unreachable_pub)]
+
 // The integration tests' fixtures; the bench uses a few of them.
 #[path = "../../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports)]

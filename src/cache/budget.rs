@@ -18,7 +18,7 @@ use super::metrics::FailReason;
 
 /// The budget of one fill (from `config.limits`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FillLimits {
+pub(crate) struct FillLimits {
     /// Longest time from the upstream's response headers to the end of the body.
     pub deadline: Duration,
     /// Bytes per second the body must average over each `window`; 0: no minimum.
@@ -30,7 +30,7 @@ pub struct FillLimits {
 
 /// Why a budget ended a body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum LimitExceeded {
+pub(crate) enum LimitExceeded {
     #[error("fill not done within limits.fill_deadline ({0:?})")]
     Deadline(Duration),
     #[error("upstream sent {got} bytes in {window:?}, less than limits.fill_min_rate {min_rate} bytes/s")]
@@ -44,7 +44,7 @@ pub enum LimitExceeded {
 }
 
 impl LimitExceeded {
-    pub fn reason(self) -> FailReason {
+    pub(crate) fn reason(self) -> FailReason {
         match self {
             LimitExceeded::Deadline(_) => FailReason::Deadline,
             LimitExceeded::TooSlow { .. } => FailReason::TooSlow,
@@ -53,7 +53,7 @@ impl LimitExceeded {
     }
 
     /// The limit behind a body error, if a budget ended the body.
-    pub fn of(e: &io::Error) -> Option<LimitExceeded> {
+    pub(crate) fn of(e: &io::Error) -> Option<LimitExceeded> {
         e.get_ref()?.downcast_ref::<LimitExceeded>().copied()
     }
 }
@@ -92,7 +92,7 @@ impl State {
 }
 
 /// `body` ending with a [`LimitExceeded`] error when it breaks `limits`. Clock starts now.
-pub fn enforce(
+pub(crate) fn enforce(
     body: BoxStream<'static, io::Result<Bytes>>,
     limits: FillLimits,
 ) -> BoxStream<'static, io::Result<Bytes>> {

@@ -19,10 +19,10 @@ use tokio::sync::Notify;
 use super::Inner;
 
 /// The share of `cache.max_size` manifests may take (1/4).
-pub const MANIFEST_SHARE: u64 = 4;
+pub(super) const MANIFEST_SHARE: u64 = 4;
 
 /// Runs eviction each time `notify` fires, until the cache is dropped.
-pub fn spawn(inner: Weak<Inner>, notify: Arc<Notify>) {
+pub(super) fn spawn(inner: Weak<Inner>, notify: Arc<Notify>) {
     tokio::spawn(async move {
         loop {
             notify.notified().await;
@@ -36,7 +36,7 @@ pub fn spawn(inner: Weak<Inner>, notify: Arc<Notify>) {
 }
 
 /// Evicts LRU blobs until the committed total fits `max_size`. Blocking.
-pub fn evict_to_limit(inner: &Inner) {
+pub(super) fn evict_to_limit(inner: &Inner) {
     let Some(limit) = inner.max_size else { return };
     let manifest_cap = limit / MANIFEST_SHARE;
     if inner.manifests.disk_bytes() > manifest_cap {

@@ -57,25 +57,25 @@ use crate::protocol::grammar::{Digest, Hasher};
 
 /// Bytes a fill keeps in memory behind the newest one, for readers that keep up (see the
 /// module docs for the whole bound).
-pub const RECENT_WINDOW: u64 = 8 << 20;
+pub(super) const RECENT_WINDOW: u64 = 8 << 20;
 
 /// Bytes received but not yet both hashed and written: the receive loop waits beyond this.
-pub const IN_FLIGHT: usize = 8 << 20;
+pub(super) const IN_FLIGHT: usize = 8 << 20;
 
 /// Write-behind: the writer starts a background `fdatasync` every this many bytes, so the
 /// commit's fsync has little left to flush.
-pub const SYNC_EVERY: u64 = 32 << 20;
+pub(super) const SYNC_EVERY: u64 = 32 << 20;
 
 /// The receive loop hands on what the upstream has ready in batches of up to this many bytes
 /// (plus one chunk).
-pub const RECEIVE_BATCH: u64 = 1 << 20;
+pub(super) const RECEIVE_BATCH: u64 = 1 << 20;
 
 /// The writer gathers up to this many queued bytes into one `writev`.
 const WRITE_BATCH: u64 = 4 << 20;
 
 /// Where a fill is. Readers watch it.
 #[derive(Clone, Debug)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Waiting for the upstream's response headers.
     Fetching,
     /// Bytes `[0, written)` can be read: the newest in memory ([`Fill::recent`]), the rest in
@@ -101,7 +101,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn is_terminal(&self) -> bool {
+    pub(crate) fn is_terminal(&self) -> bool {
         matches!(
             self,
             Phase::Complete { .. } | Phase::Failed { .. } | Phase::Uncached { .. }
@@ -111,7 +111,7 @@ impl Phase {
 
 /// What an uncached fill sends its first client.
 #[derive(Debug)]
-pub enum Direct {
+pub(super) enum Direct {
     Data(Bytes),
     /// The body was complete and verified.
     End,
@@ -122,7 +122,7 @@ pub enum Direct {
 /// before `start` is in the temp file; chunks leave only once they are on disk, so a reader
 /// finds any byte the fill announced either here or in the file.
 #[derive(Debug, Default)]
-pub struct Recent {
+pub(crate) struct Recent {
     start: u64,
     end: u64,
     chunks: VecDeque<(u64, Bytes)>,
@@ -149,14 +149,14 @@ impl Recent {
     }
 
     /// Bytes held.
-    pub fn held(&self) -> u64 {
+    pub(crate) fn held(&self) -> u64 {
         self.end - self.start
     }
 }
 
 /// One fill in flight, shared by the writer task and its readers.
 #[derive(Debug)]
-pub struct Fill {
+pub(crate) struct Fill {
     pub digest: Digest,
     pub temp: PathBuf,
     pub phase: watch::Sender<Phase>,
@@ -179,7 +179,7 @@ pub struct Fill {
 }
 
 impl Fill {
-    pub fn new(digest: Digest, temp: PathBuf) -> Fill {
+    pub(crate) fn new(digest: Digest, temp: PathBuf) -> Fill {
         Fill {
             digest,
             temp,
@@ -202,14 +202,14 @@ impl Fill {
 
     /// Bytes held in memory now.
     #[cfg(test)]
-    pub fn recent_held(&self) -> u64 {
+    pub(crate) fn recent_held(&self) -> u64 {
         self.recent().held()
     }
 
     /// The bytes from `pos` (before `end`) when they are in memory: `Ok` with a slice of one
     /// upstream chunk (no copy). Otherwise `Err(upto)`: read `[pos, upto)` from the temp file.
     /// `pos < end`, and `end` within what the phase announced.
-    pub fn bytes_at(&self, pos: u64, end: u64) -> Result<Bytes, u64> {
+    pub(crate) fn bytes_at(&self, pos: u64, end: u64) -> Result<Bytes, u64> {
         let r = self.recent();
         if pos < r.start {
             return Err(r.start.min(end));
@@ -241,7 +241,7 @@ impl Fill {
 
     /// Tests: holds (or lets go of) the writer thread before its next write.
     #[cfg(test)]
-    pub fn hold_writes(&self, hold: bool) {
+    pub(crate) fn hold_writes(&self, hold: bool) {
         let (held, cv) = &self.hold_writes;
         *held.lock().unwrap_or_else(|p| p.into_inner()) = hold;
         cv.notify_all();
@@ -250,14 +250,14 @@ impl Fill {
 
 /// A fill's fetch that it never called (see [`Fill::unused_fetch`]).
 #[derive(Default)]
-pub struct UnusedFetch(Mutex<Option<FetchFn>>);
+pub(crate) struct UnusedFetch(Mutex<Option<FetchFn>>);
 
 impl UnusedFetch {
     fn put(&self, f: FetchFn) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
-    pub fn take(&self) -> Option<FetchFn> {
+    pub(crate) fn take(&self) -> Option<FetchFn> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -334,7 +334,12 @@ impl Guard {
 }
 
 /// Runs a fill to its end. Spawned detached by [`super::Cache::blob`].
-pub async fn run(inner: Arc<Inner>, fill: Arc<Fill>, fetch: FetchFn, leader: mpsc::Sender<Direct>) {
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    fill: Arc<Fill>,
+    fetch: FetchFn,
+    leader: mpsc::Sender<Direct>,
+) {
     let mut g = Guard {
         inner: inner.clone(),
         fill: fill.clone(),

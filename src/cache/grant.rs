@@ -20,11 +20,11 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 /// Length of the key in bytes.
-pub const KEY_LEN: usize = 32;
+pub(super) const KEY_LEN: usize = 32;
 
 /// The key grants are computed with.
 #[derive(Clone)]
-pub struct GrantKey([u8; KEY_LEN]);
+pub(crate) struct GrantKey([u8; KEY_LEN]);
 
 impl fmt::Debug for GrantKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -54,16 +54,16 @@ impl fmt::Debug for Grant {
 }
 
 impl GrantKey {
-    pub fn from_bytes(raw: &[u8]) -> Option<GrantKey> {
+    pub(crate) fn from_bytes(raw: &[u8]) -> Option<GrantKey> {
         Some(GrantKey(raw.try_into().ok()?))
     }
 
-    pub fn bytes(&self) -> &[u8; KEY_LEN] {
+    pub(crate) fn bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
 
     /// 32 bytes from the operating system's random source.
-    pub fn random() -> io::Result<GrantKey> {
+    pub(crate) fn random() -> io::Result<GrantKey> {
         let mut k = [0u8; KEY_LEN];
         std::fs::File::open("/dev/urandom")?.read_exact(&mut k)?;
         Ok(GrantKey(k))
@@ -72,7 +72,7 @@ impl GrantKey {
     /// Reads `grant.key` under `dir`, creating it (mode 0600) when absent (blocking). A key
     /// file of the wrong length is an error: replacing it would silently void every link,
     /// which is safe, but an operator should know.
-    pub fn load_or_create(dir: &Path) -> io::Result<GrantKey> {
+    pub(crate) fn load_or_create(dir: &Path) -> io::Result<GrantKey> {
         let path = dir.join("grant.key");
         match std::fs::read(&path) {
             Ok(raw) => GrantKey::from_bytes(&raw).ok_or_else(|| {
@@ -101,7 +101,7 @@ impl GrantKey {
     }
 
     /// The grant of `parts` (each length-prefixed, so no two lists collide).
-    pub fn grant(&self, parts: &[&[u8]]) -> Grant {
+    pub(crate) fn grant(&self, parts: &[&[u8]]) -> Grant {
         let mut msg = Vec::new();
         msg.extend_from_slice(b"oci-proxy grant v1\0");
         for p in parts {

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 /// The open journal file and how many lines it holds.
 #[derive(Debug)]
-pub struct JournalFile {
+pub(super) struct JournalFile {
     path: PathBuf,
     file: File,
     lines: u64,
@@ -23,7 +23,7 @@ pub struct JournalFile {
 
 impl JournalFile {
     /// Appends one record.
-    pub fn append<T: Serialize>(&mut self, rec: &T) -> io::Result<()> {
+    pub(super) fn append<T: Serialize>(&mut self, rec: &T) -> io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
@@ -31,12 +31,15 @@ impl JournalFile {
         Ok(())
     }
 
-    pub fn lines(&self) -> u64 {
+    pub(super) fn lines(&self) -> u64 {
         self.lines
     }
 
     /// Replaces the file's content with `recs` (temp file, fsync, rename).
-    pub fn rewrite<T: Serialize>(&mut self, recs: impl IntoIterator<Item = T>) -> io::Result<()> {
+    pub(super) fn rewrite<T: Serialize>(
+        &mut self,
+        recs: impl IntoIterator<Item = T>,
+    ) -> io::Result<()> {
         let tmp = self.path.with_extension("compact");
         let mut n = 0;
         {
@@ -57,13 +60,13 @@ impl JournalFile {
 
 /// A journal shared between tasks; all writes run on the blocking pool under one lock.
 #[derive(Debug, Clone)]
-pub struct Journal {
+pub(super) struct Journal {
     inner: Arc<Mutex<JournalFile>>,
 }
 
 impl Journal {
     /// Opens (creating) the journal and returns its records, skipping unreadable lines.
-    pub fn open<T: DeserializeOwned>(path: &Path) -> io::Result<(Journal, Vec<T>)> {
+    pub(super) fn open<T: DeserializeOwned>(path: &Path) -> io::Result<(Journal, Vec<T>)> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -95,7 +98,7 @@ impl Journal {
     }
 
     /// Runs `f` with the file locked, on the blocking pool.
-    pub async fn with<R, F>(&self, f: F) -> io::Result<R>
+    pub(super) async fn with<R, F>(&self, f: F) -> io::Result<R>
     where
         F: FnOnce(&mut JournalFile) -> io::Result<R> + Send + 'static,
         R: Send + 'static,

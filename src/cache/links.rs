@@ -31,9 +31,9 @@ use super::manifests::to_ms;
 use crate::protocol::grammar::Digest;
 
 /// Default bound on links (and, separately, on origins) held.
-pub const DEFAULT_MAX_LINKS: usize = 1 << 20;
+pub(super) const DEFAULT_MAX_LINKS: usize = 1 << 20;
 /// Dead journal lines tolerated beyond the live ones before a rewrite.
-pub const COMPACT_SLACK: u64 = 1024;
+pub(super) const COMPACT_SLACK: u64 = 1024;
 
 /// One journal line: a link (`repo` set) or an origin (`origin` set).
 #[derive(Serialize, Deserialize, Default)]
@@ -52,7 +52,7 @@ struct Record {
 
 /// A link as recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkInfo {
+pub(crate) struct LinkInfo {
     pub grant: Grant,
     pub at: SystemTime,
 }
@@ -170,7 +170,7 @@ impl Maps {
 }
 
 #[derive(Clone)]
-pub struct Links {
+pub(super) struct Links {
     maps: Arc<Mutex<Maps>>,
     journal: Journal,
     max: usize,
@@ -178,7 +178,7 @@ pub struct Links {
 
 impl Links {
     /// Loads `links.jsonl` under `dir` (blocking), bounded by `max` links and origins.
-    pub fn open(dir: &Path, max: usize) -> io::Result<Links> {
+    pub(super) fn open(dir: &Path, max: usize) -> io::Result<Links> {
         let (journal, recs) = Journal::open::<Record>(&dir.join("links.jsonl"))?;
         let mut maps = Maps::default();
         for r in recs {
@@ -197,7 +197,7 @@ impl Links {
     }
 
     /// The link of `repo_key` to `digest`, if recorded (any grant, any age).
-    pub fn get(&self, repo_key: &str, digest: &Digest) -> Option<LinkInfo> {
+    pub(super) fn get(&self, repo_key: &str, digest: &Digest) -> Option<LinkInfo> {
         self.maps()
             .links
             .get(&(repo_key.to_owned(), digest.clone()))
@@ -205,7 +205,7 @@ impl Links {
     }
 
     /// Whether `digest` was fetched (and verified) from `upstream`.
-    pub fn has_origin(&self, digest: &Digest, upstream: &str) -> bool {
+    pub(super) fn has_origin(&self, digest: &Digest, upstream: &str) -> bool {
         self.maps()
             .origins
             .get(digest)
@@ -214,7 +214,7 @@ impl Links {
 
     /// Records (or refreshes) a link under `grant`, confirmed at `at`; whether the record
     /// changed (a refresh within a second under the same grant does not).
-    pub async fn link(
+    pub(super) async fn link(
         &self,
         repo_key: &str,
         digest: &Digest,
@@ -243,7 +243,7 @@ impl Links {
     /// Records that `digest`'s verified bytes came from `upstream`: in memory at once, on
     /// disk in the background (callable outside async code, on a runtime). The handle of
     /// the background write, when there is one.
-    pub fn add_origin(
+    pub(super) fn add_origin(
         &self,
         digest: &Digest,
         upstream: &str,
@@ -299,7 +299,7 @@ impl Links {
 
     /// Live links and origins.
     #[cfg(test)]
-    pub fn len(&self) -> (usize, usize) {
+    pub(super) fn len(&self) -> (usize, usize) {
         let m = self.maps();
         (m.links.len(), m.origin_count)
     }

@@ -30,7 +30,7 @@ use super::CacheError;
 use crate::protocol::grammar::Digest;
 
 /// Largest manifest accepted (distribution's limit).
-pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
+pub(crate) const MAX_MANIFEST_SIZE: usize = 4 << 20;
 /// Bytes of manifests held in memory.
 const MEMORY_BUDGET: u64 = 64 << 20;
 
@@ -58,7 +58,7 @@ impl TagEntry {
     }
 }
 
-pub struct Manifests {
+pub(super) struct Manifests {
     dir: PathBuf,
     mem: moka::future::Cache<Digest, CachedManifest>,
     /// Bytes of manifest files on disk (counted toward `cache.max_size`; exact after each
@@ -93,7 +93,7 @@ fn valid_media_type(s: &str) -> bool {
 }
 
 impl Manifests {
-    pub fn new(root: &Path) -> io::Result<Manifests> {
+    pub(super) fn new(root: &Path) -> io::Result<Manifests> {
         let dir = root.join("manifests");
         std::fs::create_dir_all(&dir)?;
         let mem = moka::future::Cache::builder()
@@ -111,14 +111,14 @@ impl Manifests {
     }
 
     /// Bytes of manifest files on disk.
-    pub fn disk_bytes(&self) -> u64 {
+    pub(super) fn disk_bytes(&self) -> u64 {
         self.disk.load(Ordering::Relaxed)
     }
 
     /// Removes the oldest manifest files until at most `cap` bytes remain; returns the files
     /// removed. Blocking. A removed manifest is fetched again from upstream when asked for
     /// (its copy in memory, if any, stays valid: manifests are immutable).
-    pub fn evict_oldest(&self, cap: u64) -> usize {
+    pub(super) fn evict_oldest(&self, cap: u64) -> usize {
         let mut files = manifest_files(&self.dir);
         let mut total: u64 = files.iter().map(|f| f.2).sum();
         files.sort_unstable_by_key(|f| f.0);
@@ -142,7 +142,7 @@ impl Manifests {
             .join(digest.hex())
     }
 
-    pub async fn get(&self, digest: &Digest) -> Option<CachedManifest> {
+    pub(super) async fn get(&self, digest: &Digest) -> Option<CachedManifest> {
         if let Some(m) = self.mem.get(digest).await {
             return Some(m);
         }
@@ -176,7 +176,7 @@ impl Manifests {
         }
     }
 
-    pub async fn put(
+    pub(super) async fn put(
         &self,
         digest: &Digest,
         media_type: &str,
@@ -227,7 +227,7 @@ struct TagRecord {
 
 type TagMap = HashMap<(String, String), TagEntry>;
 
-pub struct Tags {
+pub(super) struct Tags {
     map: Arc<Mutex<TagMap>>,
     journal: Journal,
 }
@@ -252,7 +252,7 @@ fn snapshot(map: &TagMap) -> Vec<TagRecord> {
 
 impl Tags {
     /// Loads `tags.jsonl` under `dir` (blocking), compacting it.
-    pub fn open(dir: &Path) -> io::Result<Tags> {
+    pub(super) fn open(dir: &Path) -> io::Result<Tags> {
         let (journal, recs) = Journal::open::<TagRecord>(&dir.join("tags.jsonl"))?;
         let mut map = TagMap::new();
         for r in recs {
@@ -282,19 +282,25 @@ impl Tags {
         })
     }
 
-    pub fn get(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
+    pub(super) fn get(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
         let map = self.map.lock().ok()?;
         map.get(&(repo_key.to_owned(), tag.to_owned())).cloned()
     }
 
     /// Sets (or removes, with `None`) a tag in memory and appends it to the journal.
-    pub async fn set(&self, repo_key: &str, tag: &str, digest: Option<&Digest>, grant: Grant) {
+    pub(super) async fn set(
+        &self,
+        repo_key: &str,
+        tag: &str,
+        digest: Option<&Digest>,
+        grant: Grant,
+    ) {
         self.set_at(repo_key, tag, digest, Some(grant), SystemTime::now())
             .await
     }
 
     /// [`Tags::set`] with the time the tag was checked upstream (by another replica).
-    pub async fn set_at(
+    pub(super) async fn set_at(
         &self,
         repo_key: &str,
         tag: &str,

@@ -48,14 +48,14 @@ impl FailReason {
 /// Where the bytes of a blob request came from: a committed local file, or (for the request
 /// that started a fill) the shared tier or the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tier {
+pub(super) enum Tier {
     Local,
     Shared,
     Upstream,
 }
 
 impl Tier {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Tier::Local => "local",
             Tier::Shared => "shared",
@@ -66,7 +66,7 @@ impl Tier {
 
 /// Why the read rule sent a request upstream instead of serving cached content at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(super) enum Refusal {
     /// No link of the repository to the object.
     NoLink,
     /// A link under another grant (the credential source changed or went away).
@@ -78,7 +78,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Refusal::NoLink => "no_link",
             Refusal::Grant => "grant",
@@ -90,7 +90,7 @@ impl Refusal {
 
 /// Every metric family of the cache.
 #[derive(Clone)]
-pub struct Metrics {
+pub(super) struct Metrics {
     requests: IntCounterVec,
     served_bytes: IntCounterVec,
     tiers: IntCounterVec,
@@ -131,7 +131,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntG
 
 impl Metrics {
     /// Creates the families and registers them into `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+    pub(super) fn register(registry: &Registry) -> prometheus::Result<Metrics> {
         Ok(Metrics {
             requests: counter_vec(
                 registry,
@@ -205,7 +205,7 @@ impl Metrics {
         })
     }
 
-    pub fn request(&self, outcome: super::Outcome, digest: &Digest) {
+    pub(super) fn request(&self, outcome: super::Outcome, digest: &Digest) {
         tracing::debug!(%digest, outcome = outcome.as_str(), "cache request");
         self.requests.with_label_values(&[outcome.as_str()]).inc();
         if outcome == super::Outcome::Hit {
@@ -213,75 +213,75 @@ impl Metrics {
         }
     }
 
-    pub fn tier(&self, tier: Tier) {
+    pub(super) fn tier(&self, tier: Tier) {
         self.tiers.with_label_values(&[tier.as_str()]).inc();
     }
 
-    pub fn served(&self, outcome: super::Outcome, bytes: u64) {
+    pub(super) fn served(&self, outcome: super::Outcome, bytes: u64) {
         self.served_bytes
             .with_label_values(&[outcome.as_str()])
             .inc_by(bytes);
     }
 
-    pub fn fill_started(&self, digest: &Digest) {
+    pub(super) fn fill_started(&self, digest: &Digest) {
         tracing::debug!(%digest, "cache fill started");
         self.fills_started.inc();
     }
 
-    pub fn fill_committed(&self, digest: &Digest, size: u64) {
+    pub(super) fn fill_committed(&self, digest: &Digest, size: u64) {
         tracing::info!(%digest, size, "cache fill committed");
         self.fills_committed.inc();
     }
 
-    pub fn fill_failed(&self, digest: &Digest, reason: FailReason, detail: &str) {
+    pub(super) fn fill_failed(&self, digest: &Digest, reason: FailReason, detail: &str) {
         tracing::warn!(%digest, reason = reason.as_str(), detail, "cache fill failed");
         self.fills_failed
             .with_label_values(&[reason.as_str()])
             .inc();
     }
 
-    pub fn evicted(&self, digest: &Digest, size: u64) {
+    pub(super) fn evicted(&self, digest: &Digest, size: u64) {
         tracing::debug!(%digest, size, "cache blob evicted");
         self.evictions.inc();
         self.evicted_bytes.inc_by(size);
     }
 
-    pub fn corrupt(&self, digest: &Digest, detail: &str) {
+    pub(super) fn corrupt(&self, digest: &Digest, detail: &str) {
         tracing::warn!(%digest, detail, "cached blob is corrupt; dropped");
         self.corrupt.inc();
     }
 
-    pub fn refused(&self, digest: &Digest, repository: &str, reason: Refusal) {
+    pub(super) fn refused(&self, digest: &Digest, repository: &str, reason: Refusal) {
         tracing::debug!(%digest, repository, reason = reason.as_str(), "read rule: asking upstream");
         self.refusals.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// Publishes the committed totals.
-    pub fn set_metadata(&self, bytes: u64) {
+    pub(super) fn set_metadata(&self, bytes: u64) {
         self.metadata_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    pub fn set_totals(&self, bytes: u64, blobs: usize) {
+    pub(super) fn set_totals(&self, bytes: u64, blobs: usize) {
         self.size_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
     }
 
     #[cfg(test)]
-    pub fn failed_count(&self, reason: FailReason) -> u64 {
+    pub(super) fn failed_count(&self, reason: FailReason) -> u64 {
         self.fills_failed
             .with_label_values(&[reason.as_str()])
             .get()
     }
 
     #[cfg(test)]
-    pub fn tier_count(&self, tier: Tier) -> u64 {
+    pub(super) fn tier_count(&self, tier: Tier) -> u64 {
         self.tiers.with_label_values(&[tier.as_str()]).get()
     }
 
     #[cfg(test)]
-    pub fn evictions_count(&self) -> u64 {
+    pub(super) fn evictions_count(&self) -> u64 {
         self.evictions.get()
     }
 }

@@ -53,18 +53,18 @@ use metrics::{Metrics, Refusal};
 use reader::Source;
 use store::Store;
 
-pub use budget::{enforce as enforce_fill_limits, FillLimits, LimitExceeded};
-pub use grant::Grant;
-pub use links::LinkInfo;
-pub use manifests::{CachedManifest, TagEntry, MAX_MANIFEST_SIZE};
-pub use metrics::FailReason;
-pub use reader::BlobReader;
+pub(crate) use budget::{enforce as enforce_fill_limits, FillLimits};
+pub(crate) use grant::Grant;
+pub(crate) use links::LinkInfo;
+pub(crate) use manifests::{CachedManifest, TagEntry, MAX_MANIFEST_SIZE};
+pub(crate) use metrics::FailReason;
+pub(crate) use reader::BlobReader;
 pub use shared::gc;
 
 /// `stream` of `digest`'s bytes, hashed as it passes: at its end `on_verified` runs when they
 /// match; when they do not, the stream ends with an error (a client never sees a clean end of
 /// unverified bytes).
-pub fn verify_stream(
+pub(crate) fn verify_stream(
     digest: Digest,
     stream: BoxStream<'static, Result<bytes::Bytes, io::Error>>,
     on_verified: Box<dyn FnOnce() + Send>,
@@ -96,7 +96,8 @@ pub fn verify_stream(
 }
 
 /// Starts the upstream GET for a blob; called at most once per [`Cache::blob`] call.
-pub type FetchFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<UpstreamBody, FetchError>> + Send>;
+pub(crate) type FetchFn =
+    Box<dyn FnOnce() -> BoxFuture<'static, Result<UpstreamBody, FetchError>> + Send>;
 
 /// An upstream response body.
 pub struct UpstreamBody {

@@ -27,7 +27,7 @@ use crate::protocol::grammar::{Digest, Hasher};
 /// Largest read from a cache file. Small on purpose: a client that stops reading holds at most
 /// two of them (the one hyper is writing and the one read ahead), so 300 stalled readers of a
 /// cached blob cost about 40 MiB, not 300 (README "Limits").
-pub const CHUNK: usize = 64 << 10;
+pub(super) const CHUNK: usize = 64 << 10;
 
 /// A blob for one client.
 pub struct BlobReader {

@@ -12,11 +12,11 @@ use super::Inner;
 
 /// Runs the scrub on the blocking pool; entries with `last_used <= untouched` have not been
 /// used since open and get their recency from the file's modification time.
-pub fn spawn(inner: Arc<Inner>, untouched: u64) {
+pub(super) fn spawn(inner: Arc<Inner>, untouched: u64) {
     tokio::task::spawn_blocking(move || scrub(&inner, untouched));
 }
 
-pub fn scrub(inner: &Inner, untouched: u64) {
+pub(super) fn scrub(inner: &Inner, untouched: u64) {
     let started = std::time::Instant::now();
     let entries: Vec<_> = inner
         .lock()

@@ -20,14 +20,14 @@ use crate::protocol::grammar::{Algorithm, Digest};
 
 /// A committed blob found on disk by [`Store::rebuild`].
 #[derive(Debug)]
-pub struct Found {
+pub(super) struct Found {
     pub digest: Digest,
     pub size: u64,
 }
 
 /// What [`Store::rebuild`] saw.
 #[derive(Debug, Default)]
-pub struct Rebuilt {
+pub(super) struct Rebuilt {
     pub blobs: Vec<Found>,
     /// Truncated, misnamed or duplicate files removed.
     pub dropped: Vec<(Option<Digest>, String)>,
@@ -35,20 +35,20 @@ pub struct Rebuilt {
 }
 
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(super) struct Store {
     root: PathBuf,
 }
 
 const ALGORITHMS: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Sha512];
 
 impl Store {
-    pub fn new(root: &Path) -> Store {
+    pub(super) fn new(root: &Path) -> Store {
         Store {
             root: root.to_path_buf(),
         }
     }
 
-    pub fn root(&self) -> &Path {
+    pub(super) fn root(&self) -> &Path {
         &self.root
     }
 
@@ -65,19 +65,19 @@ impl Store {
     }
 
     /// Where a committed blob of `size` bytes lives.
-    pub fn blob_path(&self, digest: &Digest, size: u64) -> PathBuf {
+    pub(super) fn blob_path(&self, digest: &Digest, size: u64) -> PathBuf {
         self.shard_dir(digest)
             .join(format!("{}.{size}", digest.hex()))
     }
 
     /// A fresh temp path for a fill of `digest`; `n` makes it unique within the process, and
     /// the tmp dir is emptied on open, so it is unique on disk too.
-    pub fn temp_path(&self, digest: &Digest, n: u64) -> PathBuf {
+    pub(super) fn temp_path(&self, digest: &Digest, n: u64) -> PathBuf {
         self.tmp_dir().join(format!("{}.{n}.part", digest.hex()))
     }
 
     /// Creates the directories the store needs.
-    pub fn create_dirs(&self) -> io::Result<()> {
+    pub(super) fn create_dirs(&self) -> io::Result<()> {
         fs::create_dir_all(self.tmp_dir())?;
         for alg in ALGORITHMS {
             fs::create_dir_all(self.root.join("blobs").join(alg.as_str()))?;
@@ -86,7 +86,7 @@ impl Store {
     }
 
     /// Creates a temp file for writing (and reading back by followers).
-    pub fn create_temp(&self, path: &Path) -> io::Result<File> {
+    pub(super) fn create_temp(&self, path: &Path) -> io::Result<File> {
         fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -95,7 +95,13 @@ impl Store {
     }
 
     /// Makes a fully written and verified temp file durable and visible under its final name.
-    pub fn commit(&self, file: &File, temp: &Path, digest: &Digest, size: u64) -> io::Result<()> {
+    pub(super) fn commit(
+        &self,
+        file: &File,
+        temp: &Path,
+        digest: &Digest,
+        size: u64,
+    ) -> io::Result<()> {
         file.sync_data()?;
         let dir = self.shard_dir(digest);
         fs::create_dir_all(&dir)?;
@@ -105,7 +111,7 @@ impl Store {
     }
 
     /// Removes a committed blob file; a missing file is not an error.
-    pub fn remove_blob(&self, digest: &Digest, size: u64) -> io::Result<()> {
+    pub(super) fn remove_blob(&self, digest: &Digest, size: u64) -> io::Result<()> {
         match fs::remove_file(self.blob_path(digest, size)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -113,7 +119,7 @@ impl Store {
     }
 
     /// Length and modification time of a committed blob file.
-    pub fn stat_blob(&self, digest: &Digest, size: u64) -> io::Result<(u64, SystemTime)> {
+    pub(super) fn stat_blob(&self, digest: &Digest, size: u64) -> io::Result<(u64, SystemTime)> {
         let meta = fs::symlink_metadata(self.blob_path(digest, size))?;
         if !meta.is_file() {
             return Err(io::Error::other("not a regular file"));
@@ -127,7 +133,7 @@ impl Store {
     /// Scans the store with `readdir` only (no per-file `stat`, so it is fast): removes temp
     /// files and drops files whose name is not a valid `<hex>.<size>` in the right shard.
     /// Lengths are checked afterwards ([`Store::stat_blob`], by the scrub) and on every open.
-    pub fn rebuild(&self) -> io::Result<Rebuilt> {
+    pub(super) fn rebuild(&self) -> io::Result<Rebuilt> {
         let mut out = Rebuilt::default();
         for entry in fs::read_dir(self.tmp_dir())? {
             let entry = entry?;
@@ -185,7 +191,7 @@ fn remove_any(path: &Path) -> io::Result<()> {
 }
 
 /// Reads exactly `len` bytes at `offset` into a fresh buffer (one copy out of the kernel).
-pub fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
+pub(super) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
     let mut buf = vec![0u8; len];
     let mut done = 0;
     while done < len {
@@ -205,13 +211,13 @@ pub fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> 
 }
 
 /// Appends chunks to a file, many per `writev`.
-pub fn write_chunks(file: &File, chunks: &[Bytes]) -> io::Result<()> {
+pub(super) fn write_chunks(file: &File, chunks: &[Bytes]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
     write_slices(file, &mut slices)
 }
 
 /// Appends `slices` to a file, as many per `writev` as the kernel takes.
-pub fn write_slices(mut file: &File, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub(super) fn write_slices(mut file: &File, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     let mut rest = slices;
     while !rest.is_empty() {
         match file.write_vectored(rest) {
@@ -225,7 +231,7 @@ pub fn write_slices(mut file: &File, slices: &mut [IoSlice<'_>]) -> io::Result<(
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same dir, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::Catalog;
 
 /// The source name the files source publishes under.
-pub const SOURCE: &str = "files";
+pub(super) const SOURCE: &str = "files";
 
 /// Upper bound on documents per file, guarding against a parser that keeps yielding errors.
 const MAX_DOCUMENTS: usize = 100_000;

@@ -44,7 +44,7 @@ pub(super) struct ModuleEntry {
 
 impl ModuleEntry {
     /// `ModuleReleaseMeta kcp-system/x (module x, versions 1.0.5)`, for messages.
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let mut extra = Vec::new();
         if let Some(n) = &self.module_name {
             extra.push(format!("module {n}"));
@@ -60,7 +60,7 @@ impl ModuleEntry {
     }
 
     /// The selector is `{}`: refused, it matches nothing.
-    pub fn empty_selector(&self) -> bool {
+    pub(super) fn empty_selector(&self) -> bool {
         matches!(&self.selector, SelectorSpec::Valid { selector, .. } if selector.is_everything())
     }
 }
@@ -127,7 +127,7 @@ pub(super) enum DefaultState {
 }
 
 impl DefaultState {
-    pub fn base(&self) -> Option<&Base> {
+    pub(super) fn base(&self) -> Option<&Base> {
         match self {
             DefaultState::Unconfigured => None,
             DefaultState::Active { base, .. } => Some(base),
@@ -204,7 +204,7 @@ fn join_path(a: &str, b: &str) -> String {
 
 impl Index {
     /// Builds the index. `objects` must hold at most one object per kind and id.
-    pub fn build(
+    pub(super) fn build(
         objects: &[&Object],
         skipped: Vec<String>,
         default_secret: Option<&DefaultSecret>,
@@ -359,7 +359,7 @@ impl Index {
 
     /// `Some(insecure)` when the catalog names `host`: plain HTTP for `repository` only when
     /// the Secret or module that decides it named the registry with `http://`.
-    pub fn scheme(&self, host: &str, repository: &str) -> Option<bool> {
+    pub(super) fn scheme(&self, host: &str, repository: &str) -> Option<bool> {
         let wanted = normalize_host(host);
         if !self.hosts.iter().any(|h| normalize_host(&h.host) == wanted) {
             return None;
@@ -379,7 +379,7 @@ impl Index {
         )
     }
 
-    pub fn claims(&self, host: &str, repository: &str) -> &[Claim] {
+    pub(super) fn claims(&self, host: &str, repository: &str) -> &[Claim] {
         self.repos
             .get(&(
                 normalize_host(host),
@@ -389,7 +389,7 @@ impl Index {
             .unwrap_or_default()
     }
 
-    pub fn verdict(&self, host: &str, repository: &str) -> Verdict<'_> {
+    pub(super) fn verdict(&self, host: &str, repository: &str) -> Verdict<'_> {
         let repository = repository.trim_matches('/');
         let keychain_host = host.trim().to_ascii_lowercase();
         let host_key = normalize_host(host);
@@ -478,7 +478,7 @@ impl Index {
     }
 
     /// Modules whose selector is `{}` (refused).
-    pub fn empty_selectors(&self) -> impl Iterator<Item = &ModuleEntry> {
+    pub(super) fn empty_selectors(&self) -> impl Iterator<Item = &ModuleEntry> {
         self.modules.iter().filter(|m| m.empty_selector())
     }
 }

@@ -38,15 +38,15 @@ use super::wire::{
 use crate::protocol::grammar::names_registry_host;
 
 /// The descriptor label holding a module's credential selector.
-pub const OCI_REGISTRY_CRED_LABEL: &str = "oci-registry-cred";
+pub(super) const OCI_REGISTRY_CRED_LABEL: &str = "oci-registry-cred";
 /// The API group of ModuleTemplates and Manifests.
-pub const KYMA_GROUP: &str = "operator.kyma-project.io";
+pub(super) const KYMA_GROUP: &str = "operator.kyma-project.io";
 /// OCM's namespace for component descriptors inside a registry base.
-pub const COMPONENT_DESCRIPTORS: &str = "component-descriptors";
+pub(super) const COMPONENT_DESCRIPTORS: &str = "component-descriptors";
 
 /// Namespace and name of an object; shown as `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectRef {
+pub(super) struct ObjectRef {
     pub namespace: String,
     pub name: String,
 }
@@ -59,7 +59,7 @@ impl fmt::Display for ObjectRef {
 
 /// Why an object could not be used. Never contains Secret content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ModelError {
+pub(super) enum ModelError {
     #[error("missing {0}")]
     Missing(&'static str),
     #[error("{field}: {message}")]
@@ -78,7 +78,7 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ModelError {
 
 /// A registry location: host (`host[:port]`, lower case) and repository path below it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RepoLocation {
+pub(super) struct RepoLocation {
     pub host: String,
     pub repository: String,
     /// The location was written with `http://`: the upstream speaks plain HTTP.
@@ -94,7 +94,7 @@ impl RepoLocation {
     /// Manifest `repo: <proxy>/modules`) is on `own_upstream` (`default_upstream`). The
     /// upstream's own config decides its scheme. `false` when the location names nothing the
     /// proxy can route (no default upstream): it must be dropped, never turned into a host.
-    pub fn unproxy(&mut self, proxy_hosts: &[String], own_upstream: Option<&str>) -> bool {
+    pub(super) fn unproxy(&mut self, proxy_hosts: &[String], own_upstream: Option<&str>) -> bool {
         if !proxy_hosts
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&self.host))
@@ -128,7 +128,7 @@ impl fmt::Display for RepoLocation {
 
 /// A module's credential selector, and where it was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SelectorSpec {
+pub(super) enum SelectorSpec {
     /// No selector: the module brings no credentials of its own.
     None,
     Valid {
@@ -143,14 +143,14 @@ pub enum SelectorSpec {
 }
 
 impl SelectorSpec {
-    pub fn is_some(&self) -> bool {
+    pub(super) fn is_some(&self) -> bool {
         !matches!(self, SelectorSpec::None)
     }
 }
 
 /// A local blob layer of the component (stored in the descriptor repository).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalBlob {
+pub(super) struct LocalBlob {
     pub resource: String,
     pub access_type: String,
     /// `localOciBlob.digest` or `localBlob.localReference`.
@@ -160,13 +160,13 @@ pub struct LocalBlob {
 
 /// An image named by an `ociArtifact`/`ociImage` resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleImage {
+pub(super) struct ModuleImage {
     pub resource: String,
     pub location: RepoLocation,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleTemplate {
+pub(super) struct ModuleTemplate {
     pub id: ObjectRef,
     pub api_version: String,
     /// `spec.moduleName` (current templates), e.g. `template-operator`.
@@ -189,7 +189,7 @@ pub struct ModuleTemplate {
 /// A ModuleReleaseMeta (LM ≥ 1.8): which OCM component a module is, and which versions its
 /// channels carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleReleaseMeta {
+pub(super) struct ModuleReleaseMeta {
     pub id: ObjectRef,
     pub module_name: Option<String>,
     pub ocm_component_name: Option<String>,
@@ -203,7 +203,7 @@ pub struct ModuleReleaseMeta {
 
 impl ModuleReleaseMeta {
     /// Every version it assigns (channels, mandatory), sorted and deduplicated.
-    pub fn versions(&self) -> Vec<String> {
+    pub(super) fn versions(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .channels
             .iter()
@@ -219,7 +219,7 @@ impl ModuleReleaseMeta {
 
 /// One `credSecretSelector`-bearing image spec of a Manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ManifestSource {
+pub(super) struct ManifestSource {
     /// `spec.install.source` or `spec.config`.
     pub field: &'static str,
     pub location: RepoLocation,
@@ -228,13 +228,13 @@ pub struct ManifestSource {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Manifest {
+pub(super) struct Manifest {
     pub id: ObjectRef,
     pub sources: Vec<ManifestSource>,
 }
 
 /// A Secret as the keychain sees it.
-pub struct PullSecret {
+pub(super) struct PullSecret {
     pub id: ObjectRef,
     pub labels: BTreeMap<String, String>,
     pub secret_type: String,
@@ -261,7 +261,7 @@ impl fmt::Debug for PullSecret {
 
 /// A parsed catalog object.
 #[derive(Debug)]
-pub enum Object {
+pub(super) enum Object {
     ModuleTemplate(ModuleTemplate),
     ModuleReleaseMeta(ModuleReleaseMeta),
     Manifest(Manifest),
@@ -271,7 +271,7 @@ pub enum Object {
 impl Object {
     /// Rewrites every location that names the proxy itself, dropping those that name nothing
     /// routable; see [`RepoLocation::unproxy`].
-    pub fn unproxy(&mut self, proxy_hosts: &[String], own_upstream: Option<&str>) {
+    pub(super) fn unproxy(&mut self, proxy_hosts: &[String], own_upstream: Option<&str>) {
         if proxy_hosts.is_empty() {
             return;
         }
@@ -293,7 +293,7 @@ impl Object {
         }
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub(super) fn kind(&self) -> &'static str {
         match self {
             Object::ModuleTemplate(_) => "ModuleTemplate",
             Object::ModuleReleaseMeta(_) => "ModuleReleaseMeta",
@@ -302,7 +302,7 @@ impl Object {
         }
     }
 
-    pub fn id(&self) -> &ObjectRef {
+    pub(super) fn id(&self) -> &ObjectRef {
         match self {
             Object::ModuleTemplate(m) => &m.id,
             Object::ModuleReleaseMeta(m) => &m.id,
@@ -313,7 +313,7 @@ impl Object {
 }
 
 /// `Kind namespace/name` of a raw object, for warnings about objects that do not parse.
-pub fn describe(v: &Value) -> String {
+pub(super) fn describe(v: &Value) -> String {
     let head = Head::deserialize(v).unwrap_or_default();
     let meta = head.metadata.ok().unwrap_or_default();
     format!(
@@ -325,7 +325,7 @@ pub fn describe(v: &Value) -> String {
 }
 
 /// Parses one object. `Ok(None)` for kinds the catalog ignores.
-pub fn parse_object(v: &Value) -> Result<Option<Object>, ModelError> {
+pub(super) fn parse_object(v: &Value) -> Result<Option<Object>, ModelError> {
     // Not an object at all: nothing the catalog reads.
     let head = Head::deserialize(v).unwrap_or_default();
     let kind = head.kind.as_str().unwrap_or_default();
@@ -370,7 +370,7 @@ fn object_ref(
 }
 
 /// `http(s)://host/path` → (host lower-cased, path without slashes at either end, insecure).
-pub fn split_location(url: &str) -> Result<(String, String, bool), String> {
+pub(super) fn split_location(url: &str) -> Result<(String, String, bool), String> {
     let url = url.trim();
     let (rest, insecure) = if let Some(r) = url.strip_prefix("http://") {
         (r, true)
@@ -669,7 +669,7 @@ fn same_selector(a: &SelectorSpec, b: &SelectorSpec) -> bool {
 
 /// `host/repo[:tag][@digest]` → location with tag and digest stripped. A reference without a
 /// registry host is on Docker Hub (`library/` added to one-segment names).
-pub fn image_location(reference: &str) -> Result<RepoLocation, String> {
+pub(super) fn image_location(reference: &str) -> Result<RepoLocation, String> {
     let without_digest = reference
         .split_once('@')
         .map(|(r, _)| r)

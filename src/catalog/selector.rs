@@ -12,7 +12,7 @@ use serde_json::Value;
 
 /// Why a selector could not be built. The message names no Secret content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SelectorError {
+pub(super) enum SelectorError {
     #[error("selector must be a JSON object of label to string value, got {0}")]
     NotAnObject(&'static str),
     #[error("selector value for {key:?} must be a string")]
@@ -27,14 +27,14 @@ pub enum SelectorError {
 
 /// A set-based requirement from `matchExpressions`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Requirement {
+pub(super) struct Requirement {
     pub key: String,
     pub operator: Operator,
     pub values: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operator {
+pub(super) enum Operator {
     In,
     NotIn,
     Exists,
@@ -43,14 +43,14 @@ pub enum Operator {
 
 /// A label selector: all `match_labels` pairs and all `match_expressions` must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selector {
+pub(super) struct Selector {
     pub match_labels: BTreeMap<String, String>,
     pub match_expressions: Vec<Requirement>,
 }
 
 impl Selector {
     /// From an `oci-registry-cred` label value: a JSON object, or a JSON string holding one.
-    pub fn from_label_value(value: &Value) -> Result<Selector, SelectorError> {
+    pub(super) fn from_label_value(value: &Value) -> Result<Selector, SelectorError> {
         let parsed;
         let obj = match value {
             Value::Object(m) => m,
@@ -70,7 +70,7 @@ impl Selector {
     }
 
     /// From a `metav1.LabelSelector` object (`matchLabels`, `matchExpressions`).
-    pub fn from_label_selector(value: &Value) -> Result<Selector, SelectorError> {
+    pub(super) fn from_label_selector(value: &Value) -> Result<Selector, SelectorError> {
         let obj = value
             .as_object()
             .ok_or(SelectorError::NotAnObject(json_kind(value)))?;
@@ -95,11 +95,11 @@ impl Selector {
     }
 
     /// True when the selector has no requirement, i.e. selects every Secret.
-    pub fn is_everything(&self) -> bool {
+    pub(super) fn is_everything(&self) -> bool {
         self.match_labels.is_empty() && self.match_expressions.is_empty()
     }
 
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(super) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels
             .iter()
             .all(|(k, v)| labels.get(k) == Some(v))

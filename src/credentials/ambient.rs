@@ -89,7 +89,7 @@ fn patterns(
 }
 
 /// Whether `raw` is a valid `hosts` entry (for config validation).
-pub fn valid_host_pattern(raw: &str) -> bool {
+pub(crate) fn valid_host_pattern(raw: &str) -> bool {
     HostPattern::parse(raw).is_some()
 }
 

@@ -20,13 +20,13 @@ use serde_json::{Map, Value};
 use super::{Credential, Secret};
 
 /// `data` key of a `kubernetes.io/dockerconfigjson` Secret.
-pub const DOCKER_CONFIG_JSON_KEY: &str = ".dockerconfigjson";
+pub(crate) const DOCKER_CONFIG_JSON_KEY: &str = ".dockerconfigjson";
 /// `data` key of a legacy `kubernetes.io/dockercfg` Secret.
-pub const DOCKER_CFG_KEY: &str = ".dockercfg";
+pub(crate) const DOCKER_CFG_KEY: &str = ".dockercfg";
 /// Secret type carrying [`DOCKER_CONFIG_JSON_KEY`].
-pub const SECRET_TYPE_DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+pub(crate) const SECRET_TYPE_DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
 /// Secret type carrying [`DOCKER_CFG_KEY`].
-pub const SECRET_TYPE_DOCKERCFG: &str = "kubernetes.io/dockercfg";
+pub(crate) const SECRET_TYPE_DOCKERCFG: &str = "kubernetes.io/dockercfg";
 
 /// One `auths` entry, decoded. `auth` (base64 `user:pass`) has already overridden
 /// `username`/`password`. Debug output redacts every secret part.

@@ -31,9 +31,9 @@ use super::refresh::{Fetch, Fetched, Refreshing, SourceError, SourceMetrics};
 use super::Secret;
 
 /// Default hosts of `credentials.ecr.hosts`.
-pub const DEFAULT_HOSTS: [&str; 1] = ["*.dkr.ecr.*.amazonaws.com"];
+pub(crate) const DEFAULT_HOSTS: [&str; 1] = ["*.dkr.ecr.*.amazonaws.com"];
 /// The Basic username of an ECR token.
-pub const USERNAME: &str = "AWS";
+pub(crate) const USERNAME: &str = "AWS";
 const TARGET: &str = "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,7 +50,7 @@ struct Shared {
 }
 
 /// The ECR source: one refreshing token per region.
-pub struct Ecr {
+pub(crate) struct Ecr {
     shared: Arc<Shared>,
     default_region: Option<String>,
     metrics: SourceMetrics,
@@ -72,7 +72,7 @@ fn env(name: &str) -> Option<String> {
 
 impl Ecr {
     /// Builds the credential chain from the environment. Nothing is fetched yet.
-    pub fn from_env(metrics: SourceMetrics) -> Result<Ecr, EcrSetupError> {
+    pub(crate) fn from_env(metrics: SourceMetrics) -> Result<Ecr, EcrSetupError> {
         let default_region = env("AWS_REGION").or_else(|| env("AWS_DEFAULT_REGION"));
         let endpoint_override = env("AWS_ENDPOINT_URL_ECR").or_else(|| env("AWS_ENDPOINT_URL"));
         let mut options = ClientOptions::new()
@@ -134,7 +134,7 @@ impl Ecr {
 
     /// The `AWS:<password>` token for the registry known by `names` (its name and endpoint
     /// host): the region is the first one found in them, else the default region.
-    pub async fn password(&self, names: &[&str]) -> Result<Secret<String>, SourceError> {
+    pub(crate) async fn password(&self, names: &[&str]) -> Result<Secret<String>, SourceError> {
         let host = names.first().copied().unwrap_or_default();
         let region = names
             .iter()
@@ -166,7 +166,7 @@ impl Ecr {
 }
 
 /// `GetAuthorizationToken` in one region.
-pub struct EcrFetcher {
+pub(crate) struct EcrFetcher {
     shared: Arc<Shared>,
     region: String,
 }
@@ -323,7 +323,7 @@ fn decode_token(token: &str) -> Option<Secret<String>> {
 }
 
 /// The region of `<account>.dkr.ecr[-fips].<region>.amazonaws.com[.cn]` (port ignored).
-pub fn region_of(host: &str) -> Option<String> {
+pub(crate) fn region_of(host: &str) -> Option<String> {
     let host = host.split(':').next()?.to_ascii_lowercase();
     let labels: Vec<&str> = host.split('.').collect();
     let i = labels

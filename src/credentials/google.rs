@@ -21,15 +21,16 @@ use super::refresh::{Fetch, Fetched, SourceError};
 use super::Secret;
 
 /// Google's client libraries' default metadata address (no DNS needed).
-pub const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
+pub(crate) const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
 /// The token path on the metadata server.
-pub const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+pub(crate) const METADATA_TOKEN_PATH: &str =
+    "/computeMetadata/v1/instance/service-accounts/default/token";
 /// The OAuth2 scope asked for with a service-account key (what gcloud's credential helper uses).
-pub const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub(crate) const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// The username Artifact Registry and Container Registry expect with an access token.
-pub const USERNAME: &str = "oauth2accesstoken";
+pub(crate) const USERNAME: &str = "oauth2accesstoken";
 /// Default hosts of `credentials.google.hosts`.
-pub const DEFAULT_HOSTS: [&str; 3] = ["*.pkg.dev", "gcr.io", "*.gcr.io"];
+pub(crate) const DEFAULT_HOSTS: [&str; 3] = ["*.pkg.dev", "gcr.io", "*.gcr.io"];
 
 /// Time allowed for one token request.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +38,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const JWT_LIFETIME: u64 = 3600;
 
 /// How the token is obtained.
-pub enum GoogleFetcher {
+pub(crate) enum GoogleFetcher {
     Metadata {
         url: String,
         client: reqwest::Client,
@@ -49,7 +50,7 @@ pub enum GoogleFetcher {
 }
 
 /// The parts of a service-account key file this uses.
-pub struct ServiceAccountKey {
+pub(crate) struct ServiceAccountKey {
     client_email: String,
     private_key_id: Option<String>,
     token_uri: String,
@@ -108,7 +109,7 @@ struct TokenResponse {
 impl GoogleFetcher {
     /// From the environment: the key file of `GOOGLE_APPLICATION_CREDENTIALS`, else the
     /// metadata server of `GCE_METADATA_HOST`.
-    pub fn from_env() -> Result<GoogleFetcher, GoogleSetupError> {
+    pub(crate) fn from_env() -> Result<GoogleFetcher, GoogleSetupError> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(TIMEOUT)
@@ -138,7 +139,7 @@ impl GoogleFetcher {
     }
 
     /// How `resolve` and logs name this source.
-    pub fn describe(&self) -> &'static str {
+    pub(crate) fn describe(&self) -> &'static str {
         match self {
             GoogleFetcher::Metadata { .. } => "google workload identity",
             GoogleFetcher::ServiceAccountKey { .. } => "google service account key",
@@ -223,7 +224,7 @@ async fn token_response(resp: reqwest::Response) -> Result<Fetched, String> {
 }
 
 impl ServiceAccountKey {
-    pub fn load(path: &std::path::Path) -> Result<ServiceAccountKey, GoogleSetupError> {
+    pub(crate) fn load(path: &std::path::Path) -> Result<ServiceAccountKey, GoogleSetupError> {
         let err = |message: String| GoogleSetupError {
             path: path.display().to_string(),
             message,

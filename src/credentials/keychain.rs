@@ -15,7 +15,7 @@ use super::dockerconfig::{strip_scheme, AuthEntry, DockerConfig};
 use super::Credential;
 
 /// The one host all Docker Hub aliases are folded into (go-containerregistry's default registry).
-pub const DOCKER_HUB_HOST: &str = "index.docker.io";
+pub(crate) const DOCKER_HUB_HOST: &str = "index.docker.io";
 
 const DOCKER_HUB_ALIASES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
 
@@ -133,28 +133,21 @@ impl Keychain {
     }
 }
 
-/// Normalises a docker config key as the keychain does: `None` when it has no host.
-/// `https://index.docker.io/v1/` → `index.docker.io`, `HTTP://Reg.io:5000/v2/org/` →
-/// `reg.io:5000/org`.
-pub fn normalize_key(raw: &str) -> Option<String> {
-    Pattern::from_key(raw).map(|p| p.to_string())
-}
-
 /// A host pattern with the docker config key rules (per-label globs, ports compared as
 /// strings, Docker Hub aliases folded): the `hosts` of the ambient credential sources.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostPattern(Pattern);
+pub(crate) struct HostPattern(Pattern);
 
 impl HostPattern {
     /// `None` when `raw` has no host or has a path.
-    pub fn parse(raw: &str) -> Option<HostPattern> {
+    pub(crate) fn parse(raw: &str) -> Option<HostPattern> {
         Pattern::from_key(raw)
             .filter(|p| p.path.is_empty())
             .map(HostPattern)
     }
 
     /// Whether `registry` (`host[:port]`) matches.
-    pub fn matches(&self, registry: &str) -> bool {
+    pub(crate) fn matches(&self, registry: &str) -> bool {
         let authority = strip_scheme(registry.trim());
         let authority = authority.split('/').next().unwrap_or(authority);
         let (host, port) = split_host_port(authority);
@@ -445,6 +438,11 @@ fn get_esc(chunk: &[char]) -> Result<(char, &[char]), BadPattern> {
 mod tests {
     use super::*;
     use crate::credentials::Secret;
+
+    /// A docker config key as the keychain normalises it: `None` when it has no host.
+    fn normalize_key(raw: &str) -> Option<String> {
+        Pattern::from_key(raw).map(|p| p.to_string())
+    }
 
     fn user(u: &str) -> AuthEntry {
         AuthEntry {

@@ -3,20 +3,18 @@
 //! service-account keys and AWS ECR), and go-containerregistry's rules for picking one for a
 //! repository.
 
-pub mod ambient;
-pub mod chain;
-pub mod dockerconfig;
-pub mod ecr;
-pub mod google;
-pub mod keychain;
-pub mod refresh;
-pub mod secret;
+pub(crate) mod ambient;
+pub(crate) mod chain;
+pub(crate) mod dockerconfig;
+pub(crate) mod ecr;
+pub(crate) mod google;
+pub(crate) mod keychain;
+pub(crate) mod refresh;
+pub(crate) mod secret;
 
 use std::fmt;
 
-pub use dockerconfig::{AuthEntry, DockerConfig, DockerConfigError, RegistryBase};
-pub use keychain::{Keychain, KeychainMatch};
-pub use secret::Secret;
+pub(crate) use secret::Secret;
 
 /// A credential for one upstream registry. Every secret part is a [`Secret`].
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

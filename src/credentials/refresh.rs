@@ -25,16 +25,16 @@ use super::Secret;
 
 /// Longest a token is refreshed ahead of its expiry (tokens shorter than twice this are
 /// refreshed at half their lifetime).
-pub const MAX_REFRESH_AHEAD: Duration = Duration::from_secs(300);
+pub(crate) const MAX_REFRESH_AHEAD: Duration = Duration::from_secs(300);
 /// Safety margin at the end of a token's lifetime (clock skew, time in flight): a tenth of the
 /// lifetime, at most this.
-pub const MAX_EXPIRY_SKEW: Duration = Duration::from_secs(10);
+pub(crate) const MAX_EXPIRY_SKEW: Duration = Duration::from_secs(10);
 /// After a failed fetch, the source is not asked again for this long; requests in between get
 /// the cached token (if still valid) or the same error.
-pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A token as a source returned it.
-pub struct Fetched {
+pub(crate) struct Fetched {
     pub token: Secret<String>,
     /// Lifetime from now; `None` when the source gave none or an expiry in the past: then the
     /// token serves the request that fetched it and is not cached.
@@ -47,19 +47,19 @@ pub struct Fetched {
 pub struct SourceError(pub String);
 
 /// How a source fetches a token.
-pub trait Fetch: Send + Sync + 'static {
+pub(crate) trait Fetch: Send + Sync + 'static {
     fn fetch(&self) -> impl Future<Output = Result<Fetched, SourceError>> + Send;
 }
 
 /// `oci_proxy_credential_source_fetches_total{source, result}`; `source` is one of the fixed
 /// source labels (`google`, `ecr`), `result` is `ok` or `error`.
 #[derive(Clone, Debug)]
-pub struct SourceMetrics {
+pub(crate) struct SourceMetrics {
     fetches: IntCounterVec,
 }
 
 impl SourceMetrics {
-    pub fn register(registry: &Registry) -> Result<SourceMetrics, prometheus::Error> {
+    pub(crate) fn register(registry: &Registry) -> Result<SourceMetrics, prometheus::Error> {
         let fetches = IntCounterVec::new(
             Opts::new(
                 "oci_proxy_credential_source_fetches_total",
@@ -73,7 +73,7 @@ impl SourceMetrics {
     }
 
     /// A family not registered anywhere (tests, `resolve`).
-    pub fn unregistered() -> SourceMetrics {
+    pub(crate) fn unregistered() -> SourceMetrics {
         SourceMetrics {
             fetches: IntCounterVec::new(
                 Opts::new("unregistered", "unregistered"),
@@ -107,7 +107,7 @@ struct State {
 }
 
 /// A token kept fresh from one source; see the module docs.
-pub struct Refreshing<F> {
+pub(crate) struct Refreshing<F> {
     /// The metric label and log field naming the source (`google`, `ecr`).
     source: &'static str,
     fetcher: F,
@@ -134,7 +134,7 @@ impl<F> std::fmt::Debug for Refreshing<F> {
 }
 
 impl<F: Fetch> Refreshing<F> {
-    pub fn new(source: &'static str, fetcher: F, metrics: SourceMetrics) -> Self {
+    pub(crate) fn new(source: &'static str, fetcher: F, metrics: SourceMetrics) -> Self {
         Self::with_clock(source, fetcher, metrics, Arc::new(Instant::now))
     }
 
@@ -151,7 +151,7 @@ impl<F: Fetch> Refreshing<F> {
 
     /// A valid token: the cached one, or a fresh one. `Err` only when no valid token exists
     /// and the source failed.
-    pub async fn get(&self) -> Result<Secret<String>, SourceError> {
+    pub(crate) async fn get(&self) -> Result<Secret<String>, SourceError> {
         let now = (self.clock)();
         let (stale, seen) = {
             let st = self.lock();

@@ -3,13 +3,12 @@
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
-/// The distribution-spec error codes (plus distribution's extras the proxy uses).
+/// The distribution-spec error codes the proxy answers with (plus distribution's extras it uses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,
-    ManifestInvalid,
     NameInvalid,
     NameUnknown,
     Unauthorized,
@@ -17,9 +16,7 @@ pub enum ErrorCode {
     Unsupported,
     TooManyRequests,
     PaginationNumberInvalid,
-    RangeInvalid,
     Unavailable,
-    Unknown,
 }
 
 impl ErrorCode {
@@ -28,7 +25,6 @@ impl ErrorCode {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
-            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
             ErrorCode::NameInvalid => "NAME_INVALID",
             ErrorCode::NameUnknown => "NAME_UNKNOWN",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
@@ -36,9 +32,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
             ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
-            ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::Unavailable => "UNAVAILABLE",
-            ErrorCode::Unknown => "UNKNOWN",
         }
     }
 
@@ -49,16 +43,13 @@ impl ErrorCode {
                 StatusCode::NOT_FOUND
             }
             ErrorCode::DigestInvalid
-            | ErrorCode::ManifestInvalid
             | ErrorCode::NameInvalid
             | ErrorCode::PaginationNumberInvalid => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Denied => StatusCode::FORBIDDEN,
             ErrorCode::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

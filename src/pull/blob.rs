@@ -28,7 +28,7 @@ use crate::protocol::Digest;
 
 /// What a blob request gets: a status (`200`, `206` or `416`), its length and range when
 /// known, and the body (`None`: no body, for a HEAD or a `416`).
-pub struct Blob {
+pub(crate) struct Blob {
     pub served: Served,
     pub status: StatusCode,
     pub len: Option<u64>,
@@ -89,7 +89,7 @@ impl Blob {
 
 impl Puller<'_> {
     /// A blob for a HEAD (`head`) or a GET with the client's `Range` header, if any.
-    pub async fn blob(
+    pub(crate) async fn blob(
         &self,
         digest: &Digest,
         range_header: Option<&HeaderValue>,

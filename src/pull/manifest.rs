@@ -21,11 +21,11 @@ use crate::protocol::{media, Digest, Reference, Tag};
 use crate::upstream::{UpstreamError, UpstreamResponse};
 
 /// Largest manifest accepted from an upstream: the cache's bound (distribution's own is 4 MiB).
-pub use crate::cache::MAX_MANIFEST_SIZE;
+pub(crate) use crate::cache::MAX_MANIFEST_SIZE;
 
 /// A manifest the proxy can serve, wherever it came from.
 #[derive(Clone, Debug)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub len: u64,
@@ -52,7 +52,11 @@ impl Manifest {
 impl Puller<'_> {
     /// The manifest `reference` names, for a HEAD (`head`) or a GET; its `bytes` are `Some`
     /// unless `head`.
-    pub async fn manifest(&self, reference: &Reference, head: bool) -> Result<Manifest, Error> {
+    pub(crate) async fn manifest(
+        &self,
+        reference: &Reference,
+        head: bool,
+    ) -> Result<Manifest, Error> {
         match reference {
             Reference::Digest(d) => self.manifest_by_digest(d).await,
             Reference::Tag(t) => self.manifest_by_tag(t, head).await,

@@ -21,9 +21,9 @@
 //! Functions return typed outcomes ([`manifest::Manifest`], [`blob::Blob`], ...) or a
 //! [`crate::error::Error`]; status codes and headers are the handler's business.
 
-pub mod blob;
-pub mod manifest;
-pub mod tags;
+pub(crate) mod blob;
+pub(crate) mod manifest;
+pub(crate) mod tags;
 
 use std::sync::Arc;
 
@@ -42,15 +42,13 @@ use crate::protocol::{Digest, Repository};
 use crate::routing::Target;
 use crate::upstream::{UpstreamRequest, UpstreamResponse};
 
-pub use blob::Blob;
-pub use manifest::{Manifest, MAX_MANIFEST_SIZE};
-
-pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+pub(crate) const DOCKER_CONTENT_DIGEST: HeaderName =
+    HeaderName::from_static("docker-content-digest");
 
 /// Where an answer came from, for the access log: `hit`, `miss`, `coalesced`, `stale`,
 /// `shared` (the bucket), `upstream` (not cacheable / passed through).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Served {
+pub(crate) enum Served {
     Hit,
     Miss,
     Coalesced,
@@ -60,7 +58,7 @@ pub enum Served {
 }
 
 impl Served {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Served::Hit => "hit",
             Served::Miss => "miss",
@@ -84,7 +82,7 @@ impl From<Outcome> for Served {
 
 /// One pull's context: the target and credential resolved for it, and what the policy reads
 /// (the cache, the config's limits and trust, metrics).
-pub struct Puller<'a> {
+pub(crate) struct Puller<'a> {
     pub cache: &'a Arc<Cache>,
     pub config: &'a Config,
     pub metrics: &'a Arc<Metrics>,
@@ -95,7 +93,7 @@ pub struct Puller<'a> {
 }
 
 impl<'a> Puller<'a> {
-    pub fn new(
+    pub(crate) fn new(
         cache: &'a Arc<Cache>,
         config: &'a Config,
         metrics: &'a Arc<Metrics>,
@@ -165,7 +163,7 @@ impl<'a> Puller<'a> {
 
 /// One upstream request of a pull, built by name instead of by position; the repository and
 /// credential are the pull's own.
-pub struct Call<'a> {
+pub(crate) struct Call<'a> {
     method: Method,
     subject: Subject,
     path: String,
@@ -177,7 +175,7 @@ pub struct Call<'a> {
 impl<'a> Call<'a> {
     /// A GET of `path` (`manifests/<ref>`, `blobs/<digest>`, ...); `subject` names what a
     /// "not found" means.
-    pub fn get(subject: Subject, path: impl Into<String>) -> Call<'a> {
+    pub(crate) fn get(subject: Subject, path: impl Into<String>) -> Call<'a> {
         Call {
             method: Method::GET,
             subject,
@@ -188,25 +186,25 @@ impl<'a> Call<'a> {
         }
     }
 
-    pub fn head(subject: Subject, path: impl Into<String>) -> Call<'a> {
+    pub(crate) fn head(subject: Subject, path: impl Into<String>) -> Call<'a> {
         Call {
             method: Method::HEAD,
             ..Call::get(subject, path)
         }
     }
 
-    pub fn query(self, query: Option<String>) -> Call<'a> {
+    pub(crate) fn query(self, query: Option<String>) -> Call<'a> {
         Call { query, ..self }
     }
 
-    pub fn accept(self, accept: &'a str) -> Call<'a> {
+    pub(crate) fn accept(self, accept: &'a str) -> Call<'a> {
         Call {
             accept: Some(accept),
             ..self
         }
     }
 
-    pub fn range(self, range: &'a HeaderValue) -> Call<'a> {
+    pub(crate) fn range(self, range: &'a HeaderValue) -> Call<'a> {
         Call {
             range: Some(range),
             ..self
@@ -242,7 +240,7 @@ fn grant_of(cache: &Cache, chosen: &Chosen) -> Grant {
 }
 
 /// The upstream body as a stream, holding the upstream fetch slot until it ends.
-pub fn upstream_stream(
+pub(crate) fn upstream_stream(
     resp: UpstreamResponse,
 ) -> BoxStream<'static, Result<Bytes, std::io::Error>> {
     let UpstreamResponse { response, permit } = resp;

@@ -10,7 +10,7 @@ use crate::protocol::{tags, Digest, TagList};
 use crate::upstream::UpstreamResponse;
 
 /// One page of a tag list as the client gets it, with the `Link` to the next one.
-pub struct TagPage {
+pub(crate) struct TagPage {
     pub list: TagList,
     pub link: Option<String>,
 }
@@ -20,7 +20,11 @@ impl Puller<'_> {
     /// `limits.max_tag_list_size` bytes in all, the client's `n` and `last` passed along;
     /// stops as soon as it has more than `n` tags. A list cut by a limit is logged and
     /// counted, and its page links on after its last tag (see [`tags::page`]).
-    pub async fn tag_list(&self, name: &str, mut q: tags::Query<'_>) -> Result<TagPage, Error> {
+    pub(crate) async fn tag_list(
+        &self,
+        name: &str,
+        mut q: tags::Query<'_>,
+    ) -> Result<TagPage, Error> {
         let upstream = self.upstream_name();
         let limits = &self.config.limits;
         let mut budget = usize::try_from(limits.max_tag_list_size.0).unwrap_or(usize::MAX);
@@ -96,7 +100,7 @@ impl Puller<'_> {
     }
 
     /// The upstream's referrers response for `digest`, passed through as it is.
-    pub async fn referrers(
+    pub(crate) async fn referrers(
         &self,
         digest: &Digest,
         artifact_type: Option<&str>,

@@ -19,7 +19,7 @@ use http::header::{HeaderMap, WWW_AUTHENTICATE};
 
 /// One challenge the proxy understands.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     /// HTTP Basic (`realm` is informational only).
     Basic { realm: Option<String> },
     /// Bearer token auth (distribution token spec). Only produced when `realm` is present and
@@ -36,22 +36,9 @@ pub enum Challenge {
     Other { scheme: String },
 }
 
-impl Challenge {
-    /// The scopes a Bearer challenge asks for (its `scope` split on whitespace); empty for
-    /// other challenges.
-    pub fn scopes(&self) -> Vec<String> {
-        match self {
-            Challenge::Bearer {
-                scope: Some(scope), ..
-            } => scope.split_whitespace().map(str::to_owned).collect(),
-            _ => Vec::new(),
-        }
-    }
-}
-
 /// Parses every challenge in every header value. Never panics on junk; malformed parts are
 /// skipped, and a Bearer challenge without a realm is dropped.
-pub fn parse(values: &[&str]) -> Vec<Challenge> {
+pub(crate) fn parse(values: &[&str]) -> Vec<Challenge> {
     let mut out = Vec::new();
     for value in values {
         for raw in parse_raw(value) {
@@ -65,7 +52,7 @@ pub fn parse(values: &[&str]) -> Vec<Challenge> {
 
 /// Parses every `WWW-Authenticate` value of a response (values that are not valid UTF-8 are
 /// read lossily).
-pub fn from_headers(headers: &HeaderMap) -> Vec<Challenge> {
+pub(crate) fn from_headers(headers: &HeaderMap) -> Vec<Challenge> {
     let values: Vec<String> = headers
         .get_all(WWW_AUTHENTICATE)
         .iter()
@@ -76,7 +63,7 @@ pub fn from_headers(headers: &HeaderMap) -> Vec<Challenge> {
 }
 
 /// The challenge to answer: the first Bearer, else the first Basic; `None` if neither.
-pub fn pick(challenges: &[Challenge]) -> Option<Challenge> {
+pub(crate) fn pick(challenges: &[Challenge]) -> Option<Challenge> {
     challenges
         .iter()
         .find(|c| matches!(c, Challenge::Bearer { .. }))
@@ -396,7 +383,6 @@ mod tests {
                 Some("repository:library/alpine:pull")
             )]
         );
-        assert_eq!(got[0].scopes(), vec!["repository:library/alpine:pull"]);
     }
 
     #[test]
@@ -463,7 +449,6 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(got[3].scopes(), vec!["x:y:pull", "push"]);
     }
 
     #[test]

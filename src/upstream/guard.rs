@@ -33,7 +33,7 @@ use url::{Host, Url};
 
 /// How an address is treated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AddressClass {
+pub(crate) enum AddressClass {
     /// Reachable from any upstream.
     Public,
     /// Loopback, private, CGNAT, ULA: only through an allowed authority.
@@ -43,7 +43,7 @@ pub enum AddressClass {
 }
 
 /// Classifies an address; see the module docs.
-pub fn classify(ip: IpAddr) -> AddressClass {
+pub(crate) fn classify(ip: IpAddr) -> AddressClass {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
         IpAddr::V6(v6) => classify_v6(v6),
@@ -134,7 +134,7 @@ fn class_name(c: AddressClass) -> &'static str {
 }
 
 /// `host:port` with the scheme's default port made explicit, lower case, IPv6 in brackets.
-pub fn authority(url: &Url) -> Option<String> {
+pub(crate) fn authority(url: &Url) -> Option<String> {
     let host = url.host_str()?.to_ascii_lowercase();
     let port = url.port_or_known_default()?;
     Some(format!("{}:{port}", host.trim_end_matches('.')))
@@ -142,7 +142,7 @@ pub fn authority(url: &Url) -> Option<String> {
 
 /// The authorities (and their host names) that may be reached on internal addresses.
 #[derive(Default)]
-pub struct AddressGuard {
+pub(crate) struct AddressGuard {
     allowed: RwLock<Allowed>,
 }
 
@@ -169,12 +169,12 @@ impl fmt::Debug for AddressGuard {
 }
 
 impl AddressGuard {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
     /// Replaces the allowed authorities (`host:port`, see [`authority`]).
-    pub fn set_allowed(&self, authorities: impl IntoIterator<Item = String>) {
+    pub(crate) fn set_allowed(&self, authorities: impl IntoIterator<Item = String>) {
         let mut next = Allowed::default();
         for a in authorities {
             next.insert(a);
@@ -185,14 +185,14 @@ impl AddressGuard {
     }
 
     /// Adds one allowed authority (a catalog upstream).
-    pub fn allow(&self, authority: String) {
+    pub(crate) fn allow(&self, authority: String) {
         if let Ok(mut guard) = self.allowed.write() {
             guard.insert(authority);
         }
     }
 
     /// Whether `url`'s `host:port` is an allowed authority.
-    pub fn is_allowed(&self, url: &Url) -> bool {
+    pub(crate) fn is_allowed(&self, url: &Url) -> bool {
         let Some(a) = authority(url) else {
             return false;
         };
@@ -214,7 +214,7 @@ impl AddressGuard {
     /// authority passes; a literal address must be public; a name must not be `localhost` or
     /// another port of an allowed host name (which the resolver would let through). Other
     /// names are checked again at connect time by [`GuardedResolver`].
-    pub fn check_target(&self, url: &Url) -> Result<(), Refusal> {
+    pub(crate) fn check_target(&self, url: &Url) -> Result<(), Refusal> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Refusal::Scheme(url.scheme().to_owned()));
         }
@@ -274,17 +274,21 @@ impl Allowed {
 /// addresses removed from the answer unless the name is an allowed host. A name left with no
 /// address is refused with a [`Refusal::Address`].
 #[derive(Clone, Debug)]
-pub struct GuardedResolver {
+pub(crate) struct GuardedResolver {
     guard: Arc<AddressGuard>,
 }
 
 impl GuardedResolver {
-    pub fn new(guard: Arc<AddressGuard>) -> Self {
+    pub(crate) fn new(guard: Arc<AddressGuard>) -> Self {
         GuardedResolver { guard }
     }
 
     /// The addresses of `name` the proxy may connect to.
-    pub fn filter(&self, name: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refusal> {
+    pub(crate) fn filter(
+        &self,
+        name: &str,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, Refusal> {
         if self.guard.name_allowed(name) {
             return Ok(addrs);
         }
@@ -324,7 +328,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
 }
 
 /// The [`Refusal`] somewhere in an error's source chain.
-pub fn find_refusal(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+pub(crate) fn find_refusal(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = current {
         if let Some(r) = err.downcast_ref::<Refusal>() {

@@ -12,14 +12,14 @@
 //! challenge and token cache over to the new config while that upstream's own settings are
 //! unchanged, so a reload does not cause a burst of challenge round-trips and token exchanges.
 
-pub mod challenge;
-pub mod guard;
-pub mod slots;
-pub mod token;
+pub(crate) mod challenge;
+pub(crate) mod guard;
+pub(crate) mod slots;
+pub(crate) mod token;
 
-pub use challenge::Challenge;
-pub use guard::{AddressGuard, Refusal};
-pub use token::{check_realm, fetch_token, RealmTrust, Token, TokenCache, TokenError, TokenKey};
+pub(crate) use challenge::Challenge;
+pub(crate) use guard::{AddressGuard, Refusal};
+pub(crate) use token::{RealmTrust, TokenCache, TokenError, TokenKey};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -335,12 +335,7 @@ impl Upstream {
                         Credential::Anonymous
                     }
                 };
-                let key = TokenKey {
-                    realm: realm.to_string(),
-                    service: service.clone(),
-                    scopes: vec![scope.to_owned()],
-                    credential: credential.id(),
-                };
+                let key = TokenKey::new(realm, service.as_deref(), [scope], credential.id());
                 let http = self.session.http.plain.clone();
                 let (realm, service, scopes) = (realm.clone(), service.clone(), key.scopes.clone());
                 let metrics = self.metrics.clone();
@@ -512,7 +507,7 @@ fn status_class(s: StatusCode) -> &'static str {
 }
 
 /// `host[:port]` of a URL, port only when explicit.
-pub fn host_port(url: &Url) -> String {
+pub(crate) fn host_port(url: &Url) -> String {
     match (url.host_str(), url.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
@@ -919,6 +914,7 @@ fn http_client(
 
 #[cfg(test)]
 mod tests {
+    use super::token::Token;
     use super::*;
 
     fn metrics() -> Arc<Metrics> {

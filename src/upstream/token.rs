@@ -35,9 +35,9 @@ use super::guard::{self, AddressClass, AddressGuard};
 use crate::credentials::{Credential, CredentialId, Secret};
 
 /// Largest token response body accepted.
-pub const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// Shortest lifetime of a token (token spec: the default and the minimum of `expires_in`).
-pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest lifetime believed, whatever the server says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// Upper bound of the safety margin subtracted from a token's lifetime.
@@ -45,7 +45,7 @@ const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(30);
 /// Timeout of one token request (distribution's client uses 15 s too).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// `client_id` sent in OAuth2 POST requests.
-pub const CLIENT_ID: &str = "oci-proxy";
+pub(crate) const CLIENT_ID: &str = "oci-proxy";
 /// Username that goes with an identity token in Basic auth (docker credential helper convention).
 const IDENTITY_TOKEN_USER: &str = "<token>";
 
@@ -55,7 +55,7 @@ const IDENTITY_TOKEN_USER: &str = "<token>";
 /// password or token never finds a token fetched with the old one, even in a cache that
 /// outlives config reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct TokenKey {
+pub(crate) struct TokenKey {
     pub realm: String,
     pub service: Option<String>,
     /// Sorted and de-duplicated (use [`TokenKey::new`]).
@@ -65,7 +65,7 @@ pub struct TokenKey {
 
 impl TokenKey {
     /// Builds a key, sorting and de-duplicating the scopes.
-    pub fn new<S: Into<String>>(
+    pub(crate) fn new<S: Into<String>>(
         realm: &Url,
         service: Option<&str>,
         scopes: impl IntoIterator<Item = S>,
@@ -85,14 +85,14 @@ impl TokenKey {
 
 /// A bearer token and the instant after which it must not be used.
 #[derive(Clone, Debug)]
-pub struct Token {
+pub(crate) struct Token {
     pub value: Secret<String>,
     pub expires_at: Instant,
 }
 
 impl Token {
     /// Whether the token may still be used now.
-    pub fn is_fresh(&self) -> bool {
+    pub(crate) fn is_fresh(&self) -> bool {
         Instant::now() < self.expires_at
     }
 }
@@ -132,7 +132,7 @@ fn transport(e: reqwest::Error) -> TokenError {
 
 /// How far a usable realm is trusted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RealmTrust {
+pub(crate) enum RealmTrust {
     /// Credentials may be sent to the realm.
     WithCredentials,
     /// The realm may be asked for an anonymous token only.
@@ -151,7 +151,7 @@ pub enum RealmTrust {
 /// * Otherwise the realm must pass the address guard ([`AddressGuard::check_target`]: no
 ///   internal address, no other port of a configured host) and be https; it then gets
 ///   anonymous requests only.
-pub fn check_realm(
+pub(crate) fn check_realm(
     realm: &Url,
     upstream: &Url,
     extra_hosts: &[String],
@@ -226,7 +226,7 @@ fn host_listed(realm: &Url, extra_hosts: &[String]) -> bool {
 
 /// A `token_realm_hosts` entry as `host:port` (see [`guard::authority`]), with `default_port`
 /// when it names none.
-pub fn realm_entry_authority(entry: &str, default_port: Option<u16>) -> Option<String> {
+pub(crate) fn realm_entry_authority(entry: &str, default_port: Option<u16>) -> Option<String> {
     let entry = entry.trim();
     let (host, port) = match entry.strip_prefix('[') {
         Some(rest) => {
@@ -265,7 +265,7 @@ pub fn realm_entry_authority(entry: &str, default_port: Option<u16>) -> Option<S
 /// The realm's own query parameters are kept. The response must carry `token` or
 /// `access_token`; see [`TokenError`] for failures. The caller must have checked the realm
 /// with [`check_realm`] and pass [`Credential::Anonymous`] for an `AnonymousOnly` realm.
-pub async fn fetch_token(
+pub(crate) async fn fetch_token(
     http: &reqwest::Client,
     realm: &Url,
     service: Option<&str>,
@@ -543,7 +543,7 @@ fn expires_in_secs(v: &serde_json::Value) -> Option<u64> {
 /// Tokens cached per [`TokenKey`] until their expiry; concurrent callers for one key share one
 /// fetch. Failed fetches are not cached. Cloning shares the cache.
 #[derive(Clone)]
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     inner: Cache<TokenKey, Token>,
     fetches: Arc<AtomicU64>,
 }
@@ -574,7 +574,7 @@ impl Expiry<TokenKey, Token> for UntilExpiry {
 
 impl TokenCache {
     /// A cache holding at most `max_entries` tokens.
-    pub fn new(max_entries: u64) -> Self {
+    pub(crate) fn new(max_entries: u64) -> Self {
         Self::with_inner(
             Cache::builder()
                 .max_capacity(max_entries)
@@ -593,7 +593,7 @@ impl TokenCache {
     /// The cached token for `key`, or the result of `fetch` (run at most once across all
     /// concurrent callers for `key`; they all receive its result). An expired token is never
     /// returned: the expiry is checked on read as well as by the cache's timer.
-    pub async fn get_or_fetch<F, Fut>(
+    pub(crate) async fn get_or_fetch<F, Fut>(
         &self,
         key: TokenKey,
         fetch: F,
@@ -628,12 +628,12 @@ impl TokenCache {
     }
 
     /// Drops the token for `key` (e.g. after the upstream rejected it).
-    pub async fn invalidate(&self, key: &TokenKey) {
+    pub(crate) async fn invalidate(&self, key: &TokenKey) {
         self.inner.invalidate(key).await;
     }
 
     /// How many fetches actually ran.
-    pub fn fetches(&self) -> u64 {
+    pub(crate) fn fetches(&self) -> u64 {
         self.fetches.load(Ordering::Relaxed)
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use oci_proxy::catalog::{Catalog, CatalogError, Decision};
 use oci_proxy::config::{CatalogConfig, DefaultSecret};
-use oci_proxy::credentials::Credential;
+use oci_proxy::Credential;
 
 const MODULE: &str = r#"
 apiVersion: operator.kyma-project.io/v1beta2

@@ -1,6 +1,9 @@
 //! The integration tests, one binary (so `tests/support` compiles once): each module is one
 //! area of the proxy, with its own docs; everything runs against real parts on 127.0.0.1.
 
+// A test binary exports nothing: `pub` in its modules means "shared between test modules".
+#![allow(unreachable_pub)]
+
 #[path = "../support/mod.rs"]
 mod support;
 

@@ -43,7 +43,7 @@ const POLL_MAX: Duration = Duration::from_millis(500);
 /// Shortest pause between renewals, whatever the TTL.
 const RENEW_MIN: Duration = Duration::from_millis(10);
 
-pub fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -56,7 +56,7 @@ fn ms(d: Duration) -> u64 {
 
 /// A lease object's body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Body {
+pub(super) struct Body {
     pub expires_ms: u64,
     /// `None` in the old format (just the expiry).
     pub owner: Option<String>,
@@ -65,7 +65,7 @@ pub struct Body {
 impl Body {
     /// Parses `<expires_ms> <owner>` or the old `<expires_ms>`; `None` when unreadable (which
     /// replicas and `gc-shared` treat as expired).
-    pub fn parse(bytes: &[u8]) -> Option<Body> {
+    pub(super) fn parse(bytes: &[u8]) -> Option<Body> {
         let s = std::str::from_utf8(bytes).ok()?;
         let mut words = s.split_ascii_whitespace();
         let expires_ms = words.next()?.parse::<u64>().ok()?;
@@ -121,7 +121,7 @@ struct Renewer {
 
 /// A lease this replica holds, renewed in the background while held. Release it with
 /// [`Lease::release`]; dropped unreleased, it is released by a spawned task.
-pub struct Lease {
+pub(crate) struct Lease {
     shared: Arc<Shared>,
     key: Path,
     owner: String,
@@ -150,7 +150,7 @@ impl Lease {
     }
 
     /// Stops renewing, then deletes the lease if its body still names us.
-    pub async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         if let Some(r) = self.renewer.take() {
             finish(self.shared.clone(), self.key.clone(), self.owner.clone(), r).await;
         }
@@ -259,7 +259,7 @@ async fn renew(shared: Arc<Shared>, key: Path, owner: String, mut stopped: onesh
     }
 }
 
-pub enum Acquire {
+pub(super) enum Acquire {
     Held(Lease),
     /// Another replica holds a live lease until `expires_ms` (unless it renews it).
     Busy {
@@ -270,7 +270,7 @@ pub enum Acquire {
     Failed,
 }
 
-pub async fn acquire(shared: &Arc<Shared>, digest: &Digest) -> Acquire {
+pub(super) async fn acquire(shared: &Arc<Shared>, digest: &Digest) -> Acquire {
     let key = shared.lease_key(digest);
     let owner = new_owner();
     let expires = now_ms().saturating_add(ms(shared.lease_ttl));
@@ -318,7 +318,7 @@ pub async fn acquire(shared: &Arc<Shared>, digest: &Digest) -> Acquire {
 
 /// [`wait_until`] with the deadline `lease_wait` from now.
 #[cfg(test)]
-pub async fn wait(shared: &Arc<Shared>, digest: &Digest, expires_ms: u64) -> WaitEnd {
+pub(super) async fn wait(shared: &Arc<Shared>, digest: &Digest, expires_ms: u64) -> WaitEnd {
     wait_until(
         shared,
         digest,
@@ -332,7 +332,7 @@ pub async fn wait(shared: &Arc<Shared>, digest: &Digest, expires_ms: u64) -> Wai
 /// or expires (re-read when `expires_ms` passes: a renewed lease keeps us waiting), the
 /// store fails, or `deadline` passes (a fill sets it once, `lease_wait` after its start, for
 /// all its waits).
-pub async fn wait_until(
+pub(super) async fn wait_until(
     shared: &Arc<Shared>,
     digest: &Digest,
     expires_ms: u64,

@@ -8,7 +8,7 @@ use prometheus::{
 
 /// An object-store operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
+pub(super) enum Op {
     GetBlob,
     /// A ranged GET for a client's Range request.
     GetRange,
@@ -31,7 +31,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Op::GetBlob => "get_blob",
             Op::GetRange => "get_range",
@@ -53,7 +53,7 @@ impl Op {
 
 /// How an operation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Res {
+pub(super) enum Res {
     Ok,
     /// Not found.
     Miss,
@@ -67,7 +67,7 @@ pub enum Res {
 }
 
 impl Res {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Res::Ok => "ok",
             Res::Miss => "miss",
@@ -80,7 +80,7 @@ impl Res {
 
 /// How a wait for another replica's lease ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WaitEnd {
+pub(super) enum WaitEnd {
     /// The blob appeared in the store.
     Landed,
     /// The lease went away without the blob (the other fill failed).
@@ -94,7 +94,7 @@ pub enum WaitEnd {
 }
 
 impl WaitEnd {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             WaitEnd::Landed => "landed",
             WaitEnd::Released => "released",
@@ -107,7 +107,7 @@ impl WaitEnd {
 
 /// How a renewal of a held lease ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Renewal {
+pub(super) enum Renewal {
     /// The expiry was pushed out.
     Ok,
     /// The lease was gone or named another owner: renewal stopped.
@@ -117,7 +117,7 @@ pub enum Renewal {
 }
 
 impl Renewal {
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Renewal::Ok => "ok",
             Renewal::Lost => "lost",
@@ -127,7 +127,7 @@ impl Renewal {
 }
 
 #[derive(Clone)]
-pub struct SharedMetrics {
+pub(super) struct SharedMetrics {
     ops: IntCounterVec,
     corrupt: IntCounter,
     read_bytes: IntCounter,
@@ -138,7 +138,7 @@ pub struct SharedMetrics {
 }
 
 impl SharedMetrics {
-    pub fn register(registry: &Registry) -> prometheus::Result<SharedMetrics> {
+    pub(super) fn register(registry: &Registry) -> prometheus::Result<SharedMetrics> {
         let ops = IntCounterVec::new(
             Opts::new(
                 "oci_proxy_cache_shared_ops_total",
@@ -197,52 +197,52 @@ impl SharedMetrics {
         })
     }
 
-    pub fn op(&self, op: Op, res: Res) {
+    pub(super) fn op(&self, op: Op, res: Res) {
         self.ops
             .with_label_values(&[op.as_str(), res.as_str()])
             .inc();
     }
 
-    pub fn corrupt(&self) {
+    pub(super) fn corrupt(&self) {
         self.corrupt.inc();
     }
 
-    pub fn read(&self, bytes: u64) {
+    pub(super) fn read(&self, bytes: u64) {
         self.read_bytes.inc_by(bytes);
     }
 
-    pub fn uploaded(&self, bytes: u64) {
+    pub(super) fn uploaded(&self, bytes: u64) {
         self.uploaded_bytes.inc_by(bytes);
     }
 
-    pub fn lease_wait(&self, end: WaitEnd, seconds: f64) {
+    pub(super) fn lease_wait(&self, end: WaitEnd, seconds: f64) {
         self.lease_waits.with_label_values(&[end.as_str()]).inc();
         self.lease_wait_seconds.observe(seconds);
     }
 
-    pub fn lease_renewal(&self, res: Renewal) {
+    pub(super) fn lease_renewal(&self, res: Renewal) {
         self.lease_renewals.with_label_values(&[res.as_str()]).inc();
     }
 
     #[cfg(test)]
-    pub fn op_count(&self, op: Op, res: Res) -> u64 {
+    pub(super) fn op_count(&self, op: Op, res: Res) -> u64 {
         self.ops
             .with_label_values(&[op.as_str(), res.as_str()])
             .get()
     }
 
     #[cfg(test)]
-    pub fn lease_wait_count(&self, end: WaitEnd) -> u64 {
+    pub(super) fn lease_wait_count(&self, end: WaitEnd) -> u64 {
         self.lease_waits.with_label_values(&[end.as_str()]).get()
     }
 
     #[cfg(test)]
-    pub fn lease_renewal_count(&self, res: Renewal) -> u64 {
+    pub(super) fn lease_renewal_count(&self, res: Renewal) -> u64 {
         self.lease_renewals.with_label_values(&[res.as_str()]).get()
     }
 
     #[cfg(test)]
-    pub fn corrupt_count(&self) -> u64 {
+    pub(super) fn corrupt_count(&self) -> u64 {
         self.corrupt.get()
     }
 }

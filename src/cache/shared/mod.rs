@@ -56,18 +56,18 @@ use super::metrics::FailReason;
 use super::store::{read_exact_at, write_chunks};
 use crate::config::S3Config;
 use crate::protocol::grammar::{Digest, Hasher};
-pub use lease::Lease;
+pub(super) use lease::Lease;
 use metrics::{Op, Res, SharedMetrics, WaitEnd};
 
 /// Blobs up to this size are uploaded with one conditional PUT; larger ones in parts.
-pub const SINGLE_PUT_MAX: u64 = 8 << 20;
+pub(super) const SINGLE_PUT_MAX: u64 = 8 << 20;
 /// Multipart part size.
 const PART_SIZE: usize = 8 << 20;
 /// The slowest upload (bytes per second) that is still waited for; see
 /// [`Shared::upload_timeout`].
 const MIN_UPLOAD_RATE: u64 = 1 << 20;
 /// How long the tier is skipped after an error of the store.
-pub const REST_AFTER_ERROR: Duration = Duration::from_secs(5);
+pub(super) const REST_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// Rounds of "look in the bucket, else take or wait for the lease" per fill.
 const ROUNDS: usize = 3;
 /// Blobs up to this size are read from the bucket and verified whole before any client sees
@@ -75,7 +75,7 @@ const ROUNDS: usize = 3;
 /// fill's readers as they arrive (a client's first byte must not wait for gigabytes); a
 /// corrupt one then fails the fill like a bad upstream body (readers never get a clean end
 /// of unverified bytes), and the retry goes upstream because the object was deleted.
-pub const VERIFY_BEFORE_STREAMING_MAX: u64 = 8 << 20;
+pub(super) const VERIFY_BEFORE_STREAMING_MAX: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -87,7 +87,7 @@ pub enum SharedError {
 
 /// An object-store call's failure, as the tier sees it.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(super) enum StoreError {
     #[error("not found")]
     Missing,
     #[error("already exists")]
@@ -110,7 +110,7 @@ impl From<object_store::Error> for StoreError {
 
 /// What the shared tier did for a fill before any upstream request.
 #[derive(Debug)]
-pub enum Before {
+pub(crate) enum Before {
     /// `size` verified bytes are in the fill's temp file: commit them.
     Filled(u64),
     /// Go upstream (the temp file is empty); holding the lease when `Some`.
@@ -127,9 +127,9 @@ enum Read {
 }
 
 /// Told of the bytes a streamed bucket read put in the temp file: `(size, written)`.
-pub type Announce<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
+pub(super) type Announce<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
-pub struct Shared {
+pub(crate) struct Shared {
     store: Arc<dyn ObjectStore>,
     /// Empty or ending in `/`.
     prefix: String,
@@ -182,7 +182,7 @@ pub(crate) fn s3_builder(cfg: &S3Config, client: ClientOptions) -> AmazonS3Build
 impl Shared {
     /// The S3 tier: `AmazonS3Builder::from_env()` (credentials and defaults from the AWS
     /// environment variables), then the config's keys override.
-    pub fn open_s3(
+    pub(crate) fn open_s3(
         cfg: &S3Config,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Shared>, SharedError> {
@@ -215,7 +215,7 @@ impl Shared {
         )
     }
 
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn ObjectStore>,
         prefix: &str,
         lease_ttl: Duration,
@@ -238,26 +238,26 @@ impl Shared {
         Path::from(format!("{}{rest}", self.prefix))
     }
 
-    pub fn blob_key(&self, d: &Digest) -> Path {
+    pub(crate) fn blob_key(&self, d: &Digest) -> Path {
         self.key(&format!("blobs/{}/{}", d.algorithm().as_str(), d.hex()))
     }
 
-    pub fn manifest_key(&self, d: &Digest) -> Path {
+    pub(crate) fn manifest_key(&self, d: &Digest) -> Path {
         self.key(&format!("manifests/{}/{}", d.algorithm().as_str(), d.hex()))
     }
 
-    pub fn lease_key(&self, d: &Digest) -> Path {
+    pub(crate) fn lease_key(&self, d: &Digest) -> Path {
         self.key(&format!("leases/{}/{}", d.algorithm().as_str(), d.hex()))
     }
 
     /// `tags/<sha256(repo_key)>/<tag>`: body `<digest> <checked_at_ms>`; overwritten by every
     /// replica that checks the tag upstream (tags move; the newest check wins).
-    pub fn tag_key(&self, repo_key: &str, tag: &str) -> Path {
+    pub(crate) fn tag_key(&self, repo_key: &str, tag: &str) -> Path {
         let repo = Digest::sha256_of(repo_key.as_bytes());
         self.key(&format!("tags/{}/{tag}", repo.hex()))
     }
 
-    pub fn link_key(&self, repo_key: &str, d: &Digest) -> Path {
+    pub(crate) fn link_key(&self, repo_key: &str, d: &Digest) -> Path {
         let repo = Digest::sha256_of(repo_key.as_bytes());
         self.key(&format!(
             "links/{}/{}/{}",
@@ -267,7 +267,7 @@ impl Shared {
         ))
     }
 
-    pub fn origin_key(&self, upstream: &str, d: &Digest) -> Path {
+    pub(crate) fn origin_key(&self, upstream: &str, d: &Digest) -> Path {
         let u = Digest::sha256_of(upstream.as_bytes());
         self.key(&format!(
             "origins/{}/{}/{}",
@@ -280,7 +280,7 @@ impl Shared {
     /// The grant key replicas share: read from the bucket, or created there (a conditional
     /// create, so concurrent replicas end up with the same one). `None` when the store cannot
     /// say now: the caller then uses a local key, and links from the bucket do not count.
-    pub async fn grant_key(&self) -> Option<GrantKey> {
+    pub(crate) async fn grant_key(&self) -> Option<GrantKey> {
         let key = self.key("grant.key");
         for _ in 0..2 {
             match self.get_small(&key, KEY_LEN as u64).await {
@@ -455,7 +455,7 @@ impl Shared {
     /// Before a fill goes upstream: fills `file` from the bucket when the blob is there (and
     /// matches its digest), else takes the lease, or waits for the replica holding it. A read
     /// of a blob above [`VERIFY_BEFORE_STREAMING_MAX`] reports its progress to `announce`.
-    pub async fn before_upstream(
+    pub(crate) async fn before_upstream(
         self: &Arc<Self>,
         digest: &Digest,
         file: &Arc<File>,
@@ -600,7 +600,7 @@ impl Shared {
 
     /// Size of the blob's object in the bucket (a HEAD); `None` when it is not there or the
     /// store cannot say now.
-    pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
+    pub(crate) async fn blob_size(&self, digest: &Digest) -> Option<u64> {
         let key = self.blob_key(digest);
         let meta = self
             .counted(Op::HeadBlob, self.timed(self.store.head(&key)))
@@ -614,7 +614,7 @@ impl Shared {
     /// or shorter than the range too. A range cannot be checked against the digest on its
     /// own: the caller starts a whole-blob fill, which verifies the object (and deletes it
     /// when corrupt) as it lands in the local tier.
-    pub async fn get_range(
+    pub(crate) async fn get_range(
         self: &Arc<Self>,
         digest: &Digest,
         start: u64,
@@ -682,7 +682,7 @@ impl Shared {
 
     /// Uploads a committed, verified blob in the background (reading the open file, which
     /// survives rename and eviction), then releases `lease`.
-    pub fn upload_blob(
+    pub(crate) fn upload_blob(
         self: &Arc<Self>,
         digest: Digest,
         file: Arc<File>,
@@ -783,7 +783,7 @@ impl Shared {
     }
 
     /// A verified manifest from the bucket: `(media type, bytes)`.
-    pub async fn get_manifest(&self, digest: &Digest) -> Option<(String, Bytes)> {
+    pub(crate) async fn get_manifest(&self, digest: &Digest) -> Option<(String, Bytes)> {
         if !self.available() {
             self.metrics.op(Op::GetManifest, Res::Skipped);
             return None;
@@ -812,7 +812,7 @@ impl Shared {
     }
 
     /// Uploads a verified manifest in the background.
-    pub fn put_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, bytes: Bytes) {
+    pub(crate) fn put_manifest(self: &Arc<Self>, digest: &Digest, media_type: &str, bytes: Bytes) {
         let key = self.manifest_key(digest);
         let mut attributes = Attributes::new();
         attributes.insert(
@@ -833,7 +833,7 @@ impl Shared {
 
     /// The tag as another replica last checked it upstream; `None` when absent, unreadable
     /// or the store cannot say now.
-    pub async fn get_tag(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
+    pub(crate) async fn get_tag(&self, repo_key: &str, tag: &str) -> Option<TagEntry> {
         let key = self.tag_key(repo_key, tag);
         let (_, b) = self.counted(Op::GetTag, self.get_small(&key, 1024)).await?;
         let parsed = std::str::from_utf8(&b).ok().and_then(|s| {
@@ -858,7 +858,7 @@ impl Shared {
 
     /// Records (or, with `None`, deletes: the upstream said 404) a tag in the bucket, in the
     /// background.
-    pub fn put_tag(
+    pub(crate) fn put_tag(
         self: &Arc<Self>,
         repo_key: &str,
         tag: &str,
@@ -883,7 +883,7 @@ impl Shared {
     }
 
     /// The link a replica recorded for `repo_key` and `digest` (the newest confirmation).
-    pub async fn get_link(&self, repo_key: &str, digest: &Digest) -> Option<LinkInfo> {
+    pub(crate) async fn get_link(&self, repo_key: &str, digest: &Digest) -> Option<LinkInfo> {
         let key = self.link_key(repo_key, digest);
         let (_, b) = self
             .counted(Op::HeadLink, self.get_small(&key, 256))
@@ -897,7 +897,7 @@ impl Shared {
     }
 
     /// Records a link in the bucket (overwriting an older one), in the background.
-    pub fn put_link(self: &Arc<Self>, repo_key: &str, digest: &Digest, link: LinkInfo) {
+    pub(crate) fn put_link(self: &Arc<Self>, repo_key: &str, digest: &Digest, link: LinkInfo) {
         let key = self.link_key(repo_key, digest);
         let body = format!(
             "{} {}",
@@ -912,7 +912,7 @@ impl Shared {
     }
 
     /// Whether a replica recorded that `digest` was fetched from `upstream`.
-    pub async fn has_origin(&self, upstream: &str, digest: &Digest) -> bool {
+    pub(crate) async fn has_origin(&self, upstream: &str, digest: &Digest) -> bool {
         let key = self.origin_key(upstream, digest);
         self.counted(Op::HeadOrigin, self.timed(self.store.head(&key)))
             .await
@@ -920,7 +920,7 @@ impl Shared {
     }
 
     /// Records an origin in the bucket, in the background.
-    pub fn put_origin(self: &Arc<Self>, upstream: &str, digest: &Digest) {
+    pub(crate) fn put_origin(self: &Arc<Self>, upstream: &str, digest: &Digest) {
         let key = self.origin_key(upstream, digest);
         self.counted_in_background(Op::PutOrigin, |me| async move {
             let opts = PutOptions {
