@@ -20,8 +20,6 @@ pub const DOCKER_MANIFEST_V1_SIGNED: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
 /// Legacy Docker schema 1, unsigned.
 pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
-/// Generic binary content; the default `Content-Type` of blobs.
-pub const OCTET_STREAM: &str = "application/octet-stream";
 
 /// Every manifest media type the proxy recognises.
 pub const MANIFEST_TYPES: [&str; 6] = [
@@ -248,7 +246,7 @@ mod tests {
         assert!(is_manifest_type(
             "application/vnd.oci.image.index.v1+json; charset=utf-8"
         ));
-        assert!(!is_manifest_type(OCTET_STREAM));
+        assert!(!is_manifest_type("application/octet-stream"));
         assert!(!is_manifest_type("application/json"));
         assert!(!is_manifest_type(""));
         assert!(is_index_type(DOCKER_MANIFEST_LIST));

@@ -1,12 +1,12 @@
 //! The OCI distribution protocol as the proxy speaks it to clients: the grammar of names, tags
 //! and digests, the routes, media types, and the error body. Pure functions only: no I/O.
 
-pub mod error;
+pub(crate) mod error;
 pub mod grammar;
 pub mod media;
-pub mod range;
-pub mod route;
-pub mod tags;
+pub(crate) mod range;
+pub(crate) mod route;
+pub(crate) mod tags;
 
 pub use error::{ErrorCode, OciError};
 pub use grammar::{Digest, Reference, Repository, Tag};

@@ -88,13 +88,13 @@ impl fmt::Display for RangeSpec {
 }
 
 /// Parses a `Range` header against a representation of `size` bytes.
-pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
+pub(crate) fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
     parse_range_unknown_size(header).map_or(ByteRange::Full, |spec| spec.resolve(size))
 }
 
 /// Parses a `Range` header without knowing the size: `None` when there is no header or it is
 /// to be ignored (malformed, another unit, several ranges, `last < first`).
-pub fn parse_range_unknown_size(header: Option<&str>) -> Option<RangeSpec> {
+pub(crate) fn parse_range_unknown_size(header: Option<&str>) -> Option<RangeSpec> {
     let (unit, set) = header?.split_once('=')?;
     if !unit.trim().eq_ignore_ascii_case("bytes") {
         return None;
@@ -130,13 +130,13 @@ fn parse_pos(s: &str) -> Option<u64> {
 }
 
 /// `Content-Range` of a 206: `bytes <start>-<end>/<size>`.
-pub fn content_range(start: u64, end: u64, size: u64) -> String {
+pub(crate) fn content_range(start: u64, end: u64, size: u64) -> String {
     format!("bytes {start}-{end}/{size}")
 }
 
 /// Parses the `Content-Range` of a 206 strictly: `bytes <start>-<end>/<size>` with
 /// `start <= end < size`; `None` for anything else (`*` sizes, other units, bad numbers).
-pub fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+pub(crate) fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (range, size) = rest.split_once('/')?;
     let (start, end) = range.split_once('-')?;
@@ -145,7 +145,7 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// `Content-Range` of a 416: `bytes */<size>`.
-pub fn unsatisfied_content_range(size: u64) -> String {
+pub(crate) fn unsatisfied_content_range(size: u64) -> String {
     format!("bytes */{size}")
 }
 

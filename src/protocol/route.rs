@@ -218,7 +218,7 @@ fn split_endpoint(rest: &str) -> Result<(&str, Endpoint, &str), OciError> {
 /// of which the first may instead be a registry host (`host[:port]`) when more segments follow.
 /// The length limit is distribution's 255 characters for the repository part, plus the host
 /// prefix when the first segment is a registry host (itself at most 253 characters).
-pub fn validate_name(name: &str) -> Result<(), OciError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), OciError> {
     let invalid = || {
         OciError::new(
             ErrorCode::NameInvalid,

@@ -29,7 +29,7 @@ fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
 
 /// What the client asked for, and whether the upstream list was cut.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Query<'a> {
+pub(crate) struct Query<'a> {
     pub n: Option<usize>,
     pub last: Option<&'a str>,
     /// The client's `ns=` (kept in the `Link`).
@@ -45,26 +45,10 @@ pub struct Query<'a> {
 /// `n` is given and tags remain after the page:
 /// `</v2/<name>/tags/list?last=<last tag of page>&n=<n>>; rel="next"`, query values
 /// form-urlencoded. `name` must be a validated name (it goes into the path unencoded).
-pub fn paginate(
-    name: &str,
-    tags: Vec<String>,
-    n: Option<usize>,
-    last: Option<&str>,
-) -> (TagList, Option<String>) {
-    page(
-        name,
-        tags,
-        &Query {
-            n,
-            last,
-            ..Query::default()
-        },
-    )
-}
-
-/// [`paginate`] with `ns=` kept in the `Link`, and a `Link` after a truncated list's last tag
+///
+/// `q.ns` is kept in the `Link`; a truncated list gets a `Link` after its last tag
 /// (`n == Some(0)` still gives none).
-pub fn page(name: &str, mut tags: Vec<String>, q: &Query<'_>) -> (TagList, Option<String>) {
+pub(crate) fn page(name: &str, mut tags: Vec<String>, q: &Query<'_>) -> (TagList, Option<String>) {
     tags.sort_unstable();
     tags.dedup();
     if let Some(last) = q.last {
@@ -111,6 +95,24 @@ pub fn page(name: &str, mut tags: Vec<String>, q: &Query<'_>) -> (TagList, Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`page`] with only `n` and `last`.
+    fn paginate(
+        name: &str,
+        tags: Vec<String>,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> (TagList, Option<String>) {
+        page(
+            name,
+            tags,
+            &Query {
+                n,
+                last,
+                ..Query::default()
+            },
+        )
+    }
 
     fn v(tags: &[&str]) -> Vec<String> {
         tags.iter().map(|s| s.to_string()).collect()

@@ -13,25 +13,25 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 
 /// Every response body the server sends.
-pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
-pub fn stream(s: BoxStream<'static, Result<Bytes, std::io::Error>>) -> Body {
+pub(crate) fn stream(s: BoxStream<'static, Result<Bytes, std::io::Error>>) -> Body {
     StreamBody::new(s.map(|r| r.map(Frame::data))).boxed_unsync()
 }
 
 /// What the access log and metrics record about a request.
 #[derive(Clone, Debug, Default)]
-pub struct RequestRecord {
+pub(crate) struct RequestRecord {
     pub method: String,
     pub route: &'static str,
     pub repository: String,
@@ -42,7 +42,7 @@ pub struct RequestRecord {
 
 /// Called once per request, when the body is finished or dropped. `complete` says that every
 /// promised byte was sent (the body's length, or its end when the length was not known).
-pub trait Recorder: Send + Sync + 'static {
+pub(crate) trait Recorder: Send + Sync + 'static {
     fn record(&self, rec: &RequestRecord, bytes: u64, elapsed: std::time::Duration, complete: bool);
 }
 
@@ -51,7 +51,7 @@ pub trait Recorder: Send + Sync + 'static {
 /// hyper stops polling a body once the `Content-Length` bytes are out, so the end of the
 /// stream is often never seen: completeness is "bytes sent = bytes promised" when a length was
 /// promised, and "the stream ended" otherwise.
-pub struct Metered {
+pub(crate) struct Metered {
     inner: Body,
     record: Option<RequestRecord>,
     recorder: std::sync::Arc<dyn Recorder>,
@@ -65,7 +65,7 @@ pub struct Metered {
 impl Metered {
     /// `content_length` is the response's header (ignored when the body's own size is
     /// exact: a HEAD answer promises an empty body whatever its header says).
-    pub fn new(
+    pub(crate) fn new(
         inner: Body,
         content_length: Option<u64>,
         record: RequestRecord,

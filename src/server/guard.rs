@@ -37,7 +37,7 @@ use crate::metrics::{Limit, Metrics};
 /// Requests in flight on one connection; wakes the reader when the last one ends, so the
 /// idle clock starts then.
 #[derive(Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Requests started so far: a change means the connection's clocks start over.
     started: AtomicUsize,
@@ -49,7 +49,7 @@ pub struct Activity {
 
 impl Activity {
     /// Marks a request in flight until the returned guard is dropped.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.started.fetch_add(1, Ordering::AcqRel);
         InFlight {
@@ -69,7 +69,7 @@ impl Activity {
 }
 
 /// One request in flight (see [`Activity::begin`]).
-pub struct InFlight {
+pub(crate) struct InFlight {
     activity: Arc<Activity>,
     id: u64,
 }
@@ -98,7 +98,10 @@ impl Drop for InFlight {
 }
 
 /// `body`, in flight on its connection until dropped, reporting each chunk it delivers.
-pub fn track(body: crate::server::body::Body, in_flight: InFlight) -> crate::server::body::Body {
+pub(crate) fn track(
+    body: crate::server::body::Body,
+    in_flight: InFlight,
+) -> crate::server::body::Body {
     // The response head is handed over: hyper polls the body next, unless the client's flow
     // control window is closed.
     if !body.is_end_stream() {
@@ -145,14 +148,14 @@ impl HttpBody for Tracked {
 
 /// The limits a connection runs with.
 #[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     pub header_read: Duration,
     pub idle: Duration,
     pub write: Duration,
 }
 
 /// A transport with the connection's time limits.
-pub struct Guarded<I> {
+pub(crate) struct Guarded<I> {
     io: I,
     activity: Arc<Activity>,
     timeouts: Timeouts,
@@ -169,7 +172,7 @@ pub struct Guarded<I> {
 }
 
 impl<I> Guarded<I> {
-    pub fn new(
+    pub(crate) fn new(
         io: I,
         activity: Arc<Activity>,
         timeouts: Timeouts,

@@ -29,7 +29,7 @@ const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-app
 /// How the cache answered, carried from a handler to the access log in the response's
 /// extensions: `hit`, `miss`, `coalesced`, `stale`, `upstream` (not cacheable / passed through).
 #[derive(Clone, Copy, Debug)]
-pub struct CacheStatus(pub &'static str);
+pub(crate) struct CacheStatus(pub &'static str);
 
 fn with_cache_status(mut resp: Response<Body>, status: &'static str) -> Response<Body> {
     resp.extensions_mut().insert(CacheStatus(status));
@@ -37,7 +37,7 @@ fn with_cache_status(mut resp: Response<Body>, status: &'static str) -> Response
 }
 
 /// Answers one request; never fails: errors become OCI error responses.
-pub async fn handle(app: &App, req: Request<Incoming>) -> (Response<Body>, RequestRecord) {
+pub(crate) async fn handle(app: &App, req: Request<Incoming>) -> (Response<Body>, RequestRecord) {
     let method = req.method().clone();
     let mut rec = RequestRecord {
         method: method.to_string(),
@@ -325,7 +325,7 @@ fn json_response(status: StatusCode, json: Bytes, head: bool) -> Response<Body> 
 }
 
 /// The OCI error body (none for HEAD), with `Retry-After` when known.
-pub fn error_response(e: &OciError, head: bool) -> Response<Body> {
+pub(crate) fn error_response(e: &OciError, head: bool) -> Response<Body> {
     let mut resp = json_response(e.status(), Bytes::from(e.body()), head);
     if let Some(ra) = &e.retry_after {
         resp.headers_mut()

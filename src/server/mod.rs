@@ -19,10 +19,10 @@
 //! - the bound on concurrent upstream fetches: in `upstream`, around each upstream request,
 //!   because cache hits must never queue behind upstream traffic.
 
-pub mod body;
+pub(crate) mod body;
 mod catalog_adapters;
-pub mod guard;
-pub mod handlers;
+pub(crate) mod guard;
+pub(crate) mod handlers;
 pub mod reload;
 pub mod tls;
 
