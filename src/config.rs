@@ -517,7 +517,7 @@ impl Config {
                 );
             }
             for (j, entry) in u.token_realm_hosts.iter().enumerate() {
-                if crate::upstream::token::realm_entry_authority(entry, Some(443)).is_none()
+                if crate::protocol::key_pattern::realm_entry_authority(entry, Some(443)).is_none()
                     || entry.contains(['/', '@', '?', '#'])
                 {
                     problems.add(
@@ -578,7 +578,7 @@ impl Config {
                 );
             }
             for (i, h) in hosts.iter().enumerate() {
-                if !crate::credentials::ambient::valid_host_pattern(h) {
+                if crate::protocol::key_pattern::HostPattern::parse(h).is_none() {
                     problems.add(
                         format!("credentials.{key}.hosts[{i}]"),
                         format!(

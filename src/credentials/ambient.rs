@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use super::ecr::{self, Ecr};
 use super::google::{self, GoogleFetcher};
-use super::keychain::HostPattern;
 use super::refresh::{Refreshing, SourceError, SourceMetrics};
 use super::{Credential, Secret};
 use crate::config::{AmbientSourceConfig, CredentialsConfig};
+use crate::protocol::key_pattern::HostPattern;
 
 /// A setup error of an ambient source.
 #[derive(Debug, thiserror::Error)]
@@ -86,11 +86,6 @@ fn patterns(
             })
         })
         .collect()
-}
-
-/// Whether `raw` is a valid `hosts` entry (for config validation).
-pub(crate) fn valid_host_pattern(raw: &str) -> bool {
-    HostPattern::parse(raw).is_some()
 }
 
 impl Ambient {

@@ -18,6 +18,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use super::{Credential, Secret};
+use crate::protocol::key_pattern::{starts_with_ignore_case, strip_scheme};
 
 /// `data` key of a `kubernetes.io/dockerconfigjson` Secret.
 pub(crate) const DOCKER_CONFIG_JSON_KEY: &str = ".dockerconfigjson";
@@ -255,20 +256,6 @@ impl fmt::Display for RegistryBase {
             write!(f, "{}/{}", self.host, self.path)
         }
     }
-}
-
-pub(crate) fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
-    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
-}
-
-/// Drops a leading `http://` or `https://` (any case).
-pub(crate) fn strip_scheme(s: &str) -> &str {
-    for scheme in ["https://", "http://"] {
-        if starts_with_ignore_case(s, scheme) {
-            return &s[scheme.len()..];
-        }
-    }
-    s
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, DockerConfigError> {

@@ -837,7 +837,10 @@ fn allowed_authorities<'a>(
         .collect();
     for entry in configured.iter().flat_map(|u| &u.token_realm_hosts) {
         for port in [443, 80] {
-            out.extend(token::realm_entry_authority(entry, Some(port)));
+            out.extend(crate::protocol::key_pattern::realm_entry_authority(
+                entry,
+                Some(port),
+            ));
         }
     }
     out

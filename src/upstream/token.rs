@@ -33,6 +33,7 @@ use url::{Host, Url};
 
 use super::guard::{self, AddressClass, AddressGuard};
 use crate::credentials::{Credential, CredentialId, Secret};
+use crate::protocol::key_pattern::realm_entry_authority;
 
 /// Largest token response body accepted.
 pub(crate) const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
@@ -222,33 +223,6 @@ fn host_listed(realm: &Url, extra_hosts: &[String]) -> bool {
         .iter()
         .filter_map(|entry| realm_entry_authority(entry, default_port))
         .any(|a| a == want)
-}
-
-/// A `token_realm_hosts` entry as `host:port` (see [`guard::authority`]), with `default_port`
-/// when it names none.
-pub(crate) fn realm_entry_authority(entry: &str, default_port: Option<u16>) -> Option<String> {
-    let entry = entry.trim();
-    let (host, port) = match entry.strip_prefix('[') {
-        Some(rest) => {
-            let (inner, tail) = rest.split_once(']')?;
-            (format!("[{inner}]"), tail.strip_prefix(':'))
-        }
-        None => match entry.split_once(':') {
-            Some((h, p)) => (h.to_owned(), Some(p)),
-            None => (entry.to_owned(), None),
-        },
-    };
-    let port = match port {
-        Some(p) => p.parse::<u16>().ok()?,
-        None => default_port?,
-    };
-    // Normalised as a URL host is (lower case, IPv4 forms, IPv6 compressed).
-    let url = Url::parse(&format!("http://{host}/")).ok()?;
-    let host = url.host_str()?.trim_end_matches('.').to_owned();
-    if host.is_empty() {
-        return None;
-    }
-    Some(format!("{host}:{port}"))
 }
 
 /// One token exchange with the token server at `realm`.
@@ -1350,24 +1324,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn realm_entries() {
-        assert_eq!(
-            realm_entry_authority("Auth.Example", Some(443)).as_deref(),
-            Some("auth.example:443")
-        );
-        assert_eq!(
-            realm_entry_authority("auth.example:80", Some(443)).as_deref(),
-            Some("auth.example:80")
-        );
-        assert_eq!(
-            realm_entry_authority("[::1]:5000", None).as_deref(),
-            Some("[::1]:5000")
-        );
-        assert_eq!(realm_entry_authority("auth.example:x", Some(443)), None);
-        assert_eq!(realm_entry_authority("auth.example", None), None);
     }
 
     // ---------------------------------------------------------------- cache
