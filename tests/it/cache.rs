@@ -64,17 +64,8 @@ async fn metrics(proxy: &ProxyProcess) -> String {
     proxy.metrics().await
 }
 
-/// Sum of the samples of `name` whose labels include all of `labels` (0 when absent).
-///
-/// Also accepts the name with the `oci_proxy_` namespace doubled, as the proxy currently
-/// exports the cache's families (see `cache_metrics_have_their_documented_names`), so the
-/// behaviour tests do not hinge on that naming bug.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_sum(text, name, labels) + metric_sum(text, &format!("oci_proxy_{name}"), labels)
-}
-
 async fn cache_metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric(&metrics(proxy).await, name, labels)
+    metric_sum(&metrics(proxy).await, name, labels)
 }
 
 /// Reads a whole body; the first transport error is returned as such.
@@ -151,9 +142,8 @@ fn registry_requests(reg: &Registry, method: &str, path: &str) -> usize {
         .count()
 }
 
-/// The cache's families are documented (and named in src/cache/metrics.rs) as
-/// `oci_proxy_cache_*`, but they are registered into the server's registry, which already has
-/// the `oci_proxy` namespace, so `/metrics` shows `oci_proxy_oci_proxy_cache_*`.
+/// The cache's families appear in `/metrics` as documented, `oci_proxy_cache_*`: the cache
+/// registers them into the server's registry, which adds the `oci_proxy` namespace once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_metrics_have_their_documented_names() {
     let proxy = ProxyProcess::start(&config("http://127.0.0.1:9", None, "", "")).await;
@@ -218,15 +208,15 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_followers_stream_early()
     }
     let m = metrics(&proxy).await;
     assert_eq!(
-        metric(&m, "oci_proxy_cache_fills_committed_total", &[]),
+        metric_sum(&m, "oci_proxy_cache_fills_committed_total", &[]),
         0.0
     );
     assert_eq!(
-        metric(&m, "oci_proxy_cache_requests_total", &[("outcome", "miss")]),
+        metric_sum(&m, "oci_proxy_cache_requests_total", &[("outcome", "miss")]),
         1.0
     );
     assert_eq!(
-        metric(
+        metric_sum(
             &m,
             "oci_proxy_cache_requests_total",
             &[("outcome", "coalesced")]
@@ -243,7 +233,10 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_followers_stream_early()
     // The commit follows the clients' clean end (at verification).
     wait_committed(&proxy, 1.0).await;
     let m = metrics(&proxy).await;
-    assert_eq!(metric(&m, "oci_proxy_cache_fills_started_total", &[]), 1.0);
+    assert_eq!(
+        metric_sum(&m, "oci_proxy_cache_fills_started_total", &[]),
+        1.0
+    );
     // Followers of the same repository join on the fill's own upstream 200: no HEADs.
     assert_eq!(
         reg.heads(&path),
@@ -280,7 +273,10 @@ async fn concurrent_cold_gets_against_distribution_make_one_upstream_get() {
         reg.logs()
     );
     let m = metrics(&proxy).await;
-    assert_eq!(metric(&m, "oci_proxy_cache_fills_started_total", &[]), 1.0);
+    assert_eq!(
+        metric_sum(&m, "oci_proxy_cache_fills_started_total", &[]),
+        1.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,14 +312,14 @@ async fn wrong_upstream_bytes_are_neither_served_cleanly_nor_cached() {
     assert_eq!(reg.gets(&path), 2);
     let m = metrics(&proxy).await;
     assert_eq!(
-        metric(
+        metric_sum(
             &m,
             "oci_proxy_cache_fills_failed_total",
             &[("reason", "digest_mismatch")]
         ),
         2.0
     );
-    assert_eq!(metric(&m, "oci_proxy_cache_blobs", &[]), 0.0);
+    assert_eq!(metric_sum(&m, "oci_proxy_cache_blobs", &[]), 0.0);
 }
 
 /// A body cut short: not served cleanly, not cached; once the upstream is healthy the next
@@ -358,11 +354,11 @@ async fn truncated_upstream_body_is_not_cached_and_a_clean_refill_is() {
     assert_eq!(reg.gets(&path), 2, "served from cache after the clean fill");
     let m = metrics(&proxy).await;
     assert_eq!(
-        metric(&m, "oci_proxy_cache_fills_committed_total", &[]),
+        metric_sum(&m, "oci_proxy_cache_fills_committed_total", &[]),
         1.0
     );
     assert_eq!(
-        metric(&m, "oci_proxy_cache_requests_total", &[("outcome", "hit")]),
+        metric_sum(&m, "oci_proxy_cache_requests_total", &[("outcome", "hit")]),
         3.0
     );
 }
@@ -396,10 +392,13 @@ async fn client_disconnect_mid_blob_does_not_abort_the_fill() {
     assert_eq!(reg.gets(&path), 1, "no second upstream GET");
     let m = metrics(&proxy).await;
     assert_eq!(
-        metric(&m, "oci_proxy_cache_requests_total", &[("outcome", "hit")]),
+        metric_sum(&m, "oci_proxy_cache_requests_total", &[("outcome", "hit")]),
         1.0
     );
-    assert_eq!(metric(&m, "oci_proxy_cache_fills_failed_total", &[]), 0.0);
+    assert_eq!(
+        metric_sum(&m, "oci_proxy_cache_fills_failed_total", &[]),
+        0.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -632,19 +631,19 @@ async fn eviction_bounds_the_size_and_open_downloads_of_evicted_blobs_complete()
         "eviction to bring the cache under max_size",
         || async {
             let m = metrics(&proxy).await;
-            metric(&m, "oci_proxy_cache_evictions_total", &[]) > 0.0
-                && metric(&m, "oci_proxy_cache_size_bytes", &[]) <= max
+            metric_sum(&m, "oci_proxy_cache_evictions_total", &[]) > 0.0
+                && metric_sum(&m, "oci_proxy_cache_size_bytes", &[]) <= max
         },
     )
     .await;
     assert!(!big_file.exists(), "the LRU blob (the big one) was evicted");
     let m = metrics(&proxy).await;
     assert_eq!(
-        metric(&m, "oci_proxy_cache_size_bytes", &[]),
+        metric_sum(&m, "oci_proxy_cache_size_bytes", &[]),
         5.0 * MIB as f64
     );
-    assert_eq!(metric(&m, "oci_proxy_cache_blobs", &[]), 5.0);
-    let served_hit = metric(
+    assert_eq!(metric_sum(&m, "oci_proxy_cache_blobs", &[]), 5.0);
+    let served_hit = metric_sum(
         &m,
         "oci_proxy_cache_served_bytes_total",
         &[("outcome", "hit")],
@@ -856,7 +855,7 @@ async fn upstream_error_statuses_on_a_fill_are_passed_on_and_not_cached() {
     wait_committed(&proxy, 1.0).await;
     let m = metrics(&proxy).await;
     assert_eq!(
-        metric(
+        metric_sum(
             &m,
             "oci_proxy_cache_fills_failed_total",
             &[("reason", "upstream_error")]
@@ -1011,7 +1010,7 @@ async fn range_on_a_cold_blob_is_prompt_and_the_whole_blob_is_cached_once() {
         let proxy = &proxy;
         async move {
             let m = metrics(proxy).await;
-            metric(&m, "oci_proxy_cache_fills_committed_total", &[]) == 1.0
+            metric_sum(&m, "oci_proxy_cache_fills_committed_total", &[]) == 1.0
         }
     })
     .await;

@@ -926,16 +926,9 @@ async fn kubernetes_source_token_upstream() {
 }
 
 /// `oci-proxy resolve` for a module registry host that is not in `upstreams` (a ModuleTemplate
-/// with `baseUrl: http://127.0.0.1:<port>/mods`). The proxy routes such requests once the
-/// catalog has synced (see the `local-operator` pulls above), but `resolve` answers
-/// "not a configured upstream or a module registry".
-///
-/// Cause: `App::explain` (src/server/mod.rs) calls `routing::resolve` before it waits for the
-/// catalog's first sync (`catalog.wait_ready`), so the catalog's hosts are still empty. Fix:
-/// wait for readiness first (move the `if let Some(catalog) = &self.catalog { wait_ready }`
-/// block above the `routing::resolve` call, keeping the warning line).
+/// with `baseUrl: http://127.0.0.1:<port>/mods`) routes it as requests are routed: `resolve`
+/// waits for the catalog's first sync before it resolves, so the module's host is known.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn resolve_routes_module_hosts_not_in_upstreams() {
     let dir = tempfile::tempdir().expect("tempdir");
     let catalog = dir.path().join("catalog");
@@ -976,24 +969,11 @@ async fn resolve_routes_module_hosts_not_in_upstreams() {
 /// for `/v2/<registry host>/<path>/component-descriptors/<component>/...`, and the proxy must
 /// give that repository the module's credentials.
 ///
-/// It does not: the catalog takes the baseUrl's host (the proxy itself) as the module's
-/// registry and indexes the module under (`<proxy>`, `<registry host>/<path>/component-
-/// descriptors/<component>`); the request for (`<registry host>`, `<path>/component-descriptors/
-/// <component>`) is "not a module" → anonymous → 401. It also makes the proxy's own address a
-/// routable module host (a request loop through itself).
-///
-/// Fix: (1) src/config.rs `CatalogConfig`: `proxy_hosts: Vec<String>`, the `host[:port]`s LM
-/// uses to reach this proxy (default: the `listen` address, plus `localhost:<port>` when it is
-/// loopback). (2) src/catalog/index.rs `Index::build`: leave proxy hosts out of `hosts`.
-/// (3) `Index::verdict` / `Catalog::decide` / `Catalog::explain` and
-/// `ModuleCredentials::decide` (src/credentials/chain.rs, src/catalog/adapters.rs) also take the
-/// client's full request name (`route.name`, passed from `dispatch` in src/server/handlers.rs and
-/// from `App::explain`): when no module claims (upstream host, repository), look up the claims
-/// for (proxy host, client name) for each proxy host; a claim found there decides with that
-/// module's selector and Secrets, resolving its keychain against the real upstream host and
-/// repository (so the Secret's `auths` key names the registry, as LM's docs require).
+/// The catalog knows the proxy's own addresses (`catalog.proxy_hosts`, by default the `listen`
+/// address): a baseUrl on one of them is not a module registry (no request loop through the
+/// proxy itself); the module claims the client's full request name, and its Secret's `auths`
+/// key is resolved against the real upstream host, as LM's docs require.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn proxy_prefixed_base_url_gets_module_credentials() {
     let reg = Registry::start(RegistryAuth::htpasswd(&[
         (ADMIN_USER, ADMIN_PASSWORD),
