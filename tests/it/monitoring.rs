@@ -11,6 +11,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::tool_present;
+
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -241,10 +243,10 @@ fn the_component_renders_the_dashboard_for_grafanas_sidecar() {
     let kubectl = Command::new("kubectl")
         .args(["kustomize", "--help"])
         .output();
-    if !kubectl.is_ok_and(|o| o.status.success()) {
-        let msg = "kubectl is not installed (scripts/install-deploy-tools installs it)";
-        assert!(std::env::var_os("CI").is_none(), "{msg}");
-        eprintln!("skipped: {msg}");
+    if !tool_present(
+        kubectl.is_ok_and(|o| o.status.success()),
+        "kubectl is not installed (scripts/install-deploy-tools installs it)",
+    ) {
         return;
     }
     // A component renders only from a kustomization that uses it, by a relative path.
@@ -292,16 +294,13 @@ fn the_component_renders_the_dashboard_for_grafanas_sidecar() {
     assert!(docs.iter().any(|d| d["kind"] == "PrometheusRule"));
 }
 
-/// Whether promtool runs; without it a test says why and passes, unless `CI` is set.
+/// Whether promtool runs ([`tool_present`]).
 fn have_promtool() -> bool {
     let found = Command::new("promtool").arg("--version").output();
-    if found.is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    let msg = "promtool is not installed (Debian package prometheus; scripts/test installs it)";
-    assert!(std::env::var_os("CI").is_none(), "{msg}");
-    eprintln!("skipped: {msg}");
-    false
+    tool_present(
+        found.is_ok_and(|o| o.status.success()),
+        "promtool is not installed (Debian package prometheus; scripts/test installs it)",
+    )
 }
 
 #[test]

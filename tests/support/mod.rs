@@ -69,6 +69,8 @@
 //! # Helpers
 //! - `wait_until(deadline, what, || async { .. bool })` polls until true or panics.
 //! - `free_port()`, `http_client()` (reqwest client without env proxies or redirects).
+//! - `tool_present(found, what)`: a test whose tool is missing says so loudly and passes,
+//!   unless `CI` is set: then it fails (CI installs every tool).
 //! - `token_registry(policy) -> (TokenServer, Registry)` (async); `ADMIN` (the admin
 //!   credentials for seeding); `TokenPolicy::puller(user, password, repo)`.
 //! - `helpers`: `scrape_metrics(url)`, `metric_sum(text, name, labels)`,
@@ -108,6 +110,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use process::LoggedChild;
+
+/// Whether a tool a test needs is here (`found`). Without it the test is skipped with a loud
+/// line on stderr naming `what` is missing and how to install it, unless `CI` is set: there
+/// every tool is installed by `scripts/test`, so a missing one fails the test (a broken install
+/// step must not pass as a skip).
+pub fn tool_present(found: bool, what: &str) -> bool {
+    if found {
+        return true;
+    }
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    assert!(!ci, "{what} (CI is set, so this fails)");
+    // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("\n!!!!! SKIPPED: {what}\n").as_bytes(),
+    );
+    false
+}
 
 /// Every password the fixtures hand to an upstream (htpasswd users, token server users), so
 /// that every proxy log of the whole test run is checked for them.
