@@ -6,8 +6,6 @@
 //!
 //! Unscripted requests: `GET /v2/` answers `200 {}`, anything else `404` with an OCI error.
 
-#![allow(dead_code)] // each test crate uses a different part
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -16,7 +16,6 @@
 //! Test API: [`FakeKubeApi::apply`], [`FakeKubeApi::delete`], [`FakeKubeApi::expire_watches`],
 //! [`FakeKubeApi::send_bookmarks`], [`FakeKubeApi::set_served`], [`FakeKubeApi::request_log`],
 //! plus [`FakeKubeApi::client`] and [`FakeKubeApi::write_kubeconfig`].
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -84,7 +83,6 @@ impl Res {
 /// One request the fake received.
 #[derive(Clone, Debug)]
 pub struct LoggedRequest {
-    pub method: String,
     pub path: String,
     /// Decoded query parameters (last value wins).
     pub query: BTreeMap<String, String>,
@@ -244,7 +242,6 @@ enum Msg {
 }
 
 struct Sub {
-    id: u64,
     res: Res,
     namespace: Option<String>,
     selector: LabelSelector,
@@ -283,7 +280,6 @@ struct Inner {
     objects: BTreeMap<Key, Value>,
     history: Vec<Change>,
     subs: Vec<Sub>,
-    next_sub: u64,
     unserved: BTreeSet<Res>,
     log: Vec<LoggedRequest>,
     /// Counts watch streams ever opened, so tests can wait for new ones.
@@ -328,7 +324,6 @@ impl FakeKubeApi {
             objects: BTreeMap::new(),
             history: Vec::new(),
             subs: Vec::new(),
-            next_sub: 0,
             unserved: BTreeSet::new(),
             log: Vec::new(),
             watches_opened: tokio::sync::watch::Sender::new(0),
@@ -372,11 +367,6 @@ impl FakeKubeApi {
             self.url()
         );
         std::fs::write(path, text)
-    }
-
-    /// The current global resource version.
-    pub fn resource_version(&self) -> u64 {
-        self.lock().rv
     }
 
     /// Creates or replaces an object (kind, metadata.namespace, metadata.name), emitting
@@ -601,7 +591,6 @@ async fn handle(State(inner): State<Shared>, req: Request) -> Response {
         })
         .unwrap_or_default();
     let logged = LoggedRequest {
-        method: req.method().to_string(),
         path: path.clone(),
         query: query.clone(),
     };
@@ -719,14 +708,12 @@ fn watch(
         .and_then(|rv| rv.parse().ok());
     let (tx, rx) = mpsc::unbounded_channel();
     let sub = Sub {
-        id: inner.next_sub,
         res,
         namespace,
         selector,
         bookmarks,
         tx,
     };
-    inner.next_sub += 1;
 
     match from {
         Some(rv) if rv < inner.compacted && !initial_events => {
