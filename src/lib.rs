@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod import;
 pub mod metrics;
 pub mod protocol;
 pub mod pull;
