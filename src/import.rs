@@ -232,8 +232,8 @@ fn tag_of(name: &str) -> Option<String> {
 fn hash_blob_files(dir: &Path) -> Result<HashMap<Digest, u64>, ImportError> {
     let blobs = dir.join("blobs");
     let mut out = HashMap::new();
-    let algs = std::fs::read_dir(&blobs)
-        .map_err(|e| layout_err(format!("{}: {e}", blobs.display())))?;
+    let algs =
+        std::fs::read_dir(&blobs).map_err(|e| layout_err(format!("{}: {e}", blobs.display())))?;
     for alg in algs {
         let alg = alg.map_err(|e| layout_err(format!("{}: {e}", blobs.display())))?;
         let alg_name = alg.file_name().to_string_lossy().into_owned();
@@ -243,9 +243,8 @@ fn hash_blob_files(dir: &Path) -> Result<HashMap<Digest, u64>, ImportError> {
             let f = f.map_err(|e| layout_err(format!("{}: {e}", alg.path().display())))?;
             let path = f.path();
             let name = format!("{alg_name}:{}", f.file_name().to_string_lossy());
-            let digest = Digest::parse(&name).map_err(|_| {
-                layout_err(format!("{}: not named by a digest", path.display()))
-            })?;
+            let digest = Digest::parse(&name)
+                .map_err(|_| layout_err(format!("{}: not named by a digest", path.display())))?;
             let size = hash_file(&path, &digest)?;
             out.insert(digest, size);
         }
@@ -341,7 +340,7 @@ impl Walk<'_> {
             })?;
         let doc: ManifestDoc = serde_json::from_slice(&bytes)
             .map_err(|e| layout_err(format!("manifest {digest}: {e}")))?;
-        let me = digest.to_string();
+        let me = format!("manifest {digest}");
         if media::is_index_type(&media_type) {
             for child in &doc.manifests {
                 self.manifest(child, &me, depth + 1)?;
@@ -363,9 +362,8 @@ impl Walk<'_> {
 
     /// The digest of `d`, whose file must be in the layout with the size `d` gives.
     fn present(&self, d: &Descriptor, parent: &str) -> Result<Digest, ImportError> {
-        let digest = Digest::parse(&d.digest).map_err(|_| {
-            layout_err(format!("{parent} names an invalid digest {:?}", d.digest))
-        })?;
+        let digest = Digest::parse(&d.digest)
+            .map_err(|_| layout_err(format!("{parent} names an invalid digest {:?}", d.digest)))?;
         match self.files.get(&digest) {
             None => Err(layout_err(format!(
                 "{parent} names {digest}, which is missing from the layout"
@@ -462,7 +460,7 @@ async fn store(puller: &Puller<'_>, layout: &Layout) -> Result<Summary, ImportEr
             .put_manifest(&m.digest, &m.media_type, m.bytes.clone())
             .await
             .map_err(store_err(format!("manifest {}", m.digest)))?;
-        cache.add_origin(&m.digest, &upstream);
+        cache.add_origin_journaled(&m.digest, &upstream).await;
         cache.link(&key, &m.digest, puller.grant).await;
         summary.manifests += 1;
     }

@@ -671,7 +671,7 @@ impl Cache {
             }
         }
         // Also for a blob already cached: these verified bytes are what `origin` serves.
-        self.add_origin(digest, origin);
+        self.add_origin_journaled(digest, origin).await;
         Ok(stored)
     }
 
@@ -876,11 +876,27 @@ impl Cache {
 
     /// Records that `digest`'s verified bytes came from `upstream` (and in the shared tier).
     pub fn add_origin(&self, digest: &Digest, upstream: &str) {
-        if self.inner.links.add_origin(digest, upstream).is_some() {
-            if let Some(s) = &self.inner.shared {
-                s.put_origin(upstream, digest);
-            }
+        drop(self.origin_journaled(digest, upstream));
+    }
+
+    /// [`Cache::add_origin`], returning once the record is in the journal (for a process
+    /// that exits right after, `oci-proxy import`).
+    pub async fn add_origin_journaled(&self, digest: &Digest, upstream: &str) {
+        if let Some(journaled) = self.origin_journaled(digest, upstream) {
+            let _ = journaled.await;
         }
+    }
+
+    fn origin_journaled(
+        &self,
+        digest: &Digest,
+        upstream: &str,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
+        let journaled = self.inner.links.add_origin(digest, upstream)?;
+        if let Some(s) = &self.inner.shared {
+            s.put_origin(upstream, digest);
+        }
+        Some(journaled)
     }
 
     /// A cached manifest by digest (on a local miss, a verified copy from the shared tier).
