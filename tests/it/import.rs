@@ -8,10 +8,13 @@
 //!   upstream.
 //! - One flipped byte in a blob file, or a blob a manifest names missing: exit 1 naming the
 //!   digest, and nothing stored (no blob, manifest, link or tag; the proxy never serves it).
+//! - With a shared tier, the import waits for its writes to the bucket: a replica with an
+//!   empty cache dir on the same bucket serves the image with the upstream stopped.
 //! - The read rule holds: imported as repository A, nothing is served as repository B on the
 //!   same upstream (the upstream says B does not hold it), as for pulled content.
 //!
-//! skopeo is required; without it these tests say why and pass, unless `CI` is set.
+//! skopeo (and moto for the shared tier) are required; without them these tests say why and
+//! pass, unless `CI` is set.
 
 use crate::support;
 
@@ -19,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use reqwest::StatusCode;
+use support::s3::Moto;
 use support::*;
 
 const UPSTREAM: &str = "private.test";
@@ -59,6 +63,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// [`setup`] with more keys under `cache:` (each line indented by two spaces).
+async fn setup_with(cache_keys: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(RegistryAuth::htpasswd(&[
         (ADMIN_USER, ADMIN_PASSWORD),
@@ -85,7 +94,7 @@ async fn setup() -> Setup {
     write_docker_config(&docker_config, UPSTREAM, ROBOT, ROBOT_PW);
     let cache = dir.path().join("cache");
     let config_yaml = format!(
-        "listen: \"{{listen}}\"\ncache:\n  dir: \"{}\"\n\
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{}\"\n{cache_keys}\
          upstreams:\n  - name: {UPSTREAM}\n    endpoint: {}\n\
          credentials:\n  docker_config: \"{}\"\n",
         cache.display(),
@@ -110,7 +119,12 @@ async fn setup() -> Setup {
 }
 
 fn import(config: &Path, layout: &Path, name: &str) -> Output {
+    import_with_env(config, layout, name, &[])
+}
+
+fn import_with_env(config: &Path, layout: &Path, name: &str, env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_oci-proxy"))
+        .envs(env.iter().copied())
         .arg("import")
         .arg("--config")
         .arg(config)
@@ -331,4 +345,38 @@ async fn imported_content_is_not_served_as_another_repository_on_the_same_upstre
         assert!(body == want, "{what}: the bytes differ");
     }
     assert_eq!(blob_gets(), gets_before, "a blob was fetched upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shared_tier_another_replica_serves_the_import_with_the_upstream_stopped() {
+    if !skopeo_installed() {
+        return;
+    }
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let bucket = "oci-import";
+    moto.create_bucket(bucket).await;
+    let keys = format!(
+        "  backend: s3\n  s3:\n    bucket: {bucket}\n    endpoint: {}\n    \
+         region: us-east-1\n    allow_http: true\n",
+        moto.endpoint()
+    );
+    let mut s = setup_with(&keys).await;
+    let name = format!("{UPSTREAM}/{REPO}");
+    let out = import_with_env(&s.config_file, &s.layout, &name, &moto.env());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+
+    // A replica with its own, empty cache dir: everything comes from the bucket.
+    s.reg.stop();
+    let replica = s
+        .config_yaml
+        .replace(&s.cache.display().to_string(), "{dir}/cache");
+    let proxy = ProxyProcess::start_with_env(&replica, &moto.env()).await;
+    let url = proxy.url();
+    for (what, want) in pull_paths(&s.img) {
+        let (st, body) = get(&url, &name, &what).await;
+        assert_eq!(st, StatusCode::OK, "{what}: {}", text(&body));
+        assert!(body == want, "{what}: the bytes differ from the upstream's");
+    }
 }
