@@ -493,4 +493,82 @@ mod tests {
         assert_eq!(tag_of("registry.example:5000/app"), None);
         assert_eq!(tag_of("not a tag"), None);
     }
+
+    /// Writes `bytes` as a blob of the layout in `dir`; its descriptor JSON.
+    fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
+        let d = Digest::sha256_of(bytes);
+        let path = blob_path(dir, &d);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+        serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": bytes.len()})
+    }
+
+    /// A layout whose `index.json` tags an image index (two platform manifests sharing a
+    /// layer) as `v2`; the index's descriptor.
+    fn index_layout(dir: &Path) -> serde_json::Value {
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let layer = blob(
+            dir,
+            "application/vnd.oci.image.layer.v1.tar",
+            b"shared layer",
+        );
+        let mut children = Vec::new();
+        for arch in ["amd64", "arm64"] {
+            let config = blob(
+                dir,
+                "application/vnd.oci.image.config.v1+json",
+                format!("{{\"architecture\":\"{arch}\"}}").as_bytes(),
+            );
+            let m = serde_json::json!({"schemaVersion": 2, "mediaType": media::OCI_MANIFEST,
+                "config": config, "layers": [layer]});
+            children.push(blob(dir, media::OCI_MANIFEST, m.to_string().as_bytes()));
+        }
+        let index = serde_json::json!({"schemaVersion": 2, "mediaType": media::OCI_INDEX,
+            "manifests": children});
+        let mut d = blob(dir, media::OCI_INDEX, index.to_string().as_bytes());
+        d["annotations"] = serde_json::json!({REF_NAME: "v2"});
+        d
+    }
+
+    fn write_index(dir: &Path, manifests: &[serde_json::Value]) {
+        let top = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+        std::fs::write(dir.join("index.json"), top.to_string()).unwrap();
+    }
+
+    #[test]
+    fn an_image_index_brings_its_children_first_and_their_blobs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = index_layout(dir.path());
+        write_index(dir.path(), std::slice::from_ref(&top));
+        let l = Layout::read(dir.path()).unwrap();
+        assert_eq!(l.manifests.len(), 3);
+        let index = Digest::parse(top["digest"].as_str().unwrap()).unwrap();
+        assert_eq!(l.manifests[2].digest, index, "the index after its children");
+        assert_eq!(l.manifests[2].media_type, media::OCI_INDEX);
+        assert_eq!(l.blobs.len(), 3, "two configs and one shared layer");
+        assert_eq!(l.tags.get("v2"), Some(&index));
+    }
+
+    #[test]
+    fn a_wrong_size_a_bad_tag_or_a_foreign_file_refuses_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut top = index_layout(dir.path());
+        top["size"] = serde_json::json!(top["size"].as_u64().unwrap() + 1);
+        write_index(dir.path(), std::slice::from_ref(&top));
+        let e = Layout::read(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("index.json gives sha256:"), "{e}");
+        assert!(e.contains("but its file has"), "{e}");
+
+        let mut top = index_layout(dir.path());
+        top["annotations"] = serde_json::json!({REF_NAME: "no spaces allowed"});
+        write_index(dir.path(), std::slice::from_ref(&top));
+        let e = Layout::read(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("is not a valid tag"), "{e}");
+
+        let top = index_layout(dir.path());
+        write_index(dir.path(), std::slice::from_ref(&top));
+        std::fs::write(dir.path().join("blobs/sha256/notes.txt"), b"hi").unwrap();
+        let e = Layout::read(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("notes.txt: not named by a digest"), "{e}");
+    }
 }
