@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod config;
 pub(crate) mod credentials;
 pub(crate) mod error;
+pub mod import;
 pub(crate) mod metrics;
 pub mod protocol;
 pub(crate) mod pull;

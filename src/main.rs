@@ -1,4 +1,5 @@
-//! The `oci-proxy` command line: `serve`, `check-config`, `resolve`, `gc-shared`.
+//! The `oci-proxy` command line: `serve`, `check-config`, `resolve`, `probe`, `gc-shared`,
+//! `import`.
 //!
 //! `serve` wires the process around [`server::serve`]: the listener, TLS, the config reloader
 //! (SIGHUP and file changes) and SIGTERM/SIGINT as the graceful shutdown trigger.
@@ -62,6 +63,20 @@ enum Command {
         /// Print what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Seed the cache from an OCI image layout (e.g. `skopeo copy docker://... oci:DIR:tag`)
+    /// as if it had been pulled through `--as <upstream>/<repository>`. Every blob is
+    /// verified first; a bad layout stores nothing and exits 1. Run it while no proxy uses
+    /// the cache dir.
+    Import {
+        #[arg(long)]
+        config: PathBuf,
+        /// The OCI image layout directory (`oci-layout`, `index.json`, `blobs/`).
+        layout: PathBuf,
+        /// The repository as a client would pull it through the proxy, e.g.
+        /// `registry.example.com/team/app`.
+        #[arg(long = "as", value_name = "UPSTREAM/REPOSITORY")]
+        name: String,
     },
 }
 
@@ -130,6 +145,17 @@ fn run(cli: Cli) -> Result<()> {
             let report = runtime()?.block_on(oci_proxy::gc::run(&cfg.cache, max_size, dry_run))?;
             print!("{report}");
             Ok(report.into_result()?)
+        }
+        Command::Import {
+            config,
+            layout,
+            name,
+        } => {
+            let cfg = Config::load(&config)?;
+            server::init_logging(cfg.log_format);
+            let summary = runtime()?.block_on(oci_proxy::import::run(cfg, &layout, &name))?;
+            print!("{summary}");
+            Ok(())
         }
     }
 }

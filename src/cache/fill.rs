@@ -387,7 +387,7 @@ pub(super) async fn run(
                 fill.from_shared.store(true, Ordering::Release);
                 inner.metrics.tier(Tier::Shared);
                 fill.phase.send_replace(Phase::Verified { size });
-                commit(&inner, &fill, &mut g, f, size).await;
+                commit(&inner, &fill, &mut g, f, size, None).await;
                 return;
             }
             Before::Failed(reason, message) => {
@@ -573,11 +573,8 @@ pub(super) async fn run(
     fill.phase.send_replace(Phase::Verified { size: received });
     match w.finish().await {
         Ok(n) if n == received => {
-            if commit(&inner, &fill, &mut g, f, received).await {
-                if let Some(shared) = &inner.shared {
-                    shared.upload_blob(digest, f.clone(), received, lease.take());
-                }
-            }
+            let upload = inner.shared.clone().map(|s| (s, lease.take()));
+            commit(&inner, &fill, &mut g, f, received, upload).await;
         }
         res => {
             let e = res
@@ -711,13 +708,16 @@ impl WriteBehind {
         self.join()
     }
 }
-/// Commits `size` verified bytes in the fill's temp file; whether they were kept.
+/// Commits `size` verified bytes in the fill's temp file; whether they were kept. A kept blob
+/// is handed to `upload` (the shared tier, with the fill's lease) before the fill is
+/// [`Phase::Complete`], so whoever waits for that also finds the upload under way.
 async fn commit(
     inner: &Arc<Inner>,
     fill: &Arc<Fill>,
     g: &mut Guard,
     f: &Arc<File>,
     size: u64,
+    upload: Option<(Arc<super::shared::Shared>, Option<super::shared::Lease>)>,
 ) -> bool {
     let (store, f2, temp, d) = (
         inner.store.clone(),
@@ -733,6 +733,9 @@ async fn commit(
         Ok(()) => {
             if let Some(journaled) = inner.committed(fill, size) {
                 let _ = journaled.await;
+            }
+            if let Some((shared, lease)) = upload {
+                shared.upload_blob(fill.digest.clone(), f.clone(), size, lease);
             }
             fill.phase.send_replace(Phase::Complete { size });
             true

@@ -616,6 +616,66 @@ impl Cache {
         }))
     }
 
+    /// Stores a blob from a local copy (`oci-proxy import`) as if a fill from upstream
+    /// `origin` had fetched it: the same fill (hash, write, fsync, rename; the bucket first
+    /// and an upload after, with a shared tier), then `origin` recorded. Returns once the
+    /// blob is committed: `Ok(true)` when this call stored it, `Ok(false)` when it was
+    /// already cached. A body that does not match `digest` and `body.size` is refused
+    /// ([`CacheError::FillFailed`]) and nothing is kept.
+    pub async fn import_blob(
+        &self,
+        digest: &Digest,
+        origin: &str,
+        body: UpstreamBody,
+    ) -> Result<bool, CacheError> {
+        use futures_util::FutureExt;
+        let size = body.size;
+        let fetch: FetchFn = Box::new(move || async move { Ok(body) }.boxed());
+        let reader = self.blob_from(digest, Some(origin), fetch).await?;
+        let stored = match reader.source {
+            Source::File { .. } => false,
+            Source::Fill { fill, direct } => {
+                // Nobody reads this fill: its direct channel must not hold up the task.
+                drop(direct);
+                let mut rx = fill.phase.subscribe();
+                let end = rx.wait_for(Phase::is_terminal).await.map(|p| p.clone());
+                match end {
+                    Ok(Phase::Complete { .. }) => true,
+                    Ok(Phase::Failed {
+                        reason, message, ..
+                    }) => {
+                        return Err(CacheError::FillFailed {
+                            digest: digest.clone(),
+                            reason,
+                            message,
+                        })
+                    }
+                    _ => {
+                        return Err(CacheError::FillFailed {
+                            digest: digest.clone(),
+                            reason: FailReason::WriteError,
+                            message: "the blob could not be written to the cache".into(),
+                        })
+                    }
+                }
+            }
+        };
+        // `Complete` also ends a fill whose commit failed: only the index says it is kept.
+        match self.blob_size(digest) {
+            Some(s) if size.is_none_or(|want| want == s) => {}
+            _ => {
+                return Err(CacheError::FillFailed {
+                    digest: digest.clone(),
+                    reason: FailReason::WriteError,
+                    message: "the blob was verified but not committed to the cache".into(),
+                })
+            }
+        }
+        // Also for a blob already cached: these verified bytes are what `origin` serves.
+        self.add_origin_journaled(digest, origin).await;
+        Ok(stored)
+    }
+
     /// Opens a committed file; `None` if it vanished (evicted) or is truncated (dropped).
     async fn open_hit(&self, digest: &Digest, e: Entry) -> Option<BlobReader> {
         let path = self.inner.store.blob_path(digest, e.size);
@@ -817,11 +877,27 @@ impl Cache {
 
     /// Records that `digest`'s verified bytes came from `upstream` (and in the shared tier).
     pub fn add_origin(&self, digest: &Digest, upstream: &str) {
-        if self.inner.links.add_origin(digest, upstream).is_some() {
-            if let Some(s) = &self.inner.shared {
-                s.put_origin(upstream, digest);
-            }
+        drop(self.origin_journaled(digest, upstream));
+    }
+
+    /// [`Cache::add_origin`], returning once the record is in the journal (for a process
+    /// that exits right after, `oci-proxy import`).
+    pub async fn add_origin_journaled(&self, digest: &Digest, upstream: &str) {
+        if let Some(journaled) = self.origin_journaled(digest, upstream) {
+            let _ = journaled.await;
         }
+    }
+
+    fn origin_journaled(
+        &self,
+        digest: &Digest,
+        upstream: &str,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
+        let journaled = self.inner.links.add_origin(digest, upstream)?;
+        if let Some(s) = &self.inner.shared {
+            s.put_origin(upstream, digest);
+        }
+        Some(journaled)
     }
 
     /// A cached manifest by digest (on a local miss, a verified copy from the shared tier).
@@ -902,6 +978,15 @@ impl Cache {
         self.inner.tags.set(repo_key, tag, None, grant).await;
         if let Some(s) = &self.inner.shared {
             s.put_tag(repo_key, tag, None, grant);
+        }
+    }
+
+    /// Waits for the writes to the shared tier started so far (uploads of committed blobs,
+    /// manifests, links, tags, origins); at once without a shared tier. For a process that
+    /// exits after filling the cache (`oci-proxy import`).
+    pub async fn flush_shared(&self) {
+        if let Some(s) = &self.inner.shared {
+            s.flush().await;
         }
     }
 

@@ -19,6 +19,7 @@ mod cloud_identity;
 mod deploy;
 mod disk_full;
 mod fixtures;
+mod import;
 mod module_graph;
 mod modules;
 mod monitoring;

@@ -34,7 +34,8 @@
 //!   (against a registry or the proxy); `fetch_token`, `parse_challenge`; media type constants.
 //!
 //! # skopeo (`skopeo`)
-//! - `skopeo_copy(src_ref, dest_dir, extra_args) -> Output` (async), `assert_success(&out)`,
+//! - `skopeo_copy(src_ref, dest_dir, extra_args) -> Output` (async), `skopeo_copy_to(src_ref,
+//!   dest, extra_args)` for any destination (e.g. `oci:<dir>:<tag>`), `assert_success(&out)`,
 //!   `DirImage::read(dir)` (manifest digest + blob digests of the `dir:` layout).
 //!
 //! # The proxy under test
@@ -100,7 +101,7 @@ pub use seed::{
     parse_challenge, push_blob, push_docker_image, push_image, push_manifest, random_bytes,
     registry_get, registry_request, sha256_digest, PushedImage,
 };
-pub use skopeo::{assert_success, skopeo_copy, DirImage};
+pub use skopeo::{assert_success, skopeo_copy, skopeo_copy_to, DirImage};
 pub use token_server::{TokenPolicy, TokenRequest, TokenServer, ADMIN_PASSWORD, ADMIN_USER};
 
 use std::future::Future;

@@ -1,4 +1,4 @@
-//! Running `skopeo copy docker://… dir:…` as an independent client, and reading what
+//! Running `skopeo copy docker://… dir:…` (or `oci:…`) as an independent client, and reading what
 //! landed in the `dir:` layout (`manifest.json`, `version`, blobs named by hex digest).
 
 use std::collections::BTreeSet;
@@ -16,13 +16,18 @@ pub const SKOPEO_TIMEOUT: Duration = Duration::from_secs(120);
 /// `src_ref` is e.g. `127.0.0.1:5000/repo:tag`; pass `--src-creds user:pass` in `extra_args`.
 /// Async so an in-process token server on the same runtime keeps answering.
 pub async fn skopeo_copy(src_ref: &str, dest_dir: &Path, extra_args: &[&str]) -> Output {
+    skopeo_copy_to(src_ref, &format!("dir:{}", dest_dir.display()), extra_args).await
+}
+
+/// [`skopeo_copy`] to any destination, e.g. `oci:<dir>:<tag>` (an OCI image layout).
+pub async fn skopeo_copy_to(src_ref: &str, dest: &str, extra_args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.arg("--insecure-policy")
         .arg("copy")
         .arg("--src-tls-verify=false")
         .args(extra_args)
         .arg(format!("docker://{src_ref}"))
-        .arg(format!("dir:{}", dest_dir.display()))
+        .arg(dest)
         .kill_on_drop(true);
     match tokio::time::timeout(SKOPEO_TIMEOUT, cmd.output()).await {
         Ok(output) => output.expect("run skopeo"),

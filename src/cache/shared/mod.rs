@@ -138,6 +138,18 @@ pub(crate) struct Shared {
     op_timeout: Duration,
     metrics: SharedMetrics,
     resting_until: Mutex<Option<Instant>>,
+    /// Background writes under way, so a short-lived process (`oci-proxy import`) can wait
+    /// for them before it exits ([`Shared::flush`]).
+    pending: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts one background write out when dropped (also when its task is cancelled).
+struct PendingWrite(Arc<Shared>);
+
+impl Drop for PendingWrite {
+    fn drop(&mut self) {
+        self.0.pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -231,6 +243,7 @@ impl Shared {
             op_timeout,
             metrics: SharedMetrics::register(registry)?,
             resting_until: Mutex::new(None),
+            pending: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -372,9 +385,25 @@ impl Shared {
             return;
         }
         let (me, call) = (self.clone(), call(self.clone()));
-        tokio::spawn(async move {
+        self.spawn_tracked(async move {
             me.count(op, call.await);
         });
+    }
+
+    /// Spawns a background write that [`Shared::flush`] waits for.
+    fn spawn_tracked(self: &Arc<Self>, write: impl Future<Output = ()> + Send + 'static) {
+        self.pending.send_modify(|n| *n += 1);
+        let done = PendingWrite(self.clone());
+        tokio::spawn(async move {
+            let _done = done;
+            write.await;
+        });
+    }
+
+    /// Waits until the background writes started so far (and any they start) are over.
+    pub(crate) async fn flush(&self) {
+        let mut rx = self.pending.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     fn count<T>(&self, op: Op, outcome: Result<T, StoreError>) -> Option<T> {
@@ -690,7 +719,7 @@ impl Shared {
         lease: Option<Lease>,
     ) {
         let me = self.clone();
-        tokio::spawn(async move {
+        self.spawn_tracked(async move {
             me.put_blob(&digest, &file, size).await;
             if let Some(l) = lease {
                 l.release().await;
