@@ -66,6 +66,8 @@ pub struct App {
     /// The catalog's metric families, registered once per process (a reload may start a new
     /// catalog that reports into them).
     catalog_metrics: crate::catalog::CatalogMetrics,
+    /// Prewarm's metric families, likewise once per process.
+    pub(crate) prewarm_metrics: crate::prewarm::PrewarmMetrics,
 }
 
 /// Logs and counts each request once (see [`body::Metered`]).
@@ -384,12 +386,17 @@ impl App {
     }
 
     async fn assemble(config: Config, previous: Option<&App>) -> Result<App, BuildError> {
-        let (metrics, catalog_metrics) = match previous {
-            Some(p) => (p.metrics.clone(), p.catalog_metrics.clone()),
+        let (metrics, catalog_metrics, prewarm_metrics) = match previous {
+            Some(p) => (
+                p.metrics.clone(),
+                p.catalog_metrics.clone(),
+                p.prewarm_metrics.clone(),
+            ),
             None => {
                 let metrics = Arc::new(Metrics::new()?);
                 let catalog = crate::catalog::CatalogMetrics::register(&metrics.registry)?;
-                (metrics, catalog)
+                let prewarm = crate::prewarm::PrewarmMetrics::register(&metrics.registry)?;
+                (metrics, catalog, prewarm)
             }
         };
         let upstreams = match previous {
@@ -458,6 +465,7 @@ impl App {
             cache,
             catalog,
             catalog_metrics,
+            prewarm_metrics,
         })
     }
 
@@ -486,6 +494,15 @@ impl App {
         if let Some(catalog) = &self.catalog {
             let explanation = catalog.explain(&target.upstream.name, target.repository.as_str());
             let _ = writeln!(out, "{explanation}");
+            let versions = catalog.versions_of(&target.upstream.name, target.repository.as_str());
+            if !versions.is_empty() {
+                let _ = writeln!(out, "module versions (content in the cache):");
+            }
+            for v in versions {
+                let state = crate::prewarm::cached_state(self, &target, &v.version).await;
+                let channel = if v.channel { " (channel)" } else { "" };
+                let _ = writeln!(out, "  {}{channel}: {state}", v.version);
+            }
         }
         match self
             .credentials

@@ -93,6 +93,14 @@ impl Slots {
         self.limits
     }
 
+    /// Slots a pool was built with.
+    pub(crate) fn size(&self, pool: Pool) -> usize {
+        match pool {
+            Pool::Blobs => self.limits.blobs,
+            Pool::Requests => self.limits.requests,
+        }
+    }
+
     /// Free slots in a pool.
     pub fn available(&self, pool: Pool) -> usize {
         self.pool(pool).available_permits()
