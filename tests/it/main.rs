@@ -19,6 +19,7 @@ mod fixtures;
 mod module_graph;
 mod modules;
 mod monitoring;
+mod prewarm;
 mod proxy_core;
 mod read_rule;
 mod reload_state;

@@ -1,0 +1,385 @@
+//! Prewarm end to end: the `oci-proxy` binary with a files catalog in front of Debian's
+//! docker-registry (htpasswd), every upstream request passing a recording [`kyma::Gate`].
+//!
+//! 1. A ModuleReleaseMeta channel moving to a new version makes the proxy fetch that version's
+//!    manifest, config and layers with no client request at all; with the registry then
+//!    stopped, Lifecycle Manager's (≥ 1.8) request sequence for it is served from the cache.
+//! 2. Two modules with their own Secrets (different users): each module's repository is
+//!    prewarmed with its own module's user only.
+//! 3. `oci-proxy prewarm`: a good and a missing reference exit 1 naming the missing one's
+//!    reason, the good one is cached (a proxy on that cache serves it with the upstream
+//!    stopped); an all-good `--from-file` list exits 0.
+
+use crate::support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::kyma::{
+    self, docker_secret, lm_pull, module_repository, module_template, write_object_file, KCP_SYSTEM,
+};
+use support::*;
+
+/// A port-less name for the registry (configured as an upstream with the gate as endpoint).
+const ALIAS: &str = "modules.registry.test";
+const KLM_USER: &str = "klm-robot";
+const KLM_PW: &str = "klm-pw-prewarm-51c0";
+const NAMED_SECRET: &str = "private-oci-reg-creds";
+const COMPONENT: &str = "kyma-project.io/module/template-operator";
+/// LM ≥ 1.8 with `--modules-repository-subpath=modules`.
+const CURRENT_REPO: &str = "modules/component-descriptors/kyma-project.io/module/template-operator";
+
+/// How long prewarm may take to show in the metrics.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn layers(seed: u64) -> Vec<Vec<u8>> {
+    vec![random_bytes(40_000, seed), random_bytes(9_000, seed + 100)]
+}
+
+/// A current (modulectl) ModuleTemplate: `descriptor: {}`, the component is in the
+/// ModuleReleaseMeta.
+fn current_template(version: &str) -> Value {
+    json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate",
+        "metadata": {"name": format!("template-operator-{version}"), "namespace": KCP_SYSTEM,
+            "labels": {"operator.kyma-project.io/module-name": "template-operator"}},
+        "spec": {"moduleName": "template-operator", "version": version, "descriptor": {}}})
+}
+
+fn release_meta(regular: &str) -> Value {
+    json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleReleaseMeta",
+        "metadata": {"name": "template-operator", "namespace": KCP_SYSTEM},
+        "spec": {"moduleName": "template-operator", "ocmComponentName": COMPONENT,
+            "channels": [{"channel": "regular", "version": regular}]}})
+}
+
+async fn metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_sum(&proxy.metrics().await, name, labels)
+}
+
+async fn prewarmed(proxy: &ProxyProcess, n: f64) {
+    wait_until(
+        DEADLINE,
+        &format!("{n} module versions prewarmed"),
+        || async {
+            metric(
+                proxy,
+                "oci_proxy_prewarm_versions_total",
+                &[("result", "ok")],
+            )
+            .await
+                >= n
+        },
+    )
+    .await;
+}
+
+/// Client requests the proxy answered for content (manifests, blobs).
+async fn content_requests(proxy: &ProxyProcess) -> f64 {
+    let text = proxy.metrics().await;
+    ["manifest", "blob"]
+        .iter()
+        .map(|r| metric_sum(&text, "oci_proxy_http_requests_total", &[("route", r)]))
+        .sum()
+}
+
+/// Requests for `repo` reached `gate` with `user`'s credentials and no other credentials.
+fn only_user(gate: &kyma::Gate, repo: &str, user: &str, password: &str) {
+    let seen = gate.requests_for(repo);
+    let want = Some((user.to_string(), password.to_string()));
+    assert!(seen.iter().any(|r| r.basic() == want), "{repo}: {seen:?}");
+    assert!(
+        seen.iter()
+            .all(|r| r.authorization.is_none() || r.basic() == want),
+        "{repo}: {seen:?}"
+    );
+}
+
+fn catalog_config(gate: &kyma::Gate, catalog: &Path, extra: &str) -> String {
+    format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n\
+         upstreams:\n  - name: {ALIAS}\n    endpoint: {}\ndefault_upstream: {ALIAS}\n\
+         catalog:\n  files: \"{}\"\n{extra}",
+        gate.url(),
+        catalog.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_move_prewarms_the_new_version_which_lm_then_pulls_with_the_upstream_down() {
+    let mut reg = Registry::start(RegistryAuth::htpasswd(&[
+        (ADMIN_USER, ADMIN_PASSWORD),
+        (KLM_USER, KLM_PW),
+    ]))
+    .await;
+    push_image(&reg, ADMIN, CURRENT_REPO, "1.0.5", &layers(1)).await;
+    let v6 = push_image(&reg, ADMIN, CURRENT_REPO, "1.0.6", &layers(2)).await;
+    let gate = kyma::Gate::forwarder(reg.host().parse().expect("registry address")).await;
+    let catalog = tempfile::tempdir().expect("catalog dir");
+    let named = docker_secret(KCP_SYSTEM, NAMED_SECRET, None, &[(ALIAS, KLM_USER, KLM_PW)]);
+    write_object_file(catalog.path(), &named);
+    write_object_file(catalog.path(), &current_template("1.0.5"));
+    write_object_file(catalog.path(), &release_meta("1.0.5"));
+    let proxy = ProxyProcess::start(&catalog_config(
+        &gate,
+        catalog.path(),
+        &format!(
+            "  default_secret: {{namespace: {KCP_SYSTEM}, name: {NAMED_SECRET}, subpath: modules}}\n\
+             \x20 prewarm: {{enabled: true}}\n"
+        ),
+    ))
+    .await;
+    // The version the channel points to at start.
+    prewarmed(&proxy, 1.0).await;
+
+    // The channel moves: LM will install 1.0.6 at its next reconcile.
+    write_object_file(catalog.path(), &current_template("1.0.6"));
+    write_object_file(catalog.path(), &release_meta("1.0.6"));
+    prewarmed(&proxy, 2.0).await;
+    let manifest_path = format!("/v2/{CURRENT_REPO}/manifests/1.0.6");
+    assert!(
+        gate.requests().iter().any(|r| r.path == manifest_path),
+        "prewarm fetched 1.0.6's manifest: {:?}",
+        gate.requests()
+    );
+    // Config + two layers per version, fetched by prewarm, committed; no client asked.
+    assert_eq!(
+        metric(
+            &proxy,
+            "oci_proxy_prewarm_blobs_total",
+            &[("outcome", "miss")]
+        )
+        .await,
+        6.0
+    );
+    assert!(metric(&proxy, "oci_proxy_cache_fills_committed_total", &[]).await >= 6.0);
+    assert_eq!(content_requests(&proxy).await, 0.0);
+    assert_eq!(
+        metric(&proxy, "oci_proxy_prewarm_failures_total", &[]).await,
+        0.0
+    );
+    only_user(&gate, CURRENT_REPO, KLM_USER, KLM_PW);
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("prewarm: module version cached") && logs.contains("1.0.6"),
+        "one log line per module version:\n{logs}"
+    );
+
+    // `resolve` reports both versions as cached.
+    let config = proxy.dir().join("config.yaml");
+    let (ok, text) = kyma::resolve(&config, &format!("{ALIAS}/{CURRENT_REPO}"), &[]).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("1.0.6 (channel): cached (1 manifests, 3 blobs"),
+        "resolve shows the cached version:\n{text}"
+    );
+    assert!(
+        text.contains("1.0.5: cached (1 manifests, 3 blobs"),
+        "resolve shows the template-only version:\n{text}"
+    );
+
+    // The upstream goes away: LM's sequence for the new version is served from the cache.
+    reg.stop();
+    let got = lm_pull(&proxy.url(), CURRENT_REPO, "1.0.6")
+        .await
+        .unwrap_or_else(|e| panic!("LM pull from the cache: {e}"));
+    assert_eq!(got.manifest_digest, v6.manifest_digest);
+    assert_eq!(got.config_digest, v6.config_digest);
+    assert_eq!(got.layer_digests, v6.layer_digests);
+}
+
+const A_USER: &str = "alpha-robot";
+const A_PW: &str = "alpha-pw-7e21c9";
+const B_USER: &str = "beta-robot";
+const B_PW: &str = "beta-pw-03f6d8";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_module_is_prewarmed_with_its_own_credentials_only() {
+    let reg = Registry::start(RegistryAuth::htpasswd(&[
+        (ADMIN_USER, ADMIN_PASSWORD),
+        (A_USER, A_PW),
+        (B_USER, B_PW),
+    ]))
+    .await;
+    let modules = [
+        (
+            "alpha",
+            "kyma-project.io/module/alpha",
+            "1.2.0",
+            A_USER,
+            A_PW,
+            11,
+        ),
+        (
+            "beta",
+            "kyma-project.io/module/beta",
+            "0.4.1",
+            B_USER,
+            B_PW,
+            22,
+        ),
+    ];
+    let gate = kyma::Gate::forwarder(reg.host().parse().expect("registry address")).await;
+    let catalog = tempfile::tempdir().expect("catalog dir");
+    for (name, component, version, user, pw, seed) in modules {
+        let repo = module_repository("mods", component);
+        push_image(&reg, ADMIN, &repo, version, &layers(seed)).await;
+        let secret = docker_secret(
+            KCP_SYSTEM,
+            &format!("{name}-cred"),
+            Some(name),
+            &[(ALIAS, user, pw)],
+        );
+        write_object_file(catalog.path(), &secret);
+        let base_url = format!("http://{ALIAS}/mods");
+        let template = module_template(KCP_SYSTEM, name, &base_url, component, version, Some(name));
+        write_object_file(catalog.path(), &template);
+    }
+    // Label-era templates have no channels: `all` prewarms every version a template names.
+    let proxy = ProxyProcess::start(&catalog_config(
+        &gate,
+        catalog.path(),
+        "  prewarm: {enabled: true, versions: all, concurrency: 2}\n",
+    ))
+    .await;
+    prewarmed(&proxy, 2.0).await;
+    assert_eq!(content_requests(&proxy).await, 0.0);
+    for (_, component, version, user, pw, _) in modules {
+        let repo = module_repository("mods", component);
+        only_user(&gate, &repo, user, pw);
+        let manifest_path = format!("/v2/{repo}/manifests/{version}");
+        assert!(
+            gate.requests_for(&repo)
+                .iter()
+                .any(|r| r.path == manifest_path),
+            "{repo}: {:?}",
+            gate.requests_for(&repo)
+        );
+    }
+    assert_eq!(
+        metric(
+            &proxy,
+            "oci_proxy_prewarm_blobs_total",
+            &[("outcome", "miss")]
+        )
+        .await,
+        6.0
+    );
+}
+
+const PRIVATE: &str = "private.test";
+const ROBOT: &str = "robot";
+const ROBOT_PW: &str = "robot-pw-prewarm-88a1";
+
+/// Runs `oci-proxy prewarm --config <config> <args>`: (exit code, stdout, stderr).
+async fn prewarm_cli(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_oci-proxy"));
+    cmd.arg("prewarm")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("oci-proxy prewarm finished within 60 s")
+        .expect("run oci-proxy prewarm");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_no_secrets(&stdout, "prewarm output");
+    assert_no_secrets(&stderr, "prewarm log");
+    (out.status.code(), stdout, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prewarm_command_caches_what_it_can_and_names_each_failure() {
+    let mut reg = Registry::start(RegistryAuth::htpasswd(&[
+        (ADMIN_USER, ADMIN_PASSWORD),
+        (ROBOT, ROBOT_PW),
+    ]))
+    .await;
+    let app = push_image(&reg, ADMIN, "team/app", "v1", &layers(5)).await;
+    push_image(&reg, ADMIN, "team/tool", "v2", &layers(6)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("cache");
+    let docker_config = dir.path().join("docker-config.json");
+    write_docker_config(&docker_config, PRIVATE, ROBOT, ROBOT_PW);
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:5000\ncache:\n  dir: \"{}\"\n\
+             upstreams:\n  - name: {PRIVATE}\n    endpoint: {}\n\
+             credentials:\n  docker_config: \"{}\"\n",
+            cache.display(),
+            reg.url(),
+            docker_config.display()
+        ),
+    )
+    .expect("write config");
+
+    let good = format!("{PRIVATE}/team/app:v1");
+    let missing = format!("{PRIVATE}/team/missing:v1");
+    let (code, out, err) = prewarm_cli(&config, &[&good, &missing]).await;
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("{good}: ok: 1 manifests, 3 blobs (3 fetched)")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{missing}: FAILED (not_found)")),
+        "the failure and its reason:\n{out}"
+    );
+    assert!(out.contains("2/2 references done, 1 failed"), "{out}");
+
+    // A proxy on that cache, with the upstream gone, serves the good one.
+    reg.stop();
+    {
+        let proxy = ProxyProcess::start(&format!(
+            "listen: \"{{listen}}\"\ncache:\n  dir: \"{}\"\n\
+             upstreams:\n  - name: {PRIVATE}\n    endpoint: {}\n\
+             credentials:\n  docker_config: \"{}\"\n",
+            cache.display(),
+            reg.url(),
+            docker_config.display()
+        ))
+        .await;
+        let got = lm_pull(&proxy.url(), &format!("{PRIVATE}/team/app"), "v1")
+            .await
+            .unwrap_or_else(|e| panic!("pull from the prewarmed cache: {e}"));
+        assert_eq!(got.manifest_digest, app.manifest_digest);
+        assert_eq!(got.layer_digests, app.layer_digests);
+        assert_eq!(
+            metric(&proxy, "oci_proxy_upstream_requests_total", &[]).await,
+            0.0,
+            "everything came from the cache"
+        );
+    }
+
+    // All good, from a list with comments: exit 0; the cached one is not fetched again.
+    reg.restart_with(RegistryAuth::htpasswd(&[
+        (ADMIN_USER, ADMIN_PASSWORD),
+        (ROBOT, ROBOT_PW),
+    ]))
+    .await;
+    let list = dir.path().join("images.txt");
+    std::fs::write(
+        &list,
+        format!("# demo images\n{good}\n\n{PRIVATE}/team/tool:v2   # the tool\n"),
+    )
+    .expect("write list");
+    let (code, out, err) =
+        prewarm_cli(&config, &["--from-file", &list.display().to_string()]).await;
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("{good}: ok: 1 manifests, 3 blobs (0 fetched)")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{PRIVATE}/team/tool:v2: ok: 1 manifests, 3 blobs (3 fetched)"
+        )),
+        "{out}"
+    );
+}
