@@ -519,6 +519,16 @@ impl Cache {
         Ok(Arc::new(Cache { inner }))
     }
 
+    /// Waits (at most `timeout`) for the shared tier's background writes (uploads of
+    /// committed blobs, tags, links, origins) to finish, for a process about to exit; whether
+    /// they did. Without a shared tier there is nothing to wait for.
+    pub(crate) async fn settle(&self, timeout: Duration) -> bool {
+        match &self.inner.shared {
+            Some(s) => s.settle(timeout).await,
+            None => true,
+        }
+    }
+
     /// Size of a committed blob, if cached.
     pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
         self.inner.lock().index.get(digest).map(|e| e.size)

@@ -41,6 +41,9 @@ pub use catalog::spawn;
 /// How long the CLI waits for the catalog's first sync before pulling anyway.
 const CATALOG_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long the CLI waits at the end for uploads to the S3 tier.
+const SHARED_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// References from a `--from-file` list: one per line; blank lines and `#` comments (whole
 /// line or after the reference) are ignored.
 pub fn references_from_list(text: &str) -> Vec<String> {
@@ -109,6 +112,11 @@ pub async fn cli(config: Config, references: Vec<String>) -> Result<bool, BuildE
         t.abort();
     }
     progress.done();
+    // The S3 tier is fed after each local commit, in the background: let it finish.
+    if !app.cache.settle(SHARED_SETTLE_WAIT).await {
+        tracing::warn!("uploads to the shared cache tier still running at exit");
+        return Ok(false);
+    }
     Ok(reports.iter().all(|r| r.failure.is_none()))
 }
 

@@ -271,13 +271,19 @@ const PRIVATE: &str = "private.test";
 const ROBOT: &str = "robot";
 const ROBOT_PW: &str = "robot-pw-prewarm-88a1";
 
-/// Runs `oci-proxy prewarm --config <config> <args>`: (exit code, stdout, stderr).
-async fn prewarm_cli(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+/// Runs `oci-proxy prewarm --config <config> <args>` with extra environment variables:
+/// (exit code, stdout, stderr).
+async fn prewarm_cli(
+    config: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_oci-proxy"));
     cmd.arg("prewarm")
         .arg("--config")
         .arg(config)
         .args(args)
+        .envs(env.iter().copied())
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
@@ -321,7 +327,7 @@ async fn prewarm_command_caches_what_it_can_and_names_each_failure() {
 
     let good = format!("{PRIVATE}/team/app:v1");
     let missing = format!("{PRIVATE}/team/missing:v1");
-    let (code, out, err) = prewarm_cli(&config, &[&good, &missing]).await;
+    let (code, out, err) = prewarm_cli(&config, &[&good, &missing], &[]).await;
     assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
     assert!(
         out.contains(&format!("{good}: ok: 1 manifests, 3 blobs (3 fetched)")),
@@ -370,7 +376,7 @@ async fn prewarm_command_caches_what_it_can_and_names_each_failure() {
     )
     .expect("write list");
     let (code, out, err) =
-        prewarm_cli(&config, &["--from-file", &list.display().to_string()]).await;
+        prewarm_cli(&config, &["--from-file", &list.display().to_string()], &[]).await;
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
     assert!(
         out.contains(&format!("{good}: ok: 1 manifests, 3 blobs (0 fetched)")),
@@ -381,5 +387,58 @@ async fn prewarm_command_caches_what_it_can_and_names_each_failure() {
             "{PRIVATE}/team/tool:v2: ok: 1 manifests, 3 blobs (3 fetched)"
         )),
         "{out}"
+    );
+}
+
+const S3_UPSTREAM: &str = "shared.test";
+const BUCKET: &str = "prewarm-cache";
+
+fn s3_config(cache_dir: &str, reg: &Registry, moto: &support::s3::Moto) -> String {
+    format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{cache_dir}\"\n  backend: s3\n  s3:\n    \
+         bucket: {BUCKET}\n    endpoint: {}\n    region: us-east-1\n    allow_http: true\n\
+         upstreams:\n  - name: {S3_UPSTREAM}\n    endpoint: {}\n",
+        moto.endpoint(),
+        reg.url()
+    )
+}
+
+/// With the S3 tier configured, the command exits only once the bucket has everything: a
+/// replica with an empty local disk serves the image with the upstream stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn prewarm_command_fills_the_shared_tier() {
+    let Some(moto) = support::s3::Moto::start().await else {
+        return;
+    };
+    moto.create_bucket(BUCKET).await;
+    let mut reg = Registry::start(RegistryAuth::Anonymous).await;
+    let image = push_image(&reg, None, "team/app", "v1", &layers(9)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.yaml");
+    let cli_cache = dir.path().join("cli-cache").display().to_string();
+    // The command serves nothing: its `listen` is never bound.
+    let cli_config = s3_config(&cli_cache, &reg, &moto).replace("{listen}", "127.0.0.1:5000");
+    std::fs::write(&config, cli_config).expect("write config");
+    let reference = format!("{S3_UPSTREAM}/team/app:v1");
+    let (code, out, err) = prewarm_cli(&config, &[&reference], &moto.env()).await;
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+
+    reg.stop();
+    let replica =
+        ProxyProcess::start_with_env(&s3_config("{dir}/cache", &reg, &moto), &moto.env()).await;
+    let got = lm_pull(&replica.url(), &format!("{S3_UPSTREAM}/team/app"), "v1")
+        .await
+        .unwrap_or_else(|e| panic!("pull from the prewarmed bucket: {e}"));
+    assert_eq!(got.manifest_digest, image.manifest_digest);
+    assert_eq!(got.layer_digests, image.layer_digests);
+    assert_eq!(
+        metric(
+            &replica,
+            "oci_proxy_cache_tier_total",
+            &[("tier", "shared")]
+        )
+        .await,
+        3.0,
+        "config and layers came from the bucket"
     );
 }

@@ -138,6 +138,34 @@ pub struct Shared {
     op_timeout: Duration,
     metrics: SharedMetrics,
     resting_until: Mutex<Option<Instant>>,
+    /// Background writes (uploads, tags, links, origins) in flight, so that a process that
+    /// exits after its work (`oci-proxy prewarm`) can wait for them ([`Shared::settle`]).
+    background: Arc<InFlight>,
+}
+
+/// A count of background tasks, with a wake-up when it drops to zero.
+#[derive(Default)]
+struct InFlight {
+    n: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One background task counted in [`InFlight`] until dropped.
+struct Counted(Arc<InFlight>);
+
+impl InFlight {
+    fn start(self: &Arc<Self>) -> Counted {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Counted(self.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -231,6 +259,7 @@ impl Shared {
             op_timeout,
             metrics: SharedMetrics::register(registry)?,
             resting_until: Mutex::new(None),
+            background: Arc::default(),
         }))
     }
 
@@ -372,8 +401,10 @@ impl Shared {
             return;
         }
         let (me, call) = (self.clone(), call(self.clone()));
+        let counted = self.background.start();
         tokio::spawn(async move {
             me.count(op, call.await);
+            drop(counted);
         });
     }
 
@@ -690,12 +721,28 @@ impl Shared {
         lease: Option<Lease>,
     ) {
         let me = self.clone();
+        let counted = self.background.start();
         tokio::spawn(async move {
             me.put_blob(&digest, &file, size).await;
             if let Some(l) = lease {
                 l.release().await;
             }
+            drop(counted);
         });
+    }
+
+    /// Waits (at most `timeout`) until no background write is in flight; whether none is.
+    pub(crate) async fn settle(&self, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.background.idle.notified();
+                if self.background.n.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
     async fn put_blob(&self, digest: &Digest, file: &Arc<File>, size: u64) {
