@@ -388,6 +388,14 @@ pub enum PrewarmVersions {
 pub const MAX_PREWARM_CONCURRENCY: usize = 32;
 
 impl CatalogConfig {
+    /// Equal apart from `prewarm`, which the running catalog does not read (a reload that
+    /// changes only `prewarm` keeps the catalog and its synced index).
+    pub fn same_catalog(&self, other: &CatalogConfig) -> bool {
+        let mut mine = self.clone();
+        mine.prewarm = other.prewarm.clone();
+        mine == *other
+    }
+
     /// Whether any catalog source or the named default Secret is configured.
     pub fn is_configured(&self) -> bool {
         self.kubernetes.is_some() || self.files.is_some() || self.default_secret.is_some()

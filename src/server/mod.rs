@@ -426,7 +426,7 @@ impl App {
         }
         let catalog = match previous {
             Some(p)
-                if p.config.catalog == config.catalog
+                if p.config.catalog.same_catalog(&config.catalog)
                     && p.config.listen == config.listen
                     && p.config.default_upstream == config.default_upstream =>
             {
