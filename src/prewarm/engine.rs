@@ -180,6 +180,13 @@ pub(crate) async fn run(
     walk.report
 }
 
+/// Whether background prewarm may take one of `free` slots of a pool of `total`: only while
+/// clients leave more than half of it free (or all of it, for a pool of one), so client
+/// requests arriving meanwhile always find a slot first.
+fn spare(free: usize, total: usize) -> bool {
+    free == total || free * 2 > total
+}
+
 struct Walk<'a> {
     app: &'a App,
     metrics: &'a PrewarmMetrics,
@@ -198,7 +205,7 @@ impl Walk<'_> {
         }
         loop {
             let (free, total) = self.app.upstreams.slots(pool);
-            if free == total || free * 2 > total {
+            if spare(free, total) {
                 return;
             }
             tokio::time::sleep(SLOT_POLL).await;
@@ -369,6 +376,17 @@ mod tests {
         assert!(Job::parse("ghcr.io/org/app@sha256:zz").is_err());
         assert!(Job::parse("ghcr.io/org/app:bad tag").is_err());
         assert!(Job::parse(":v1").is_err());
+    }
+
+    #[test]
+    fn background_prewarm_leaves_half_of_each_pool_to_clients() {
+        assert!(spare(64, 64));
+        assert!(spare(33, 64));
+        assert!(!spare(32, 64));
+        assert!(!spare(0, 64));
+        assert!(spare(1, 1));
+        assert!(!spare(0, 1));
+        assert!(!spare(1, 2));
     }
 
     #[test]

@@ -442,3 +442,81 @@ async fn prewarm_command_fills_the_shared_tier() {
         "config and layers came from the bucket"
     );
 }
+
+/// A client asking for a blob that prewarm is fetching follows that fill: one upstream GET, and
+/// the client gets the verified bytes when they arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_follows_the_fill_prewarm_started() {
+    use support::seed::{OCI_CONFIG, OCI_LAYER, OCI_MANIFEST};
+    let upstream = FaultyRegistry::start().await;
+    let host = upstream.url().trim_start_matches("http://").to_owned();
+    let repo = module_repository("mods", "kyma-project.io/module/slow");
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let layer = random_bytes(300_000, 77);
+    let config_digest = upstream.add_blob(&repo, &config);
+    let layer_digest = upstream.add_blob(&repo, &layer);
+    let manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": layer.len()}]});
+    upstream.add_manifest(
+        &repo,
+        "2.0.0",
+        OCI_MANIFEST,
+        manifest.to_string().as_bytes(),
+    );
+    // The layer's first half goes out, the rest waits for a release.
+    upstream.set_behaviour(&layer_digest, Behaviour::Stall);
+    let catalog = tempfile::tempdir().expect("catalog dir");
+    let template = module_template(
+        KCP_SYSTEM,
+        "slow",
+        &format!("http://{host}/mods"),
+        "kyma-project.io/module/slow",
+        "2.0.0",
+        None,
+    );
+    write_object_file(catalog.path(), &template);
+    let proxy = ProxyProcess::start(&format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n\
+         catalog:\n  files: \"{}\"\n  prewarm: {{enabled: true, versions: all}}\n",
+        catalog.path().display()
+    ))
+    .await;
+    let layer_path = faulty::blob_path(&repo, &layer_digest);
+    wait_until(DEADLINE, "prewarm's fill of the layer started", || async {
+        upstream.gets(&layer_path) == 1
+    })
+    .await;
+
+    let url = format!("{}/v2/{host}/{repo}/blobs/{layer_digest}", proxy.url());
+    let client = tokio::spawn(async move {
+        let resp = http_client().get(url).send().await.expect("blob request");
+        (resp.status(), resp.bytes().await.expect("blob body"))
+    });
+    wait_until(DEADLINE, "the client joined prewarm's fill", || async {
+        metric(
+            &proxy,
+            "oci_proxy_cache_requests_total",
+            &[("outcome", "coalesced")],
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    upstream.release(&layer_digest, 1);
+    let (status, body) = client.await.expect("client task");
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(sha256_digest(&body), layer_digest);
+    prewarmed(&proxy, 1.0).await;
+    assert_eq!(upstream.gets(&layer_path), 1, "one upstream GET for both");
+    assert_eq!(
+        metric(
+            &proxy,
+            "oci_proxy_prewarm_blobs_total",
+            &[("outcome", "miss")]
+        )
+        .await,
+        2.0,
+        "prewarm fetched the config and the layer"
+    );
+}
