@@ -123,7 +123,12 @@ fn run(cli: Cli) -> Result<()> {
             mut references,
         } => {
             let cfg = Config::load(&config)?;
-            server::init_logging(cfg.log_format);
+            // On a terminal the progress display says per reference what the log would.
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                server::init_logging_at(cfg.log_format, "error");
+            } else {
+                server::init_logging(cfg.log_format);
+            }
             if let Some(list) = from_file {
                 let text = std::fs::read_to_string(&list)
                     .with_context(|| format!("cannot read {}", list.display()))?;

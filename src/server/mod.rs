@@ -330,9 +330,15 @@ impl Conn {
 
 /// Sets up `tracing` for the configured log format.
 pub fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info,hyper=warn,reqwest=warn,kube=warn")
+}
+
+/// [`init_logging`] with another filter when `OCI_PROXY_LOG` is not set (`oci-proxy prewarm`
+/// on a terminal, whose display already says what the log would).
+pub fn init_logging_at(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("OCI_PROXY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn,kube=warn"));
+    let filter =
+        EnvFilter::try_from_env("OCI_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
