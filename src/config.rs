@@ -385,12 +385,12 @@ pub enum PrewarmVersions {
 }
 
 /// Most module versions `catalog.prewarm` may fetch at once.
-pub const MAX_PREWARM_CONCURRENCY: usize = 32;
+pub(crate) const MAX_PREWARM_CONCURRENCY: usize = 32;
 
 impl CatalogConfig {
     /// Equal apart from `prewarm`, which the running catalog does not read (a reload that
     /// changes only `prewarm` keeps the catalog and its synced index).
-    pub fn same_catalog(&self, other: &CatalogConfig) -> bool {
+    pub(crate) fn same_catalog(&self, other: &CatalogConfig) -> bool {
         let mut mine = self.clone();
         mine.prewarm = other.prewarm.clone();
         mine == *other

@@ -19,7 +19,7 @@
 //!
 //! `/readyz` never waits for prewarm.
 
-pub mod catalog;
+mod catalog;
 pub(crate) mod engine;
 pub(crate) mod metrics;
 pub(crate) mod progress;
