@@ -3,7 +3,7 @@
 //! ModuleTemplate) before Lifecycle Manager asks for it.
 //!
 //! A version is queued once; it is fetched again only after it failed (at the next catalog
-//! change). At most `catalog.prewarm.concurrency` versions run at once, each one upstream
+//! change) or after it left the catalog and came back. At most `catalog.prewarm.concurrency` versions run at once, each one upstream
 //! request at a time and only while clients leave half of the pool free ([`Share::Spare`]),
 //! so prewarm never takes the slots client requests need. Each job takes the app current when
 //! it starts, so a reload's credentials and upstreams apply.
@@ -61,7 +61,15 @@ async fn run(live: Arc<Live>) {
                 }
             };
             let channels_only = cfg.versions == PrewarmVersions::Channels;
-            for v in catalog.module_versions(channels_only) {
+            let versions = catalog.module_versions(channels_only);
+            // A version that left the catalog is forgotten: should it come back (its content
+            // evicted meanwhile), it is fetched again.
+            let current: HashSet<Key> = versions.iter().map(key).collect();
+            taken
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|k| current.contains(k));
+            for v in versions {
                 let fresh = taken
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

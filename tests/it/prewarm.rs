@@ -6,9 +6,12 @@
 //!    stopped, Lifecycle Manager's (≥ 1.8) request sequence for it is served from the cache.
 //! 2. Two modules with their own Secrets (different users): each module's repository is
 //!    prewarmed with its own module's user only.
-//! 3. `oci-proxy prewarm`: a good and a missing reference exit 1 naming the missing one's
+//! 3. A client asking for a blob prewarm is fetching follows that fill (one upstream GET), and
+//!    `/readyz` does not wait for prewarm.
+//! 4. `oci-proxy prewarm`: a good and a missing reference exit 1 naming the missing one's
 //!    reason, the good one is cached (a proxy on that cache serves it with the upstream
-//!    stopped); an all-good `--from-file` list exits 0.
+//!    stopped); an all-good `--from-file` list exits 0; with the S3 tier, the command exits
+//!    only once the bucket has everything.
 
 use crate::support;
 
@@ -444,7 +447,7 @@ async fn prewarm_command_fills_the_shared_tier() {
 }
 
 /// A client asking for a blob that prewarm is fetching follows that fill: one upstream GET, and
-/// the client gets the verified bytes when they arrive.
+/// the client gets the verified bytes when they arrive. `/readyz` is 200 meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_follows_the_fill_prewarm_started() {
     use support::seed::{OCI_CONFIG, OCI_LAYER, OCI_MANIFEST};
@@ -487,6 +490,14 @@ async fn a_client_follows_the_fill_prewarm_started() {
         upstream.gets(&layer_path) == 1
     })
     .await;
+
+    // Readiness never waits for prewarm.
+    let ready = http_client()
+        .get(format!("{}/readyz", proxy.url()))
+        .send()
+        .await
+        .expect("GET /readyz");
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
 
     let url = format!("{}/v2/{host}/{repo}/blobs/{layer_digest}", proxy.url());
     let client = tokio::spawn(async move {
