@@ -12,6 +12,7 @@
 //!    reason, the good one is cached (a proxy on that cache serves it with the upstream
 //!    stopped); an all-good `--from-file` list exits 0; with the S3 tier, the command exits
 //!    only once the bucket has everything.
+//! 5. `oci-proxy prewarm` on an image index pulls every child manifest and its blobs.
 
 use crate::support;
 
@@ -529,5 +530,50 @@ async fn a_client_follows_the_fill_prewarm_started() {
         .await,
         2.0,
         "prewarm fetched the config and the layer"
+    );
+}
+
+/// An image index: the command pulls every child manifest and the blobs of each.
+#[tokio::test(flavor = "multi_thread")]
+async fn prewarm_command_follows_an_index_to_its_children() {
+    use support::seed::OCI_MANIFEST;
+    let reg = Registry::start(RegistryAuth::Anonymous).await;
+    let amd64 = push_image(&reg, None, "team/multi", "amd64", &layers(31)).await;
+    let arm64 = push_image(&reg, None, "team/multi", "arm64", &layers(32)).await;
+    let child = |image: &PushedImage, arch: &str| {
+        json!({"mediaType": OCI_MANIFEST, "digest": image.manifest_digest,
+            "size": image.manifest.len(), "platform": {"architecture": arch, "os": "linux"}})
+    };
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [child(&amd64, "amd64"), child(&arm64, "arm64")]});
+    push_manifest(
+        &reg,
+        None,
+        "team/multi",
+        "v1",
+        "application/vnd.oci.image.index.v1+json",
+        index.to_string().as_bytes(),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:5000\ncache:\n  dir: \"{}\"\n\
+             upstreams:\n  - name: {PRIVATE}\n    endpoint: {}\n",
+            dir.path().join("cache").display(),
+            reg.url()
+        ),
+    )
+    .expect("write config");
+    let reference = format!("{PRIVATE}/team/multi:v1");
+    let (code, out, err) = prewarm_cli(&config, &[&reference], &[]).await;
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!(
+            "{reference}: ok: 3 manifests, 6 blobs (6 fetched)"
+        )),
+        "the index, both children, their configs and layers:\n{out}"
     );
 }
