@@ -340,6 +340,10 @@ pub struct CatalogConfig {
     /// credentials, and an image reference can name any repository.
     #[serde(default)]
     pub image_credentials: bool,
+    /// Fetch the module versions Lifecycle Manager is about to install into the cache before
+    /// it asks (see `crate::prewarm`). Off by default.
+    #[serde(default)]
+    pub prewarm: PrewarmConfig,
     /// The top-level `default_upstream`, filled in by the server (not a config key): a
     /// repository that LM reaches on the proxy's own address under a path that names no
     /// registry host is on this upstream, as for any other client.
@@ -347,7 +351,51 @@ pub struct CatalogConfig {
     pub own_upstream: Option<String>,
 }
 
+/// `catalog.prewarm`: which module versions are fetched ahead of Lifecycle Manager, and how
+/// many at once.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrewarmConfig {
+    pub enabled: bool,
+    /// Module versions fetched at once (each one blob at a time).
+    pub concurrency: usize,
+    pub versions: PrewarmVersions,
+}
+
+impl Default for PrewarmConfig {
+    fn default() -> Self {
+        PrewarmConfig {
+            enabled: false,
+            concurrency: 2,
+            versions: PrewarmVersions::Channels,
+        }
+    }
+}
+
+/// Which module versions `catalog.prewarm` fetches.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PrewarmVersions {
+    /// The versions some ModuleReleaseMeta channel (or its mandatory version) points to: what
+    /// Lifecycle Manager installs.
+    #[default]
+    Channels,
+    /// Every version a ModuleTemplate names.
+    All,
+}
+
+/// Most module versions `catalog.prewarm` may fetch at once.
+pub(crate) const MAX_PREWARM_CONCURRENCY: usize = 32;
+
 impl CatalogConfig {
+    /// Equal apart from `prewarm`, which the running catalog does not read (a reload that
+    /// changes only `prewarm` keeps the catalog and its synced index).
+    pub(crate) fn same_catalog(&self, other: &CatalogConfig) -> bool {
+        let mut mine = self.clone();
+        mine.prewarm = other.prewarm.clone();
+        mine == *other
+    }
+
     /// Whether any catalog source or the named default Secret is configured.
     pub fn is_configured(&self) -> bool {
         self.kubernetes.is_some() || self.files.is_some() || self.default_secret.is_some()
@@ -595,6 +643,19 @@ impl Config {
             if ds.name.contains([',', '=', '!']) {
                 problems.add("catalog.default_secret.name", "is not a Secret name");
             }
+        }
+        let prewarm = &self.catalog.prewarm;
+        if prewarm.concurrency == 0 || prewarm.concurrency > MAX_PREWARM_CONCURRENCY {
+            problems.add(
+                "catalog.prewarm.concurrency",
+                format!("must be between 1 and {MAX_PREWARM_CONCURRENCY}"),
+            );
+        }
+        if prewarm.enabled && self.catalog.kubernetes.is_none() && self.catalog.files.is_none() {
+            problems.add(
+                "catalog.prewarm.enabled",
+                "needs a catalog source (catalog.kubernetes or catalog.files)",
+            );
         }
         if let Some(k) = &self.catalog.kubernetes {
             if k.namespaces.iter().any(|n| n.trim().is_empty()) {
@@ -904,6 +965,27 @@ mod tests {
         assert!(e.to_string().contains("duplicate field `max_size`"), "{e}");
         let e = Config::parse("cache:\n  backend: gcs\n").unwrap_err();
         assert!(e.to_string().starts_with("cache.backend"), "{e}");
+    }
+
+    #[test]
+    fn prewarm_defaults_and_bounds() {
+        let cfg = Config::parse("catalog:\n  kubernetes: {}\n").unwrap();
+        assert_eq!(cfg.catalog.prewarm, PrewarmConfig::default());
+        assert!(!cfg.catalog.prewarm.enabled);
+        assert_eq!(cfg.catalog.prewarm.concurrency, 2);
+        assert_eq!(cfg.catalog.prewarm.versions, PrewarmVersions::Channels);
+        let cfg = Config::parse(
+            "catalog:\n  files: .\n  prewarm: {enabled: true, concurrency: 4, versions: all}\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.catalog.prewarm.versions, PrewarmVersions::All);
+        let e = Config::parse("catalog:\n  prewarm: {enabled: true, concurrency: 0}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("catalog.prewarm.concurrency"), "{e}");
+        assert!(e.contains("catalog.prewarm.enabled"), "{e}");
+        assert!(Config::parse("catalog:\n  prewarm: {versions: some}\n").is_err());
+        assert!(Config::parse("catalog:\n  prewarm: {eager: true}\n").is_err());
     }
 
     #[test]

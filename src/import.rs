@@ -36,7 +36,8 @@ use serde::Deserialize;
 use crate::cache::{CacheError, UpstreamBody, MAX_MANIFEST_SIZE};
 use crate::config::Config;
 use crate::protocol::grammar::Hasher;
-use crate::protocol::{media, Digest, Tag};
+use crate::protocol::media::{self, Descriptor, ManifestRefs};
+use crate::protocol::{Digest, Tag};
 use crate::pull::Puller;
 use crate::server::App;
 
@@ -102,30 +103,6 @@ impl fmt::Display for Summary {
     }
 }
 
-/// A content descriptor, as far as the import reads it.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    #[serde(default)]
-    media_type: Option<String>,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-/// An image index or manifest (either may be Docker's flavour): its references.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ManifestDoc {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct LayoutMarker {
@@ -167,7 +144,7 @@ impl Layout {
         let files = hash_blob_files(dir)?;
         let index_path = dir.join("index.json");
         let index = read_small(&index_path)?;
-        let index: ManifestDoc = serde_json::from_slice(&index)
+        let index = ManifestRefs::parse(&index)
             .map_err(|e| layout_err(format!("{}: {e}", index_path.display())))?;
         let mut walk = Walk {
             dir,
@@ -338,7 +315,7 @@ impl Walk<'_> {
                     "{parent} names {digest} as a manifest, but it has no manifest media type"
                 ))
             })?;
-        let doc: ManifestDoc = serde_json::from_slice(&bytes)
+        let doc = ManifestRefs::parse(&bytes)
             .map_err(|e| layout_err(format!("manifest {digest}: {e}")))?;
         let me = format!("manifest {digest}");
         if media::is_index_type(&media_type) {
@@ -409,20 +386,17 @@ pub async fn run(config: Config, dir: &Path, name: &str) -> Result<Summary, Impo
             ));
         }
     }
-    let target = crate::routing::resolve(&app.upstreams, app.hosts.as_deref(), &route.name, None)
-        .map_err(|e| ImportError::Route(format!("--as {name}: {}", e.message)))?;
-    let chosen = app
-        .credentials
-        .choose(
-            &target.upstream.name,
-            &target.upstream.endpoint_host(),
-            target.repository.as_str(),
-        )
+    // The same routing and credential choice as a client's pull of the name.
+    let mut repo_key = String::new();
+    let puller = crate::server::handlers::puller_for(&app, &route.name, None, &mut repo_key)
         .await
-        .map_err(|e| ImportError::Route(format!("--as {name}: no credential: {e}")))?;
-    let puller = Puller::new(&app.cache, &app.config, &app.metrics, target, chosen);
+        .map_err(|e| ImportError::Route(format!("--as {name}: {e}")))?;
     let summary = store(&puller, &layout).await?;
-    app.cache.flush_shared().await;
+    if !app.cache.settle(crate::cache::SHARED_SETTLE_WAIT).await {
+        return Err(ImportError::Setup(
+            "uploads to the shared cache tier still running at exit".into(),
+        ));
+    }
     Ok(summary)
 }
 

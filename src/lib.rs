@@ -3,7 +3,8 @@
 //! Follow one request: [`server`] accepts it and [`protocol::route`]s it to an operation;
 //! [`routing`] picks the upstream and repository; [`credentials`] (with the module [`catalog`])
 //! picks the credential; [`pull`] decides what the pull may be served, from the [`cache`] or
-//! by filling it from [`upstream`], which authenticates.
+//! by filling it from [`upstream`], which authenticates. [`prewarm`] walks the same path
+//! without a client, to fill the cache ahead of Lifecycle Manager or for the `prewarm` command.
 
 //!
 //! The public face is what the binary and the integration tests drive: the config model,
@@ -17,6 +18,7 @@ pub(crate) mod credentials;
 pub(crate) mod error;
 pub mod import;
 pub(crate) mod metrics;
+pub mod prewarm;
 pub mod protocol;
 pub(crate) mod pull;
 pub(crate) mod routing;

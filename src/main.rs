@@ -1,5 +1,5 @@
-//! The `oci-proxy` command line: `serve`, `check-config`, `resolve`, `probe`, `gc-shared`,
-//! `import`.
+//! The `oci-proxy` command line: `serve`, `check-config`, `resolve`, `prewarm`, `import`,
+//! `probe`, `gc-shared`.
 //!
 //! `serve` wires the process around [`server::serve`]: the listener, TLS, the config reloader
 //! (SIGHUP and file changes) and SIGTERM/SIGINT as the graceful shutdown trigger.
@@ -42,6 +42,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         repository: String,
+    },
+    /// Pull images or module versions (`host[:port]/repo:tag` or `...@sha256:...`) through the
+    /// configured upstreams and credentials into the cache, then exit; exit 1 when any failed.
+    Prewarm {
+        #[arg(long)]
+        config: PathBuf,
+        /// A file with one reference per line (`#` starts a comment).
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        references: Vec<String>,
     },
     /// Health check for exec probes (the sidecar listens on 127.0.0.1, which kubelet HTTP
     /// probes cannot reach): GET the URL, exit 0 on a 2xx answer, 1 otherwise.
@@ -121,6 +131,31 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             })
         }
+        Command::Prewarm {
+            config,
+            from_file,
+            mut references,
+        } => {
+            let cfg = Config::load(&config)?;
+            // On a terminal the progress display says per reference what the log would.
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                server::init_logging_at(cfg.log_format, "error");
+            } else {
+                server::init_logging(cfg.log_format);
+            }
+            if let Some(list) = from_file {
+                let text = std::fs::read_to_string(&list)
+                    .with_context(|| format!("cannot read {}", list.display()))?;
+                references.extend(oci_proxy::prewarm::references_from_list(&text));
+            }
+            anyhow::ensure!(
+                !references.is_empty(),
+                "no references given (arguments or --from-file)"
+            );
+            let all_cached = runtime()?.block_on(oci_proxy::prewarm::cli(cfg, references))?;
+            anyhow::ensure!(all_cached, "some references were not cached (see above)");
+            Ok(())
+        }
         Command::Probe { url, timeout } => runtime()?.block_on(async move {
             let client = reqwest::Client::builder()
                 .timeout(timeout.0)
@@ -187,6 +222,8 @@ async fn serve(
         None => None,
     };
     let live = server::reload::Live::new(App::build(cfg).await?);
+    // Follows the live config: idle unless `catalog.prewarm.enabled`.
+    let prewarm = oci_proxy::prewarm::spawn(live.clone())?;
     // The embedded default has no file to reload.
     let reloader = config_path.map(|path| {
         server::reload::Reloader {
@@ -207,6 +244,7 @@ async fn serve(
     if let Some(r) = reloader {
         r.abort();
     }
+    prewarm.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -404,6 +404,10 @@ pub struct Cache {
 /// How many times [`Cache::blob`] re-looks when a fill it joined lost its file.
 const ATTEMPTS: usize = 3;
 
+/// How long a command that fills the cache and exits (`prewarm`, `import`) waits at the end
+/// for its uploads to the S3 tier.
+pub(crate) const SHARED_SETTLE_WAIT: Duration = Duration::from_secs(600);
+
 enum Step {
     Hit(Entry),
     Follow(Arc<Fill>),
@@ -518,6 +522,17 @@ impl Cache {
         }
         scrub::spawn(inner.clone(), untouched);
         Ok(Arc::new(Cache { inner }))
+    }
+
+    /// Waits (at most `timeout`, e.g. [`SHARED_SETTLE_WAIT`]) for the shared tier's background writes started so far
+    /// (uploads of committed blobs, manifests, links, tags, origins) to finish, for a process
+    /// that exits after filling the cache (`prewarm`, `import`); whether they did. Without a
+    /// shared tier there is nothing to wait for.
+    pub(crate) async fn settle(&self, timeout: Duration) -> bool {
+        match &self.inner.shared {
+            Some(s) => tokio::time::timeout(timeout, s.flush()).await.is_ok(),
+            None => true,
+        }
     }
 
     /// Size of a committed blob, if cached.
@@ -978,15 +993,6 @@ impl Cache {
         self.inner.tags.set(repo_key, tag, None, grant).await;
         if let Some(s) = &self.inner.shared {
             s.put_tag(repo_key, tag, None, grant);
-        }
-    }
-
-    /// Waits for the writes to the shared tier started so far (uploads of committed blobs,
-    /// manifests, links, tags, origins); at once without a shared tier. For a process that
-    /// exits after filling the cache (`oci-proxy import`).
-    pub async fn flush_shared(&self) {
-        if let Some(s) = &self.inner.shared {
-            s.flush().await;
         }
     }
 

@@ -144,6 +144,8 @@ pub(super) struct Index {
     /// Objects skipped as malformed: `Kind ns/name (source): reason`.
     pub skipped: Vec<String>,
     pub secret_count: usize,
+    /// Module versions and where LM pulls them (see [`super::versions`]).
+    pub versions: Vec<super::versions::ModuleVersion>,
 }
 
 /// The versions of the ModuleTemplates of `module_name` in `namespace`, with the release
@@ -347,6 +349,7 @@ impl Index {
             .map(|(host, insecure)| ModuleHost { host, insecure })
             .collect();
 
+        let versions = super::versions::module_versions(objects, default.base());
         Index {
             modules,
             repos,
@@ -354,6 +357,7 @@ impl Index {
             hosts,
             skipped,
             secret_count: secrets.len(),
+            versions,
         }
     }
 

@@ -21,6 +21,7 @@ mod index;
 mod metrics;
 mod model;
 mod selector;
+mod versions;
 mod wire;
 
 /// The credentials API the catalog builds on.
@@ -47,6 +48,7 @@ use crate::credentials::Credential;
 pub use explain::{Explanation, ModuleExplanation, Outcome};
 use index::{DefaultState, Index, Verdict};
 use model::Object;
+pub(crate) use versions::ModuleVersion;
 
 /// Source name of the files source.
 pub const SOURCE_FILES: &str = files::SOURCE;
@@ -136,6 +138,8 @@ pub struct Catalog {
     state: Mutex<State>,
     index: RwLock<Arc<Index>>,
     ready: watch::Sender<bool>,
+    /// Bumped at every index swap, for watchers of module versions (prewarm).
+    changes: watch::Sender<u64>,
 }
 
 impl Catalog {
@@ -256,6 +260,7 @@ impl Catalog {
             }),
             index: RwLock::new(Arc::new(index)),
             ready,
+            changes: watch::channel(0).0,
         })
     }
 
@@ -381,6 +386,36 @@ impl Catalog {
         explain::explain(&self.current(), self.is_ready(), registry_host, repository)
     }
 
+    /// Every module version the catalog names with the repository LM pulls it from; with
+    /// `channels_only`, those some ModuleReleaseMeta channel (or mandatory version) points to.
+    pub(crate) fn module_versions(&self, channels_only: bool) -> Vec<ModuleVersion> {
+        let index = self.current();
+        index
+            .versions
+            .iter()
+            .filter(|v| v.channel || !channels_only)
+            .cloned()
+            .collect()
+    }
+
+    /// The module versions LM pulls from `<registry_host>/<repository>`.
+    pub(crate) fn versions_of(&self, registry_host: &str, repository: &str) -> Vec<ModuleVersion> {
+        let host = index::normalize_host(registry_host);
+        let repository = repository.trim_matches('/');
+        let index = self.current();
+        index
+            .versions
+            .iter()
+            .filter(|v| index::normalize_host(&v.host) == host && v.repository == repository)
+            .cloned()
+            .collect()
+    }
+
+    /// Changes whenever the index is rebuilt.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     fn current(&self) -> Arc<Index> {
         match self.index.read() {
             Ok(g) => Arc::clone(&g),
@@ -458,6 +493,7 @@ impl Catalog {
             Ok(mut g) => *g = index,
             Err(poisoned) => *poisoned.into_inner() = index,
         }
+        self.changes.send_modify(|n| *n += 1);
     }
 }
 

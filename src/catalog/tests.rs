@@ -953,3 +953,69 @@ fn module_release_meta_sample_parses() {
     let e = model::parse_object(&bad).unwrap_err().to_string();
     assert!(!e.contains("secret-ish"), "{e}");
 }
+
+/// Prewarm's list: channel versions under the named Secret's base (LM ≥ 1.8), template-only
+/// versions with `all`, label-era templates at their own descriptor repository.
+#[test]
+fn module_versions_are_where_lm_pulls_them() {
+    let c = Catalog::new(default_secret(Some("modules")));
+    let template = |version: &str| {
+        json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleTemplate",
+            "metadata": {"name": format!("template-operator-{version}"), "namespace": "kcp-system"},
+            "spec": {"moduleName": "template-operator", "version": version, "descriptor": {}}})
+    };
+    let meta = json!({"apiVersion": "operator.kyma-project.io/v1beta2", "kind": "ModuleReleaseMeta",
+        "metadata": {"name": "template-operator", "namespace": "kcp-system"},
+        "spec": {"moduleName": "template-operator",
+            "ocmComponentName": "kyma-project.io/module/template-operator",
+            "channels": [{"channel": "regular", "version": "1.0.6"}, {"channel": "fast", "version": "1.1.0"}]}});
+    c.publish(
+        "t",
+        vec![
+            the_default_secret("http://private-oci-reg.localhost:5000", "klm", "pw-default"),
+            template("1.0.5"),
+            template("1.0.6"),
+            meta,
+            module(
+                "kcp-system",
+                "legacy",
+                "reg.example.com/mods",
+                "kyma-project.io/module/legacy",
+                None,
+                vec![],
+            ),
+        ],
+    );
+    let repo = "modules/component-descriptors/kyma-project.io/module/template-operator";
+    let seen = |channels_only| {
+        c.module_versions(channels_only)
+            .into_iter()
+            .map(|v| (v.name(), v.version, v.channel))
+            .collect::<Vec<_>>()
+    };
+    let host = "private-oci-reg.localhost:5000";
+    let name = format!("{host}/{repo}");
+    assert_eq!(
+        seen(true),
+        [
+            (name.clone(), "1.0.6".to_owned(), true),
+            (name.clone(), "1.1.0".to_owned(), true)
+        ]
+    );
+    let all = seen(false);
+    assert!(
+        all.contains(&(name.clone(), "1.0.5".to_owned(), false)),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&(
+            "reg.example.com/mods/component-descriptors/kyma-project.io/module/legacy".to_owned(),
+            "1.0.0".to_owned(),
+            false
+        )),
+        "{all:?}"
+    );
+    assert_eq!(all.len(), 4, "{all:?}");
+    let of = c.versions_of(host, repo);
+    assert_eq!(of.len(), 3, "{of:?}");
+}

@@ -4,25 +4,32 @@
 //! decides whether a (cached) manifest of some media type may be served to a client, given the
 //! client's `Accept` headers. The proxy never converts manifests: it serves the exact stored
 //! bytes or refuses with `MANIFEST_UNKNOWN` (the caller's job), as distribution does.
+//!
+//! It also owns what a manifest references ([`ManifestRefs`]): the child manifests of an
+//! index and the blobs of an image, for everything that walks an image without a client
+//! (`prewarm`, `import`, `resolve`'s cache report).
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 /// OCI image index.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 /// OCI image manifest.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Docker manifest list (schema 2 "fat manifest").
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const DOCKER_MANIFEST_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Docker image manifest schema 2.
-pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Legacy Docker schema 1, signed (JWS).
-pub const DOCKER_MANIFEST_V1_SIGNED: &str =
+pub(crate) const DOCKER_MANIFEST_V1_SIGNED: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
 /// Legacy Docker schema 1, unsigned.
-pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub(crate) const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 
 /// Every manifest media type the proxy recognises.
-pub const MANIFEST_TYPES: [&str; 6] = [
+pub(crate) const MANIFEST_TYPES: [&str; 6] = [
     OCI_INDEX,
     OCI_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -36,14 +43,14 @@ pub const MANIFEST_TYPES: [&str; 6] = [
 /// schema 2 manifest to schema 1 ("to support old client"), and including both list types
 /// keeps it from resolving a tag to the `linux/amd64` entry of a list. The proxy then applies
 /// the client's own `Accept` with [`accepts`] before serving.
-pub const UPSTREAM_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub(crate) const UPSTREAM_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
      application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, \
      application/vnd.docker.distribution.manifest.v2+json";
 
 /// The media type without parameters and surrounding whitespace:
 /// `"application/json; charset=utf-8"` → `"application/json"`.
-pub fn essence(media_type: &str) -> &str {
+pub(crate) fn essence(media_type: &str) -> &str {
     media_type
         .split_once(';')
         .map_or(media_type, |(t, _)| t)
@@ -63,7 +70,7 @@ pub fn essence(media_type: &str) -> &str {
 /// distribution is stricter here (it 404s OCI manifests to clients without an OCI `Accept`)
 /// only to protect old Docker clients from formats they cannot parse, and those always send
 /// an explicit `Accept`, which this function honours.
-pub fn accepts(accept_values: &[&str], media_type: &str) -> bool {
+pub(crate) fn accepts(accept_values: &[&str], media_type: &str) -> bool {
     let wanted = essence(media_type);
     let (w_type, w_sub) = wanted.split_once('/').unwrap_or((wanted, ""));
     let mut any = false;
@@ -102,7 +109,7 @@ fn probe(body: &[u8]) -> Option<Probe> {
 }
 
 /// The manifest's own `mediaType` field, if the body is a JSON object that has a string one.
-pub fn manifest_media_type(body: &[u8]) -> Option<String> {
+pub(crate) fn manifest_media_type(body: &[u8]) -> Option<String> {
     probe(body)?.media_type.filter(|t| !t.is_empty())
 }
 
@@ -110,7 +117,7 @@ pub fn manifest_media_type(body: &[u8]) -> Option<String> {
 /// manifests that omit it (schema 1 with or without `signatures`; schema 2 with `manifests` is
 /// an OCI index, with `config` an OCI manifest). For when the upstream `Content-Type` is
 /// missing or generic.
-pub fn infer_manifest_media_type(body: &[u8]) -> Option<String> {
+pub(crate) fn infer_manifest_media_type(body: &[u8]) -> Option<String> {
     let p = probe(body)?;
     if let Some(t) = p.media_type.filter(|t| !t.is_empty()) {
         return Some(t);
@@ -126,15 +133,70 @@ pub fn infer_manifest_media_type(body: &[u8]) -> Option<String> {
 }
 
 /// Whether `media_type` (parameters ignored, case-insensitive) is a manifest media type.
-pub fn is_manifest_type(media_type: &str) -> bool {
+pub(crate) fn is_manifest_type(media_type: &str) -> bool {
     let t = essence(media_type);
     MANIFEST_TYPES.iter().any(|m| m.eq_ignore_ascii_case(t))
 }
 
 /// Whether `media_type` is an index (OCI index or Docker manifest list).
-pub fn is_index_type(media_type: &str) -> bool {
+pub(crate) fn is_index_type(media_type: &str) -> bool {
     let t = essence(media_type);
     t.eq_ignore_ascii_case(OCI_INDEX) || t.eq_ignore_ascii_case(DOCKER_MANIFEST_LIST)
+}
+
+/// A content descriptor (OCI image spec), as far as the proxy reads one.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Descriptor {
+    #[serde(default)]
+    pub(crate) media_type: Option<String>,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
+    /// Non-distributable content lives at these URLs; a client never asks the registry for it.
+    #[serde(default)]
+    pub(crate) urls: Vec<String>,
+    #[serde(default)]
+    pub(crate) annotations: BTreeMap<String, String>,
+}
+
+/// What an image index or manifest references (OCI or Docker schema 2; schema 1's
+/// `fsLayers`): child manifests, config and layers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ManifestRefs {
+    #[serde(default)]
+    pub(crate) manifests: Vec<Descriptor>,
+    #[serde(default)]
+    pub(crate) config: Option<Descriptor>,
+    #[serde(default)]
+    pub(crate) layers: Vec<Descriptor>,
+    /// Docker schema 1.
+    #[serde(default)]
+    fs_layers: Vec<FsLayer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FsLayer {
+    blob_sum: String,
+}
+
+impl ManifestRefs {
+    pub(crate) fn parse(body: &[u8]) -> Result<ManifestRefs, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// The blobs a client pulls from the registry for this manifest: the config and every
+    /// distributable layer (schema 1: every `blobSum`).
+    pub(crate) fn blob_digests(&self) -> Vec<&str> {
+        self.config
+            .iter()
+            .chain(&self.layers)
+            .filter(|d| d.urls.is_empty())
+            .map(|d| d.digest.as_str())
+            .chain(self.fs_layers.iter().map(|l| l.blob_sum.as_str()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -256,5 +318,16 @@ mod tests {
             essence(" application/json ; charset=utf-8"),
             "application/json"
         );
+    }
+
+    #[test]
+    fn blobs_are_config_and_distributable_layers() {
+        let doc = ManifestRefs::parse(
+            br#"{"config":{"digest":"c","size":1},"layers":[{"digest":"l1","size":1},{"digest":"f","size":1,"urls":["https://x"]},{"digest":"l2","size":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(doc.blob_digests(), ["c", "l1", "l2"]);
+        let v1 = ManifestRefs::parse(br#"{"fsLayers":[{"blobSum":"a"},{"blobSum":"b"}]}"#).unwrap();
+        assert_eq!(v1.blob_digests(), ["a", "b"]);
     }
 }

@@ -4,7 +4,7 @@
 pub(crate) mod error;
 pub mod grammar;
 pub(crate) mod key_pattern;
-pub mod media;
+pub(crate) mod media;
 pub(crate) mod range;
 pub(crate) mod route;
 pub(crate) mod tags;

@@ -12,7 +12,8 @@
 //! - [`blob`]: hits, single-flight fills through the cache, Range requests answered at once
 //!   (from the bucket or the upstream) while a background fill verifies the whole blob, and
 //!   the verified refetch when cached bytes came from an upstream this one does not trust;
-//! - [`tags`]: tag lists (bounded pagination) and referrers, passed through.
+//! - [`tags`]: tag lists (bounded pagination) and referrers, passed through;
+//! - [`cached`]: what of a tag's content is in the cache (for `resolve`).
 //!
 //! The read rule (may this request read cached bytes?) is here too ([`Puller::linked`],
 //! [`Puller::admitted`]): the cache keeps the facts (links under a grant, origins), the
@@ -22,6 +23,7 @@
 //! [`crate::error::Error`]; status codes and headers are the handler's business.
 
 pub(crate) mod blob;
+mod cached;
 pub(crate) mod manifest;
 pub(crate) mod tags;
 
@@ -41,6 +43,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{Digest, Repository};
 use crate::routing::Target;
 use crate::upstream::{UpstreamRequest, UpstreamResponse};
+
+pub(crate) use cached::cached_state;
 
 pub(crate) const DOCKER_CONTENT_DIGEST: HeaderName =
     HeaderName::from_static("docker-content-digest");

@@ -140,30 +140,7 @@ async fn dispatch(
             route.head,
         ));
     }
-    let target = routing::resolve(
-        &app.upstreams,
-        app.hosts.as_deref(),
-        &route.name,
-        route.ns.as_deref(),
-    )?;
-    rec.repository = target.repo_key();
-    let chosen = app
-        .credentials
-        .choose(
-            &target.upstream.name,
-            &target.upstream.endpoint_host(),
-            target.repository.as_str(),
-        )
-        .await
-        .map_err(|e| {
-            if let crate::credentials::chain::ChooseError::Denied(reason) = &e {
-                // The only place the catalog's reason is told; the client's body names none of it.
-                tracing::warn!(repository = %rec.repository, reason = %reason, "credentials denied");
-            }
-            Error::from(e)
-        })?;
-    tracing::debug!(repository = %rec.repository, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
-    let puller = Puller::new(&app.cache, &app.config, &app.metrics, target, chosen);
+    let puller = puller_for(app, &route.name, route.ns.as_deref(), &mut rec.repository).await?;
     let head = route.head;
     match &route.op {
         Op::Ping => unreachable_ping(),
@@ -207,6 +184,44 @@ async fn dispatch(
             Ok(referrers_response(resp, head))
         }
     }
+}
+
+/// The one way from a repository name (as a client requests it, with containerd's `ns=`) to a
+/// [`Puller`]: routing to a target, then the credential that repository is entitled to (module
+/// catalog, docker config, ambient identity, anonymous). Client requests and prewarm both go
+/// through here, so they get the same upstream, credential and grant. `repo_key` is set to the
+/// target's cache key as soon as routing succeeds (for the access log, even on a later error).
+pub(crate) async fn puller_for<'a>(
+    app: &'a App,
+    name: &str,
+    ns: Option<&str>,
+    repo_key: &mut String,
+) -> Result<Puller<'a>, Error> {
+    let target = routing::resolve(&app.upstreams, app.hosts.as_deref(), name, ns)?;
+    *repo_key = target.repo_key();
+    let chosen = app
+        .credentials
+        .choose(
+            &target.upstream.name,
+            &target.upstream.endpoint_host(),
+            target.repository.as_str(),
+        )
+        .await
+        .map_err(|e| {
+            if let crate::credentials::chain::ChooseError::Denied(reason) = &e {
+                // The only place the catalog's reason is told; the client's body names none of it.
+                tracing::warn!(repository = %repo_key, reason = %reason, "credentials denied");
+            }
+            Error::from(e)
+        })?;
+    tracing::debug!(repository = %repo_key, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
+    Ok(Puller::new(
+        &app.cache,
+        &app.config,
+        &app.metrics,
+        target,
+        chosen,
+    ))
 }
 
 fn unreachable_ping() -> Result<Response<Body>, Error> {

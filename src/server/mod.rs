@@ -328,9 +328,15 @@ impl Conn {
 
 /// Sets up `tracing` for the configured log format.
 pub fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info,hyper=warn,reqwest=warn,kube=warn")
+}
+
+/// [`init_logging`] with another filter when `OCI_PROXY_LOG` is not set (`oci-proxy prewarm`
+/// on a terminal, whose display already says what the log would).
+pub fn init_logging_at(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("OCI_PROXY_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,hyper=warn,reqwest=warn,kube=warn"));
+    let filter =
+        EnvFilter::try_from_env("OCI_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -419,7 +425,7 @@ impl App {
         }
         let catalog = match previous {
             Some(p)
-                if p.config.catalog == config.catalog
+                if p.config.catalog.same_catalog(&config.catalog)
                     && p.config.listen == config.listen
                     && p.config.default_upstream == config.default_upstream =>
             {
@@ -486,6 +492,15 @@ impl App {
         if let Some(catalog) = &self.catalog {
             let explanation = catalog.explain(&target.upstream.name, target.repository.as_str());
             let _ = writeln!(out, "{explanation}");
+            let versions = catalog.versions_of(&target.upstream.name, target.repository.as_str());
+            if !versions.is_empty() {
+                let _ = writeln!(out, "module versions (content in the cache):");
+            }
+            for v in versions {
+                let state = crate::pull::cached_state(&self.cache, &target, &v.version).await;
+                let channel = if v.channel { " (channel)" } else { "" };
+                let _ = writeln!(out, "  {}{channel}: {state}", v.version);
+            }
         }
         match self
             .credentials

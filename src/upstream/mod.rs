@@ -587,6 +587,15 @@ pub struct RebuildSummary {
 }
 
 impl Upstreams {
+    /// `(free, total)` slots of an upstream pool, for background work (prewarm) that should
+    /// only take a slot clients leave free.
+    pub(crate) fn slots(&self, pool: slots::Pool) -> (usize, usize) {
+        (
+            self.fetch_slots.available(pool),
+            self.fetch_slots.size(pool),
+        )
+    }
+
     /// Builds every configured upstream with fresh state.
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, UpstreamSetupError> {
         Self::assemble(cfg, metrics, None).map(|(u, _)| u)

@@ -93,8 +93,15 @@ impl Slots {
         self.limits
     }
 
-    /// Free slots in a pool (tests check that a rebuilt pool has its new size).
-    #[cfg(test)]
+    /// Slots a pool was built with.
+    pub(crate) fn size(&self, pool: Pool) -> usize {
+        match pool {
+            Pool::Blobs => self.limits.blobs,
+            Pool::Requests => self.limits.requests,
+        }
+    }
+
+    /// Free slots in a pool.
     pub(crate) fn available(&self, pool: Pool) -> usize {
         self.pool(pool).available_permits()
     }

@@ -23,6 +23,7 @@ mod import;
 mod module_graph;
 mod modules;
 mod monitoring;
+mod prewarm;
 mod proxy_core;
 mod read_rule;
 mod reload_state;
