@@ -116,13 +116,6 @@ async fn assert_not_served_cleanly(
 /// `cache/blobs/sha256/<hex[..2]>/<hex>.<size>` (see src/cache/store.rs).
 /// Waits until `n` fills committed: a client's clean end comes at verification, before the
 /// commit (fsync, rename) that makes the next request a hit.
-async fn wait_committed(proxy: &ProxyProcess, n: f64) {
-    wait_until(DEADLINE, "the fills commit", || async {
-        cache_metric(proxy, "oci_proxy_cache_fills_committed_total", &[]).await == n
-    })
-    .await;
-}
-
 fn committed_path(cache: &Path, digest: &str, size: usize) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
     cache
@@ -231,7 +224,7 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_followers_stream_early()
     }
     assert_eq!(reg.gets(&path), 1);
     // The commit follows the clients' clean end (at verification).
-    wait_committed(&proxy, 1.0).await;
+    proxy.wait_fills_committed(1.0).await;
     let m = metrics(&proxy).await;
     assert_eq!(
         metric_sum(&m, "oci_proxy_cache_fills_started_total", &[]),
@@ -345,7 +338,7 @@ async fn truncated_upstream_body_is_not_cached_and_a_clean_refill_is() {
     assert_eq!(status, StatusCode::OK);
     assert!(body == data);
     assert_eq!(reg.gets(&path), 2);
-    wait_committed(&proxy, 1.0).await;
+    proxy.wait_fills_committed(1.0).await;
     for _ in 0..3 {
         let (status, body) = get_ok(&url).await;
         assert_eq!(status, StatusCode::OK);
@@ -610,7 +603,7 @@ async fn eviction_bounds_the_size_and_open_downloads_of_evicted_blobs_complete()
     let (status, body) = get_ok(&blob_url(&proxy, "team/app", &big_digest)).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body == big);
-    wait_committed(&proxy, 1.0).await;
+    proxy.wait_fills_committed(1.0).await;
     // A slow client: a hit on the big blob, one chunk read, then nothing for a while.
     let mut slow = http_client()
         .get(blob_url(&proxy, "team/app", &big_digest))
@@ -690,7 +683,7 @@ async fn restart_serves_committed_blobs_and_never_serves_damaged_files() {
         assert_eq!(status, StatusCode::OK);
         assert!(&body == b);
     }
-    wait_committed(&first, 3.0).await;
+    first.wait_fills_committed(3.0).await;
     first.stop();
 
     // Damage the cache while no proxy runs.
@@ -785,7 +778,7 @@ async fn range_on_a_hit_is_a_206_from_the_cache() {
     let (status, body) = get_ok(&url).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body == data);
-    wait_committed(&proxy, 1.0).await;
+    proxy.wait_fills_committed(1.0).await;
 
     let n = data.len();
     for (range, start, end) in [
@@ -852,7 +845,7 @@ async fn upstream_error_statuses_on_a_fill_are_passed_on_and_not_cached() {
     assert_eq!(status, StatusCode::OK);
     assert!(body == data);
     // The commit follows the client's clean end (at verification).
-    wait_committed(&proxy, 1.0).await;
+    proxy.wait_fills_committed(1.0).await;
     let m = metrics(&proxy).await;
     assert_eq!(
         metric_sum(

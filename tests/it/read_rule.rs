@@ -225,6 +225,7 @@ async fn a_link_older_than_link_ttl_is_confirmed_upstream_before_the_next_read()
     let layer = format!("blobs/{}", img.layer_digests[0]);
     let (st, body) = get(&url, PRIVATE, &layer).await;
     assert_eq!((st, body.len()), (StatusCode::OK, random_layer().len()));
+    proxy.wait_fills_committed(1.0).await;
 
     let heads = upstream_heads(&reg);
     let gets = upstream_requests(&reg) - heads;

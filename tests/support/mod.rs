@@ -338,6 +338,19 @@ impl ProxyProcess {
         scrape_metrics(&format!("{}/metrics", self.url())).await
     }
 
+    /// Waits until `n` cache fills have committed. A client's clean end comes at verification,
+    /// before the commit (fsync, rename): a test that wants a hit after a miss waits for this.
+    pub async fn wait_fills_committed(&self, n: f64) {
+        wait_until(Duration::from_secs(30), "the fills commit", || async {
+            metric_sum(
+                &self.metrics().await,
+                "oci_proxy_cache_fills_committed_total",
+                &[],
+            ) >= n
+        })
+        .await;
+    }
+
     /// The proxy's process id (for `/proc/<pid>/status`).
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the proxy is running")
