@@ -389,7 +389,7 @@ pub(super) fn split_location(url: &str) -> Result<(String, String, bool), String
     ))
 }
 
-fn join_path(parts: &[&str]) -> String {
+pub(super) fn join_path(parts: &[&str]) -> String {
     parts
         .iter()
         .map(|p| p.trim_matches('/'))

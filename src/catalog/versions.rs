@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use super::index::Base;
-use super::model::{Object, RepoLocation, COMPONENT_DESCRIPTORS};
+use super::model::{join_path, Object, RepoLocation, COMPONENT_DESCRIPTORS};
 
 /// One version of one module at the repository LM pulls it from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,15 +32,6 @@ impl ModuleVersion {
     }
 }
 
-fn join(parts: &[&str]) -> String {
-    parts
-        .iter()
-        .map(|p| p.trim_matches('/'))
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 /// Every module version the objects name, with the repository LM pulls it from; a version
 /// with no known repository (no descriptor repository, no named Secret base) is left out.
 pub(super) fn module_versions(objects: &[&Object], base: Option<&Base>) -> Vec<ModuleVersion> {
@@ -59,7 +50,7 @@ pub(super) fn module_versions(objects: &[&Object], base: Option<&Base>) -> Vec<M
     let base_repo = |component: &str| {
         base.map(|b| RepoLocation {
             host: b.host.clone(),
-            repository: join(&[&b.path, COMPONENT_DESCRIPTORS, component]),
+            repository: join_path(&[&b.path, COMPONENT_DESCRIPTORS, component]),
             insecure: b.insecure,
         })
     };

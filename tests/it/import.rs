@@ -29,7 +29,6 @@ const UPSTREAM: &str = "private.test";
 const REPO: &str = "team/app";
 const ROBOT: &str = "robot";
 const ROBOT_PW: &str = "robot-pw-3c8a51";
-const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
 
 fn skopeo_installed() -> bool {
     if Command::new("skopeo").arg("--version").output().is_ok() {
@@ -142,30 +141,12 @@ fn text(b: &[u8]) -> String {
 
 /// `GET <proxy>/v2/<name>/<what>` anonymously: status and body.
 async fn get(proxy: &str, name: &str, what: &str) -> (StatusCode, Vec<u8>) {
-    let r = http_client()
-        .get(format!("{proxy}/v2/{name}/{what}"))
-        .header("accept", ACCEPT)
-        .send()
-        .await
-        .expect("request to the proxy");
-    let status = r.status();
-    (
-        status,
-        r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
-    )
+    client_get(proxy, name, what).await
 }
 
 /// What a client pulls: the manifest by tag and by digest, config and layer, with their bytes.
 fn pull_paths(img: &PushedImage) -> Vec<(String, Vec<u8>)> {
-    vec![
-        (format!("manifests/{}", img.tag), img.manifest.clone()),
-        (
-            format!("manifests/{}", img.manifest_digest),
-            img.manifest.clone(),
-        ),
-        (format!("blobs/{}", img.config_digest), img.config.clone()),
-        (format!("blobs/{}", img.layer_digests[0]), layer()),
-    ]
+    img.pull_paths(&layer())
 }
 
 /// The layout's file for `digest` (`sha256:<hex>`).

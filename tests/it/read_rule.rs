@@ -29,7 +29,6 @@ const ROBOT: &str = "robot";
 const ROBOT_PW: &str = "robot-pw-9d1e44";
 const NS: &str = "kcp-system";
 const SECRET: &str = "klm-oci-registry";
-const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
 const DEADLINE: Duration = Duration::from_secs(20);
 /// The bound for "access ends when its source ends".
 const REVOKE_DEADLINE: Duration = Duration::from_secs(5);
@@ -41,30 +40,12 @@ async fn get(proxy: &str, upstream: &str, what: &str) -> (StatusCode, Vec<u8>) {
 
 /// `GET <proxy>/v2/<upstream>/<repo>/<what>`: status and body.
 async fn get_in(proxy: &str, upstream: &str, repo: &str, what: &str) -> (StatusCode, Vec<u8>) {
-    let r = http_client()
-        .get(format!("{proxy}/v2/{upstream}/{repo}/{what}"))
-        .header("accept", ACCEPT)
-        .send()
-        .await
-        .expect("request to the proxy");
-    let status = r.status();
-    (
-        status,
-        r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
-    )
+    support::client_get(proxy, &format!("{upstream}/{repo}"), what).await
 }
 
 /// What an anonymous client pulls: the manifest by tag and by digest, config and layer.
 fn pull_paths(img: &PushedImage) -> Vec<(String, Vec<u8>)> {
-    vec![
-        (format!("manifests/{}", img.tag), img.manifest.clone()),
-        (
-            format!("manifests/{}", img.manifest_digest),
-            img.manifest.clone(),
-        ),
-        (format!("blobs/{}", img.config_digest), img.config.clone()),
-        (format!("blobs/{}", img.layer_digests[0]), random_layer()),
-    ]
+    img.pull_paths(&random_layer())
 }
 
 fn random_layer() -> Vec<u8> {

@@ -48,3 +48,19 @@ pub fn write_docker_config(path: &Path, key: &str, user: &str, password: &str) {
     let json = serde_json::json!({"auths": {key: {"auth": auth}}});
     std::fs::write(path, json.to_string()).expect("write docker config");
 }
+
+/// `GET <proxy>/v2/<name>/<what>` as an anonymous client asking for OCI manifests: status and
+/// body (empty when the body fails).
+pub async fn client_get(proxy: &str, name: &str, what: &str) -> (reqwest::StatusCode, Vec<u8>) {
+    let r = http_client()
+        .get(format!("{proxy}/v2/{name}/{what}"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("request to the proxy");
+    let status = r.status();
+    (
+        status,
+        r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+    )
+}

@@ -42,6 +42,22 @@ pub struct PushedImage {
     pub layer_digests: Vec<String>,
 }
 
+impl PushedImage {
+    /// What a client pulls of the image, as `(path under /v2/<name>/, bytes)`: the manifest by
+    /// tag and by digest, the config and the first layer (`layer`, its bytes).
+    pub fn pull_paths(&self, layer: &[u8]) -> Vec<(String, Vec<u8>)> {
+        vec![
+            (format!("manifests/{}", self.tag), self.manifest.clone()),
+            (
+                format!("manifests/{}", self.manifest_digest),
+                self.manifest.clone(),
+            ),
+            (format!("blobs/{}", self.config_digest), self.config.clone()),
+            (format!("blobs/{}", self.layer_digests[0]), layer.to_vec()),
+        ]
+    }
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
