@@ -199,21 +199,13 @@ pub(crate) async fn puller_for<'a>(
 ) -> Result<Puller<'a>, Error> {
     let target = routing::resolve(&app.upstreams, app.hosts.as_deref(), name, ns)?;
     *repo_key = target.repo_key();
-    let chosen = app
-        .credentials
-        .choose(
-            &target.upstream.name,
-            &target.upstream.endpoint_host(),
-            target.repository.as_str(),
-        )
-        .await
-        .map_err(|e| {
-            if let crate::credentials::chain::ChooseError::Denied(reason) = &e {
-                // The only place the catalog's reason is told; the client's body names none of it.
-                tracing::warn!(repository = %repo_key, reason = %reason, "credentials denied");
-            }
-            Error::from(e)
-        })?;
+    let chosen = app.choose_credential(&target).await.map_err(|e| {
+        if let crate::credentials::chain::ChooseError::Denied(reason) = &e {
+            // The only place the catalog's reason is told; the client's body names none of it.
+            tracing::warn!(repository = %repo_key, reason = %reason, "credentials denied");
+        }
+        Error::from(e)
+    })?;
     tracing::debug!(repository = %repo_key, credential = chosen.credential.kind(), source = %chosen.source, "credential chosen");
     Ok(Puller::new(
         &app.cache,

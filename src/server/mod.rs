@@ -470,6 +470,20 @@ impl App {
         })
     }
 
+    /// The credential `target`'s repository is entitled to (the credential chain's choice).
+    pub(crate) async fn choose_credential(
+        &self,
+        target: &crate::routing::Target,
+    ) -> Result<crate::credentials::chain::Chosen, crate::credentials::chain::ChooseError> {
+        self.credentials
+            .choose(
+                &target.upstream.name,
+                &target.upstream.endpoint_host(),
+                target.repository.as_str(),
+            )
+            .await
+    }
+
     /// What `oci-proxy resolve` prints for a repository path as a client would request it.
     pub async fn explain(&self, name: &str) -> String {
         use std::fmt::Write as _;
@@ -505,15 +519,7 @@ impl App {
                 let _ = writeln!(out, "  {}{channel}: {state}", v.version);
             }
         }
-        match self
-            .credentials
-            .choose(
-                &target.upstream.name,
-                &target.upstream.endpoint_host(),
-                target.repository.as_str(),
-            )
-            .await
-        {
+        match self.choose_credential(&target).await {
             Ok(c) => {
                 let _ = writeln!(out, "credential: {}", c.credential.kind());
                 let _ = writeln!(out, "credential id: {}", c.credential.id());
