@@ -146,6 +146,9 @@ pub struct CacheConfig {
     pub backend: CacheBackend,
     /// The shared bucket; required when `backend: s3`.
     pub s3: Option<S3Config>,
+    /// Write fills' temp files with `O_DIRECT` (no copy into the page cache) where the
+    /// filesystem takes it; `false`: buffered writes with a background `fdatasync`.
+    pub direct_writes: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -252,6 +255,7 @@ impl Default for CacheConfig {
             link_ttl: Duration::from_secs(24 * 3600),
             backend: CacheBackend::Disk,
             s3: None,
+            direct_writes: true,
         }
     }
 }

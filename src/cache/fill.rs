@@ -11,8 +11,11 @@
 //! The miss path touches each byte as few times as possible, and its stages overlap: the
 //! receive loop only hands the upstream's `Bytes` on (reference-counted, never copied) to
 //! - a hasher on its own blocking thread,
-//! - a writer on its own blocking thread (fewer, larger `writev`s; a background `fdatasync`
-//!   every [`SYNC_EVERY`] bytes so the final flush is short),
+//! - a writer on its own blocking thread: with `cache.direct_writes` (the default) it gathers
+//!   the bytes into one aligned buffer and writes whole blocks with `O_DIRECT`
+//!   ([`super::direct`]: no copy into the page cache, no writeback in the proxy's threads);
+//!   otherwise, or where the filesystem refuses `O_DIRECT`, fewer, larger `writev`s with a
+//!   background `fdatasync` every [`SYNC_EVERY`] bytes so the final flush is short,
 //! - the readers, through [`Recent`]: the newest bytes in memory. The client that started the
 //!   fill and followers that keep up take them from there; a follower that lags or joins late
 //!   `pread`s the temp file from its offset, and is back on memory once it catches up.
@@ -21,7 +24,8 @@
 //! received but not yet both hashed and written (the receive loop waits for the slower
 //! thread), and [`Recent`] holds the last [`RECENT_WINDOW`] bytes plus the ones not yet on
 //! disk (at most [`IN_FLIGHT`]): 16 MiB plus one upstream chunk. A stalled reader holds
-//! only the chunk it was handed.
+//! only the chunk it was handed. The direct writer adds its two buffers
+//! ([`super::direct::BUFFER`] each).
 //!
 //! The clean end comes before the commit: [`Phase::Verified`] is published as soon as size
 //! and digest match, and readers may end cleanly there (their bytes are verified, in memory
@@ -62,8 +66,8 @@ pub(super) const RECENT_WINDOW: u64 = 8 << 20;
 /// Bytes received but not yet both hashed and written: the receive loop waits beyond this.
 pub(super) const IN_FLIGHT: usize = 8 << 20;
 
-/// Write-behind: the writer starts a background `fdatasync` every this many bytes, so the
-/// commit's fsync has little left to flush.
+/// Write-behind (buffered writes only): the writer starts a background `fdatasync` every
+/// this many bytes, so the commit's fsync has little left to flush.
 pub(super) const SYNC_EVERY: u64 = 32 << 20;
 
 /// The receive loop hands on what the upstream has ready in batches of up to this many bytes
@@ -622,11 +626,20 @@ impl Writer {
 
 fn write_loop(
     inner: &Inner,
-    fill: &Fill,
+    fill_handle: &Arc<Fill>,
     file: &Arc<File>,
     rx: &std::sync::mpsc::Receiver<Arc<Batch>>,
 ) -> io::Result<u64> {
+    let fill: &Fill = fill_handle;
     let mut total: u64 = 0;
+    // Direct writes where the filesystem takes them; the buffered path below otherwise.
+    let mut direct = if inner.direct_writes {
+        let f = fill_handle.clone();
+        let progress = Box::new(move |n| f.on_disk.store(n, Ordering::Release));
+        super::direct::DirectWriter::open(&fill.temp, file.clone(), progress)
+    } else {
+        None
+    };
     let mut behind = WriteBehind::new(file.clone());
     while let Ok(first) = rx.recv() {
         let mut n: u64 = first.chunks.iter().map(|c| c.len() as u64).sum();
@@ -643,14 +656,27 @@ fn write_loop(
         #[cfg(test)]
         fill.wait_writes_allowed();
         inner.fault_before(total + n)?;
+        total += n;
+        if let Some(d) = direct.as_mut() {
+            for c in group.iter().flat_map(|b| b.chunks.iter()) {
+                d.append(c)?;
+            }
+            // The group's share of IN_FLIGHT is released once its bytes are written.
+            d.flush_blocks(Some(Box::new(group)))?;
+            continue;
+        }
         let mut slices: Vec<IoSlice<'_>> = group
             .iter()
             .flat_map(|b| b.chunks.iter().map(|c| IoSlice::new(c)))
             .collect();
         super::store::write_slices(file, &mut slices)?;
-        total += n;
         fill.on_disk.store(total, Ordering::Release);
         behind.wrote(total)?;
+    }
+    if let Some(d) = direct {
+        let n = d.finish(file)?;
+        fill.on_disk.store(n, Ordering::Release);
+        return Ok(n);
     }
     behind.finish()?;
     Ok(total)

@@ -19,6 +19,7 @@
 //! ranged read.
 
 mod budget;
+mod direct;
 mod evict;
 mod fill;
 mod grant;
@@ -252,6 +253,8 @@ pub(crate) struct Inner {
     shared: Option<Arc<shared::Shared>>,
     evict_notify: Arc<Notify>,
     ids: AtomicU64,
+    /// `cache.direct_writes`: fills write their temp file with `O_DIRECT` ([`direct`]).
+    direct_writes: bool,
     /// Tests: writes fail once the temp file would exceed this many bytes.
     #[cfg(test)]
     fault: Mutex<Option<u64>>,
@@ -513,6 +516,7 @@ impl Cache {
             shared,
             evict_notify: notify.clone(),
             ids,
+            direct_writes: cfg.direct_writes,
             #[cfg(test)]
             fault: Mutex::new(None),
         });

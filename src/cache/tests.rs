@@ -977,3 +977,32 @@ async fn fifty_cold_readers_make_one_fetch_and_all_get_the_blob() {
     assert_eq!(up.calls(), 1);
     until(|| cache.blob_size(&d).is_some()).await;
 }
+
+/// Both ways of writing a fill (`cache.direct_writes` on and off) commit exactly the body: an
+/// odd size that crosses the direct writer's buffer and ends in a partial block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_buffered_writes_commit_the_exact_bytes() {
+    for direct_writes in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            direct_writes,
+            ..config(dir.path(), None)
+        };
+        let cache = Cache::open(&cfg, &prometheus::Registry::new())
+            .await
+            .unwrap();
+        let body = data(super::direct::BUFFER + 3 * MIB + 1234, 27);
+        let d = commit(&cache, &body).await;
+        let path = cache.inner.store.blob_path(&d, body.len() as u64);
+        assert!(
+            std::fs::read(&path).unwrap() == body,
+            "committed file, direct_writes: {direct_writes}"
+        );
+        let hit = cache
+            .blob(&d, fetch_fails(500, Arc::default()))
+            .await
+            .unwrap();
+        assert_eq!(hit.outcome(), Outcome::Hit);
+        assert!(within(collect(hit.into_stream(None))).await.unwrap() == body);
+    }
+}

@@ -8,7 +8,8 @@
 //!
 //! Keys that only take effect at start (a reload keeps their running values and warns):
 //! `listen`, `log_format`, switching `tls` on or off, and every `cache` key but `tag_ttl`
-//! (`cache.dir`, `cache.max_size` (alias `local_max_size`), `cache.backend`, `cache.s3`; the open
+//! (`cache.dir`, `cache.max_size` (alias `local_max_size`), `cache.backend`, `cache.s3`,
+//! `cache.direct_writes`; the open
 //! cache is reused and reads them only when it opens). `cache.s3.max_size` is pinned silently:
 //! only `oci-proxy gc-shared` reads it.
 //! Everything else is live, including `tls.cert`/`tls.key` paths, `cache.tag_ttl`, `limits`
@@ -192,6 +193,10 @@ fn pin_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
         new_cache.backend = old_cache.backend;
         changed.push("cache.backend");
     }
+    if new_cache.direct_writes != old_cache.direct_writes {
+        new_cache.direct_writes = old_cache.direct_writes;
+        changed.push("cache.direct_writes");
+    }
     if new_cache.s3 != old_cache.s3 {
         // `cache.s3.max_size` is read by `gc-shared`, never by the server: no restart needed.
         let serving_part = |s: &Option<crate::config::S3Config>| {
@@ -238,11 +243,19 @@ mod tests {
         let running = Config::parse("cache:\n  dir: /a\n  max_size: 10GiB\n").unwrap();
         let mut new = Config::parse(
             "cache:\n  dir: /a\n  local_max_size: 20GiB\n  tag_ttl: 5m\n  backend: s3\n\
-             \x20 s3:\n    bucket: b\n",
+             \x20 direct_writes: false\n  s3:\n    bucket: b\n",
         )
         .unwrap();
         let changed = pin_restart_only(&running, &mut new);
-        assert_eq!(changed, ["cache.max_size", "cache.backend", "cache.s3"]);
+        assert_eq!(
+            changed,
+            [
+                "cache.max_size",
+                "cache.backend",
+                "cache.direct_writes",
+                "cache.s3"
+            ]
+        );
         let mut expected = running.cache.clone();
         expected.tag_ttl = crate::config::Duration::from_secs(300);
         assert_eq!(new.cache, expected, "only tag_ttl is live");
