@@ -392,6 +392,51 @@ async fn prewarm_command_caches_what_it_can_and_names_each_failure() {
         )),
         "{out}"
     );
+
+    // On a terminal (a pty from util-linux `script`): the display is redrawn in place (cursor
+    // up, clear line), one line per reference and the total, and the exit code is the same.
+    let script = std::process::Command::new("script")
+        .arg("--version")
+        .output();
+    if tool_present(
+        script.is_ok_and(|o| o.status.success()),
+        "script (util-linux) is not installed",
+    ) {
+        let command = format!(
+            "{} prewarm --config {} {good}",
+            env!("CARGO_BIN_EXE_oci-proxy"),
+            config.display()
+        );
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new("script")
+                .args(["-qec", &command, "/dev/null"])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("prewarm on a terminal finished within 60 s")
+        .expect("run script");
+        let screen = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{screen}");
+        assert!(
+            screen.contains("\x1b[2K"),
+            "lines are cleared and redrawn: {screen:?}"
+        );
+        assert!(
+            screen.contains("\x1b[2A"),
+            "the display moves back up: {screen:?}"
+        );
+        assert!(
+            screen.contains(&format!("{good}: ok: 1 manifests, 3 blobs (0 fetched)")),
+            "{screen:?}"
+        );
+        assert!(
+            screen.contains("1/1 references done, 0 failed"),
+            "{screen:?}"
+        );
+        assert_no_secrets(&screen, "prewarm display");
+    }
 }
 
 const S3_UPSTREAM: &str = "shared.test";
