@@ -160,6 +160,7 @@ async fn access_ends_when_the_named_secret_goes_even_after_a_restart_and_returns
     ready(&proxy).await;
     let url = proxy.url();
     assert!(pulls_ok(&url, PRIVATE, &img).await, "{}", proxy.logs());
+    proxy.wait_fills_committed(2.0).await; // config and layer
 
     // Still granted: hits, and the upstream hears nothing more.
     let before = upstream_requests(&reg);
@@ -261,6 +262,7 @@ async fn a_lying_upstream_gets_nothing_another_upstream_served_unless_trusted() 
     let mut proxy = with_liar(dir.path(), &reg, &liar, "").await;
     let url = proxy.url();
     assert!(pulls_ok(&url, PRIVATE, &img).await, "{}", proxy.logs());
+    proxy.wait_fills_committed(2.0).await; // config and layer
 
     for (what, want) in pull_paths(&img) {
         let (st, body) = get(&url, LIAR, &what).await;

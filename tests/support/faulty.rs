@@ -17,11 +17,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, Response, StatusCode, Uri};
 use axum::Router;
 use futures_util::stream;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
 
 use super::seed::sha256_digest;
 
@@ -239,23 +236,9 @@ impl FaultyRegistry {
     }
 }
 
-/// Accepts connections until aborted; the connection tasks live in a `JoinSet` owned by this
-/// future, so aborting it closes every open connection too.
+/// Serves this fixture's handler on `listener` until aborted ([`super::serve_router`]).
 async fn serve(listener: TcpListener, inner: Arc<Inner>) {
-    let app = Router::new().fallback(handle).with_state(inner);
-    let mut conns = JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let svc = TowerToHyperService::new(app.clone());
-        conns.spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-        while conns.try_join_next().is_some() {}
-    }
+    super::serve_router(listener, Router::new().fallback(handle).with_state(inner)).await
 }
 
 fn error(status: StatusCode, code: &str) -> Response<Body> {

@@ -22,10 +22,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, Response, StatusCode, Uri};
 use axum::Router;
 use futures_util::stream;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use super::seed::sha256_digest;
 
@@ -141,21 +138,9 @@ impl Drop for OpenBody {
     }
 }
 
+/// Serves this fixture's handler on `listener` until aborted ([`super::serve_router`]).
 async fn serve(listener: TcpListener, inner: Arc<Inner>) {
-    let app = Router::new().fallback(handle).with_state(inner);
-    let mut conns = JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let svc = TowerToHyperService::new(app.clone());
-        conns.spawn(async move {
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-        while conns.try_join_next().is_some() {}
-    }
+    super::serve_router(listener, Router::new().fallback(handle).with_state(inner)).await
 }
 
 fn status(code: StatusCode) -> Response<Body> {

@@ -64,3 +64,24 @@ pub async fn client_get(proxy: &str, name: &str, what: &str) -> (reqwest::Status
         r.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
     )
 }
+
+/// Serves `app` on `listener` (HTTP/1 and h2c) until aborted. The connection tasks live in a
+/// `JoinSet` owned by this future, so aborting it closes every open connection too (a fixture
+/// that "goes down" really drops its clients).
+pub async fn serve_router(listener: tokio::net::TcpListener, app: axum::Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let svc = TowerToHyperService::new(app.clone());
+        conns.spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}

@@ -12,8 +12,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, Response, StatusCode, Uri};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 #[derive(Default)]
@@ -41,19 +39,7 @@ impl LyingRegistry {
         let port = listener.local_addr().expect("liar addr").port();
         let inner = Arc::new(Inner::default());
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let server = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let svc = TowerToHyperService::new(app.clone());
-                tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let server = tokio::spawn(super::serve_router(listener, app));
         LyingRegistry {
             inner,
             port,

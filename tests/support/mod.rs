@@ -95,7 +95,9 @@ pub mod sts;
 pub mod token_server;
 
 pub use faulty::{Behaviour, Down, FaultyRegistry};
-pub use helpers::{client_get, metric_sum, metric_value, scrape_metrics, write_docker_config};
+pub use helpers::{
+    client_get, metric_sum, metric_value, scrape_metrics, serve_router, write_docker_config,
+};
 pub use registry::{Registry, RegistryAuth};
 pub use seed::{
     parse_challenge, push_blob, push_docker_image, push_image, push_manifest, random_bytes,
