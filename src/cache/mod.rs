@@ -65,30 +65,57 @@ pub use shared::gc;
 /// `stream` of `digest`'s bytes, hashed as it passes: at its end `on_verified` runs when they
 /// match; when they do not, the stream ends with an error (a client never sees a clean end of
 /// unverified bytes).
+///
+/// The newest chunk is always held back until the next one arrives, and the last one until
+/// the whole body is hashed: hyper stops polling a body once its `Content-Length` bytes are
+/// out, so a verdict that came only after the last byte would never be seen, and the client
+/// would get a clean end on bytes nobody checked.
 pub(crate) fn verify_stream(
     digest: Digest,
     stream: BoxStream<'static, Result<bytes::Bytes, io::Error>>,
     on_verified: Box<dyn FnOnce() + Send>,
 ) -> BoxStream<'static, Result<bytes::Bytes, io::Error>> {
     use futures_util::StreamExt;
-    let hasher = crate::protocol::grammar::Hasher::new(digest.algorithm());
-    let state = (stream, Some((hasher, on_verified, digest)));
-    futures_util::stream::unfold(state, |(mut stream, mut pending)| async move {
-        let (hasher, _, _) = pending.as_mut()?;
-        match stream.next().await {
-            Some(Ok(chunk)) => {
-                hasher.update(&chunk);
-                Some((Ok(chunk), (stream, pending)))
-            }
-            Some(Err(e)) => Some((Err(e), (stream, None))),
-            None => {
-                let (hasher, on_verified, digest) = pending.take()?;
-                if hasher.matches(&digest) {
+    struct Verify {
+        stream: BoxStream<'static, Result<bytes::Bytes, io::Error>>,
+        hasher: crate::protocol::grammar::Hasher,
+        digest: Digest,
+        on_verified: Box<dyn FnOnce() + Send>,
+        held: Option<bytes::Bytes>,
+    }
+    let state = Verify {
+        hasher: crate::protocol::grammar::Hasher::new(digest.algorithm()),
+        stream,
+        digest,
+        on_verified,
+        held: None,
+    };
+    futures_util::stream::unfold(Some(state), |v| async move {
+        let mut v = v?;
+        loop {
+            match v.stream.next().await {
+                Some(Ok(chunk)) if chunk.is_empty() => {}
+                Some(Ok(chunk)) => {
+                    v.hasher.update(&chunk);
+                    if let Some(prev) = v.held.replace(chunk) {
+                        return Some((Ok(prev), Some(v)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), None)),
+                None => {
+                    let Verify {
+                        hasher,
+                        digest,
+                        on_verified,
+                        held,
+                        ..
+                    } = v;
+                    if !hasher.matches(&digest) {
+                        let e = io::Error::other(format!("content does not match {digest}"));
+                        return Some((Err(e), None));
+                    }
                     on_verified();
-                    None
-                } else {
-                    let e = io::Error::other(format!("content does not match {digest}"));
-                    Some((Err(e), (stream, None)))
+                    return held.map(|last| (Ok(last), None));
                 }
             }
         }

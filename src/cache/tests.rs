@@ -1006,3 +1006,53 @@ async fn direct_and_buffered_writes_commit_the_exact_bytes() {
         assert!(within(collect(hit.into_stream(None))).await.unwrap() == body);
     }
 }
+
+/// [`verify_stream`] gives its last chunk only after the verdict: a consumer that stops as
+/// soon as it has the `Content-Length` bytes (as hyper does) never gets all the bytes of a
+/// body that does not match, and `on_verified` runs before the last byte of one that does.
+#[tokio::test]
+async fn verify_stream_holds_back_its_last_chunk_until_the_verdict() {
+    let body: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks = |data: &[u8]| -> BoxStream<'static, Item> {
+        let parts: Vec<Item> = data
+            .chunks(7_000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        stream::iter(parts).boxed()
+    };
+    // Reads until `len` bytes are in, without polling for the end.
+    async fn take_len(mut s: BoxStream<'static, Item>, len: usize) -> Result<Vec<u8>, io::Error> {
+        let mut got = Vec::new();
+        while got.len() < len {
+            match s.next().await {
+                Some(Ok(b)) => got.extend_from_slice(&b),
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok(got)
+    }
+
+    let right = Digest::sha256_of(&body);
+    let verified = Arc::new(AtomicUsize::new(0));
+    let v = verified.clone();
+    let s = verify_stream(
+        right,
+        chunks(&body),
+        Box::new(move || {
+            v.fetch_add(1, Ordering::SeqCst);
+        }),
+    );
+    assert_eq!(take_len(s, body.len()).await.unwrap(), body);
+    assert_eq!(
+        verified.load(Ordering::SeqCst),
+        1,
+        "verified before the last byte"
+    );
+
+    let mut lying = body.clone();
+    lying[29_999] ^= 0xff;
+    let s = verify_stream(Digest::sha256_of(&body), chunks(&lying), Box::new(|| {}));
+    let got = take_len(s, body.len()).await;
+    assert!(got.is_err(), "a clean end on bytes that do not match");
+}

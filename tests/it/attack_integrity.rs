@@ -176,6 +176,46 @@ async fn an_upstream_that_always_lies_gets_no_clean_answer_through() {
     }
 }
 
+/// A blob cached from one upstream, asked through another that lies about it: the proxy
+/// fetches it again from the liar, hashed as it streams (the cached bytes are not the liar's
+/// to hand out), and the client never gets a clean end on the liar's bytes, although they
+/// come with a `Content-Length` (a verdict after the last byte would be too late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_cached_from_another_upstream_is_not_a_clean_answer_from_a_liar() {
+    let (good, liar) = (Hostile::start().await, Hostile::start().await);
+    let (data, digest, path) = serve_blob(&good, 10);
+    serve_blob(&liar, 10);
+    liar.on("GET", &path, Scripted::new(200).body(inverted(&data)));
+    let yaml = format!(
+        "listen: \"{{listen}}\"\ncache:\n  dir: \"{{dir}}/cache\"\n\
+         upstreams:\n  - name: good.test\n    endpoint: {}\n  - name: lying.test\n    endpoint: {}\n",
+        good.url(),
+        liar.url()
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let url = |upstream: &str| format!("{}/v2/{upstream}/{REPO}/blobs/{digest}", proxy.url());
+    let resp = http_client().get(url("good.test")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap().as_ref() == data);
+    proxy.wait_fills_committed(1.0).await;
+
+    for _ in 0..3 {
+        let Ok(resp) = http_client().get(url("lying.test")).send().await else {
+            continue; // no answer at all is not a clean one
+        };
+        let status = resp.status();
+        let body = resp.bytes().await;
+        assert!(
+            !(status.is_success() && body.is_ok()),
+            "a clean {status} with the liar's bytes"
+        );
+    }
+    assert!(liar.count("GET", &path) >= 1, "the liar was asked");
+    // The cached bytes still serve the upstream they came from.
+    let resp = http_client().get(url("good.test")).send().await.unwrap();
+    assert!(resp.bytes().await.unwrap().as_ref() == data);
+}
+
 /// A manifest whose body does not hash to the upstream's `Docker-Content-Digest` is refused,
 /// by tag and by digest, and nothing is cached: the next request asks the upstream again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
