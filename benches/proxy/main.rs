@@ -19,7 +19,8 @@
 //!
 //! Payloads are generated to disk and pushed with a streaming upload; clients stream and
 //! discard bodies. `OCI_PROXY_BENCH_QUICK=1` shrinks everything for a smoke run;
-//! `OCI_PROXY_BENCH_ONLY=cold` runs only the cold rows (2 at the three sizes);
+//! `OCI_PROXY_BENCH_ONLY=cold` runs only the cold rows (2 at the three sizes; with
+//! `OCI_PROXY_BENCH_MIB=256,1024` only those sizes);
 //! `OCI_PROXY_BENCH_BASELINE=<oci-proxy binary>` adds that build to the cold rows, alternating
 //! with this one ([`baseline`]), for a before/after within one run.
 
@@ -34,6 +35,7 @@ mod support;
 mod baseline;
 mod blobs;
 mod client;
+mod cold;
 mod nginx;
 mod procfs;
 mod relay;
@@ -170,7 +172,8 @@ async fn run() {
     // run during (and skew) the first measurements.
     let synced = std::process::Command::new("sync").status();
     assert!(synced.is_ok_and(|s| s.success()), "sync failed");
-    let nginx = nginx::Nginx::start(&root, "stream.bin").await;
+    let nginx = nginx::Nginx::start(&root, "stream.bin", &registry.host()).await;
+    let relay = nginx.relay_url();
     println!(
         "registry {}, nginx {} (pid {:?}); blobs pushed\n",
         registry.url(),
@@ -181,15 +184,30 @@ async fn run() {
     let http = client::client();
     let mut rows = Vec::new();
     if std::env::var("OCI_PROXY_BENCH_ONLY").is_ok_and(|v| v == "cold") {
+        // `OCI_PROXY_BENCH_MIB=256` (a comma list): only the cold rows of those sizes.
+        let sizes = std::env::var("OCI_PROXY_BENCH_MIB").unwrap_or_default();
+        let wanted = |b: &BlobFile| {
+            sizes.is_empty()
+                || sizes
+                    .split(',')
+                    .any(|s| s.trim().parse::<u64>().ok() == Some(b.len / MIB))
+        };
         for blob in [&small_blob, &stream_blob, &rss_blob] {
-            rows.extend(cold_vs_peer(plan.reps, &http, &registry, blob).await.rows);
+            if !wanted(blob) {
+                continue;
+            }
+            rows.extend(
+                cold::cold_vs_peer(plan.reps, &http, &registry, &relay, blob)
+                    .await
+                    .rows,
+            );
         }
         print_table(&rows);
         return;
     }
     let hit = warm(plan.reps, &http, &registry, &nginx, &stream_blob).await;
     rows.push(hit.row);
-    let miss = cold_vs_peer(plan.reps, &http, &registry, &stream_blob).await;
+    let miss = cold::cold_vs_peer(plan.reps, &http, &registry, &relay, &stream_blob).await;
     rows.extend(miss.rows);
     let upstream: SocketAddr = registry.host().parse().expect("registry address");
     let wan = relay::Relay::start(upstream, plan.wan_rate).await;
@@ -218,7 +236,7 @@ async fn run() {
                 .row,
         );
         rows.extend(
-            cold_vs_peer(plan.scale_reps, &http, &registry, blob)
+            cold::cold_vs_peer(plan.scale_reps, &http, &registry, &relay, blob)
                 .await
                 .rows,
         );
@@ -442,116 +460,6 @@ struct MissCpu {
 struct Cold {
     rows: Vec<Row>,
     cpu: MissCpu,
-}
-
-/// Cold fetches of `blob` from the loopback registry, alternating in each run: a fresh
-/// oci-proxy, a fresh distribution proxy (the peer, empty storage), a direct GET.
-async fn cold_vs_peer(
-    reps: usize,
-    http: &reqwest::Client,
-    registry: &Registry,
-    blob: &BlobFile,
-) -> Cold {
-    println!(
-        "cold fetch, {} MiB blob, loopback upstream; oci-proxy, distribution proxy, direct:",
-        blob.len / MIB
-    );
-    let me = Some(std::process::id());
-    let direct = format!("{}/v2/{REPO}/blobs/{}", registry.url(), blob.digest);
-    client::fetch(http, &direct, blob.len).await; // settle the registry's page cache
-    let (mut p, mut q, mut r) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut p_cpu, mut q_cpu, mut c_r) = (0.0, 0.0, 0.0);
-    let (mut idle, mut iowait) = (Vec::new(), Vec::new());
-    let base_bin = baseline::binary();
-    let (mut b, mut b_cpu, mut b_idle, mut b_iowait) = (Vec::new(), 0.0, Vec::new(), Vec::new());
-    for _ in 0..reps {
-        if let Some(bin) = &base_bin {
-            let base = baseline::Baseline::start(bin, &proxy_config(&registry.host())).await;
-            let pid = Some(base.pid());
-            let url = format!(
-                "{}/v2/{}/{REPO}/blobs/{}",
-                base.url(),
-                registry.host(),
-                blob.digest
-            );
-            let (s0, m0) = (cpu(pid), procfs::machine_ticks());
-            let t = client::fetch(http, &url, blob.len).await;
-            let (i, w) = procfs::idle_iowait(m0, procfs::machine_ticks());
-            b_cpu += cpu(pid) - s0;
-            b.push(client::mib_per_sec(blob.len, t));
-            b_idle.push(i * 100.0);
-            b_iowait.push(w * 100.0);
-        }
-        let proxy = start_proxy(&registry.host()).await;
-        let proxy_pid = Some(procfs::pid_with_arg(&proxy.dir().join("config.yaml")));
-        let via_proxy = proxy_blob_url(&proxy, &registry.host(), blob);
-        let (s0, m0) = (cpu(proxy_pid), procfs::machine_ticks());
-        let t = client::fetch(http, &via_proxy, blob.len).await;
-        let (i, w) = procfs::idle_iowait(m0, procfs::machine_ticks());
-        p_cpu += cpu(proxy_pid) - s0;
-        p.push(client::mib_per_sec(blob.len, t));
-        idle.push(i * 100.0);
-        iowait.push(w * 100.0);
-        drop(proxy);
-
-        let peer = Registry::start_pull_through(&registry.url()).await;
-        let peer_pid = procfs::pid_listening_on(peer.port());
-        let via_peer = format!("{}/v2/{REPO}/blobs/{}", peer.url(), blob.digest);
-        let s0 = cpu(peer_pid);
-        let t = client::fetch(http, &via_peer, blob.len).await;
-        q_cpu += cpu(peer_pid) - s0;
-        q.push(client::mib_per_sec(blob.len, t));
-        drop(peer);
-
-        let c0 = cpu(me);
-        let t = client::fetch(http, &direct, blob.len).await;
-        c_r += cpu(me) - c0;
-        r.push(client::mib_per_sec(blob.len, t));
-    }
-    runs_line("oci-proxy (miss)", &p, "MiB/s");
-    runs_line("distribution proxy (miss)", &q, "MiB/s");
-    runs_line("registry direct", &r, "MiB/s");
-    runs_line("machine idle, oci-proxy", &idle, "%");
-    runs_line("machine iowait, oci-proxy", &iowait, "%");
-    let total = gib(blob.len * reps as u64);
-    let mut base_row = None;
-    if !b.is_empty() {
-        runs_line("baseline oci-proxy (miss)", &b, "MiB/s");
-        runs_line("machine idle, baseline", &b_idle, "%");
-        runs_line("machine iowait, baseline", &b_iowait, "%");
-        println!("  CPU s per GiB: baseline oci-proxy {:.2}", b_cpu / total);
-        base_row = Some(throughput_row(
-            format!("cold {} MiB vs baseline build (MiB/s)", blob.len / MIB),
-            &p,
-            &b,
-            1.0,
-        ));
-    }
-    let cpu = MissCpu {
-        proxy_per_gib: p_cpu / total,
-        peer_per_gib: q_cpu / total,
-        receive_per_gib: c_r / total,
-    };
-    println!(
-        "  CPU s per GiB: oci-proxy {:.2}, distribution proxy {:.2}, client of a direct GET {:.2}",
-        cpu.proxy_per_gib, cpu.peer_per_gib, cpu.receive_per_gib
-    );
-    let mb = blob.len / MIB;
-    Cold {
-        rows: vec![
-            throughput_row(
-                format!("cold {mb} MiB vs distribution proxy (MiB/s)"),
-                &p,
-                &q,
-                1.2,
-            ),
-            throughput_row(format!("cold {mb} MiB vs direct (MiB/s)"), &p, &r, 0.6),
-        ]
-        .into_iter()
-        .chain(base_row)
-        .collect(),
-        cpu,
-    }
 }
 
 /// Cold fetches of `blob` from the upstream at `upstream_host` (the registry itself or a

@@ -1,5 +1,7 @@
 //! The reference file server: Debian's nginx (sendfile on) in a temp prefix on
-//! 127.0.0.1:<free port>, one process in the foreground, killed on drop.
+//! 127.0.0.1:<free port>, one process in the foreground, killed on drop. The same nginx also
+//! relays a registry under `/relay/` (`proxy_pass`, no buffering to disk, 1 MiB buffers): the
+//! least work a proxy in user space does for a byte, the reference of the cold rows' ceiling.
 
 use std::path::Path;
 use std::process::Command;
@@ -21,13 +23,13 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx serving the files in `root` (read-only) with sendfile, and waits
-    /// until `GET /<probe>` answers 200.
-    pub async fn start(root: &Path, probe: &str) -> Nginx {
+    /// Starts nginx serving the files in `root` (read-only) with sendfile and relaying
+    /// `relay_to` (`host:port`) under `/relay/`, and waits until `GET /<probe>` answers 200.
+    pub async fn start(root: &Path, probe: &str, relay_to: &str) -> Nginx {
         let dir = tempfile::tempdir().expect("nginx temp dir");
         for _attempt in 0..5 {
             let port = free_port();
-            let conf = config(dir.path(), root, port);
+            let conf = config(dir.path(), root, port, relay_to);
             let conf_path = dir.path().join("nginx.conf");
             std::fs::write(&conf_path, conf).expect("write nginx.conf");
             let error_log = dir.path().join("error.log");
@@ -77,6 +79,11 @@ impl Nginx {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `http://127.0.0.1:<port>/relay`: the relayed registry's root.
+    pub fn relay_url(&self) -> String {
+        format!("{}/relay", self.url())
+    }
+
     /// OS process id (the single nginx process: `master_process off`).
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
@@ -84,8 +91,9 @@ impl Nginx {
 }
 
 /// One foreground process (`master_process off`), so it stays as the user that started it
-/// and dies with its handle; sendfile for the body, no access log.
-fn config(prefix: &Path, root: &Path, port: u16) -> String {
+/// and dies with its handle; sendfile for the body, no access log. The relay streams: each
+/// read of up to 1 MiB from the registry is written to the client before the next.
+fn config(prefix: &Path, root: &Path, port: u16, relay_to: &str) -> String {
     let p = prefix.display();
     format!(
         "daemon off;
@@ -109,6 +117,16 @@ http {{
         listen 127.0.0.1:{port};
         root {root};
         location / {{ }}
+        location /relay/ {{
+            proxy_pass http://{relay_to}/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_buffer_size 1m;
+            proxy_buffers 4 1m;
+            proxy_busy_buffers_size 2m;
+        }}
     }}
 }}
 ",

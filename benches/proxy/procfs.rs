@@ -40,6 +40,19 @@ pub fn status_bytes(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// Bytes the process read through `read`/`pread` (`rchar` of `/proc/<pid>/io`: files and
+/// pipes, not sockets read with `recv`); 0 when it cannot be read.
+pub fn read_chars(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The pid of the process holding the socket that listens on 127.0.0.1:`port` (IPv4), if
 /// it can be seen (`/proc/net/tcp`, then `/proc/*/fd`).
 pub fn pid_listening_on(port: u16) -> Option<u32> {

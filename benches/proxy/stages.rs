@@ -22,6 +22,21 @@ pub struct Stage {
     pub wall_s: f64,
 }
 
+/// CPU seconds per GiB of SHA-256 over bytes in the CPU cache (the fastest case: one 64 KiB
+/// buffer again and again), as the cache's hasher computes it.
+pub fn hash_per_gib() -> f64 {
+    const LEN: u64 = 512 << 20;
+    let buf: Vec<u8> = (0..WRITE_CHUNK).map(|i| (i * 31 % 251) as u8).collect();
+    let me = std::process::id();
+    let c0 = procfs::cpu_seconds(me);
+    let mut h = Sha256::new();
+    for _ in 0..LEN / WRITE_CHUNK as u64 {
+        h.update(&buf);
+    }
+    std::hint::black_box(h.finalize());
+    (procfs::cpu_seconds(me) - c0) / (LEN as f64 / (1u64 << 30) as f64)
+}
+
 /// Runs hash, write and commit over `len` bytes (blocking; call from a blocking thread).
 pub fn measure(dir: &Path, len: u64) -> Vec<Stage> {
     let buf: Vec<u8> = (0..WRITE_CHUNK).map(|i| (i * 31 % 251) as u8).collect();

@@ -8,7 +8,8 @@
 //! writeback (the write-behind `fdatasync`, the commit's fsync) is done in the proxy's own
 //! threads. A direct write costs a user-space copy into a buffer that stays in the CPU cache
 //! plus a DMA. The price: the device's speed is now on the fill's path (the writer is at most
-//! [`super::fill::IN_FLIGHT`] bytes behind the receive loop), which any disk that keeps up
+//! [`super::fill::IN_FLIGHT`] bytes plus its two buffers behind the receive loop, and writes
+//! whole buffers, so the device sees few, large writes), which any disk that keeps up
 //! with a network upstream meets; and the blob is not in the page cache after its fill, so the
 //! first hit reads the device.
 //!
@@ -57,17 +58,12 @@ impl Buf {
     }
 }
 
-/// A write for the I/O thread: the first `n` bytes of `buf` at `at`; `keep` is dropped once
-/// they are written (the caller's hold on memory it bounds).
+/// A write for the I/O thread: the first `n` bytes of `buf` at `at`.
 struct Job {
     buf: Buf,
     n: usize,
     at: u64,
-    keep: Option<Keep>,
 }
-
-/// Whatever the caller wants released only after a write: see [`DirectWriter::flush_blocks`].
-pub(super) type Keep = Box<dyn Send>;
 
 /// Appends a fill's bytes to its temp file through two aligned buffers and an `O_DIRECT`
 /// descriptor of the same file: one buffer fills (a copy that stays in the CPU cache) while an
@@ -124,25 +120,25 @@ impl DirectWriter {
             self.filled += k;
             data = &data[k..];
             if self.filled == BUFFER {
-                self.submit(BUFFER, None)?;
+                self.submit(BUFFER)?;
             }
         }
         Ok(())
     }
 
     /// Hands the whole blocks held to the I/O thread (what is left is less than [`ALIGN`]
-    /// bytes); `keep` is dropped when they are written (at once when there are none).
-    pub(super) fn flush_blocks(&mut self, keep: Option<Keep>) -> io::Result<()> {
+    /// bytes).
+    pub(super) fn flush_blocks(&mut self) -> io::Result<()> {
         let n = self.filled / ALIGN * ALIGN;
         if n > 0 {
-            self.submit(n, keep)?;
+            self.submit(n)?;
         }
         Ok(())
     }
 
     /// Writes everything held, the last partial block through `file`; the file's length.
     pub(super) fn finish(mut self, file: &File) -> io::Result<u64> {
-        self.flush_blocks(None)?;
+        self.flush_blocks()?;
         self.wait_spare()?;
         if self.filled > 0 {
             file.write_all_at(self.cur.bytes(self.filled), self.at)?;
@@ -165,7 +161,7 @@ impl DirectWriter {
 
     /// Sends the first `n` bytes of the buffer (a multiple of [`ALIGN`]) to be written at
     /// `at`; the rest moves to the other buffer, which is filled next.
-    fn submit(&mut self, n: usize, keep: Option<Keep>) -> io::Result<()> {
+    fn submit(&mut self, n: usize) -> io::Result<()> {
         let mut next = self.wait_spare()?;
         let rest = self.filled - n;
         let (from, to) = (self.cur.start + n, next.start);
@@ -175,7 +171,6 @@ impl DirectWriter {
             buf: full,
             n,
             at: self.at,
-            keep,
         };
         let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
         if !sent {
@@ -223,7 +218,6 @@ fn io_loop(
         if !failed {
             progress(job.at + job.n as u64);
         }
-        drop(job.keep);
         if back.send(res.map(|()| job.buf)).is_err() || failed {
             return;
         }
@@ -284,7 +278,7 @@ mod tests {
                 w.append(&rest[..k]).unwrap();
                 rest = &rest[k..];
                 given += k as u64;
-                w.flush_blocks(None).unwrap();
+                w.flush_blocks().unwrap();
                 let on_disk = done.load(Ordering::SeqCst);
                 assert_eq!(
                     on_disk % ALIGN as u64,

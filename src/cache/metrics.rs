@@ -93,6 +93,7 @@ impl Refusal {
 pub(super) struct Metrics {
     requests: IntCounterVec,
     served_bytes: IntCounterVec,
+    read_back_bytes: IntCounter,
     tiers: IntCounterVec,
     fills_started: IntCounter,
     fills_committed: IntCounter,
@@ -144,6 +145,12 @@ impl Metrics {
                 "oci_proxy_cache_served_bytes_total",
                 "Bytes streamed to clients out of cache files, by outcome of the request.",
                 "outcome",
+            )?,
+            read_back_bytes: counter(
+                registry,
+                "oci_proxy_cache_read_back_bytes_total",
+                "Bytes readers of a fill in progress read back from its temp file (they joined \
+                 late or fell behind the bytes in memory).",
             )?,
             tiers: counter_vec(
                 registry,
@@ -221,6 +228,15 @@ impl Metrics {
         self.served_bytes
             .with_label_values(&[outcome.as_str()])
             .inc_by(bytes);
+    }
+
+    pub(super) fn read_back(&self, bytes: u64) {
+        self.read_back_bytes.inc_by(bytes);
+    }
+
+    #[cfg(test)]
+    pub(super) fn read_back_count(&self) -> u64 {
+        self.read_back_bytes.get()
     }
 
     pub(super) fn fill_started(&self, digest: &Digest) {

@@ -46,7 +46,7 @@ use futures_util::stream::BoxStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::protocol::grammar::Digest;
-use fill::{Fill, Phase};
+use fill::{Fill, LeadGuard, Phase};
 use grant::GrantKey;
 use links::Links;
 use manifests::{Manifests, Tags};
@@ -680,9 +680,12 @@ impl Cache {
         let reader = self.blob_from(digest, Some(origin), fetch).await?;
         let stored = match reader.source {
             Source::File { .. } => false,
-            Source::Fill { fill, direct } => {
-                // Nobody reads this fill: its direct channel must not hold up the task.
-                drop(direct);
+            Source::Fill {
+                fill, direct, lead, ..
+            } => {
+                // Nobody reads this fill: its direct channel must not hold up the task, nor
+                // may the fill wait for a reader.
+                drop((direct, lead));
                 let mut rx = fill.phase.subscribe();
                 let end = rx.wait_for(Phase::is_terminal).await.map(|p| p.clone());
                 match end {
@@ -809,7 +812,11 @@ impl Cache {
             digest: fill.digest.clone(),
             outcome,
             size,
-            source: Source::Fill { fill, direct },
+            source: Source::Fill {
+                lead: direct.as_ref().map(|_| LeadGuard::new(fill.clone(), 0)),
+                fill,
+                direct,
+            },
         }))
     }
 

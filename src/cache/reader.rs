@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use tokio::sync::{mpsc, watch};
 
-use super::fill::{Direct, Fill, Phase};
+use super::fill::{Direct, Fill, LeadGuard, Phase};
 use super::{Inner, Outcome};
 use crate::protocol::grammar::{Digest, Hasher};
 
@@ -49,6 +49,8 @@ pub(super) enum Source {
         fill: Arc<Fill>,
         /// The first client of a fill gets the rest of an uncached body here.
         direct: Option<mpsc::Receiver<Direct>>,
+        /// The first client tells the fill how far it read (the fill waits for it).
+        lead: Option<LeadGuard>,
     },
 }
 
@@ -79,6 +81,9 @@ impl BlobReader {
         }
         let start = range.map_or(0, |r| r.0);
         let end = range.map(|r| r.1 + 1).or(self.size);
+        if let Source::Fill { lead: Some(l), .. } = &self.source {
+            l.at(start);
+        }
         let state = Reader {
             inner: self.inner,
             digest: self.digest,
@@ -270,10 +275,15 @@ impl Reader {
                         let Some(file) = fill.file.get().cloned() else {
                             return Err(err("cache fill has no file"));
                         };
-                        read_at(file, self.pos, len, None).await?.0
+                        let b = read_at(file, self.pos, len, None).await?.0;
+                        self.inner.metrics.read_back(b.len() as u64);
+                        b
                     }
                 };
                 self.pos += b.len() as u64;
+                if let Source::Fill { lead: Some(l), .. } = &self.source {
+                    l.at(self.pos);
+                }
                 if end == Some(self.pos) && !complete {
                     // Hold the last bytes back until the fill is verified.
                     self.wait_verified().await?;

@@ -884,7 +884,7 @@ async fn late_follower(
     until(|| fill.bytes_at(0, 1).is_err()).await;
     let held = fill.recent_held();
     assert!(
-        held <= fill::RECENT_WINDOW + fill::IN_FLIGHT as u64 + MIB as u64,
+        held <= fill::MEMORY_BOUND + MIB as u64,
         "{held} bytes held in memory"
     );
     let follower = cache.blob(&d, up.fetch()).await.unwrap();
@@ -921,6 +921,40 @@ async fn a_digest_mismatch_ends_no_reader_cleanly_from_memory_or_file() {
     until(|| std::fs::read_dir(dir.path().join("tmp")).unwrap().count() == 0).await;
 }
 
+/// The first client pauses while the upstream sends 40 MiB: the fill stops half a window
+/// ahead of it and waits, so when it reads on, every byte comes from memory (nothing is read
+/// back from the temp file) and the blob commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fill_waits_for_its_first_client_so_it_never_reads_back_from_disk() {
+    let (_dir, cache) = fresh().await;
+    let body = data(40 * MIB, 31);
+    let d = Digest::sha256_of(&body);
+    let (up, tx) = Upstream::new(Some(body.len() as u64));
+    let leader = cache.blob(&d, up.fetch()).await.unwrap();
+    let fill = fill_of(&cache, &d);
+    let mut leader = leader.into_stream(None);
+    for c in body.chunks(MIB) {
+        tx.send(Ok(Bytes::copy_from_slice(c))).unwrap();
+    }
+    drop(tx);
+    until(|| fill.lead.waits() > 0).await;
+    let announced = match &*fill.phase.borrow() {
+        Phase::Streaming { written, .. } => *written,
+        p => panic!("the fill went on without its first client: {p:?}"),
+    };
+    assert!(
+        announced <= fill::RECENT_WINDOW / 2 + 2 * MIB as u64,
+        "the fill ran {announced} bytes ahead of its first client"
+    );
+    let mut got = Vec::new();
+    while let Some(c) = within(leader.next()).await {
+        got.extend_from_slice(&c.unwrap());
+    }
+    assert!(got == body);
+    assert_eq!(cache.inner.metrics.read_back_count(), 0, "bytes read back");
+    until(|| cache.blob_size(&d).is_some()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_holds_no_more_than_the_memory_bound_and_the_fill_commits() {
     let (_dir, cache) = fresh().await;
@@ -933,7 +967,7 @@ async fn a_stalled_reader_holds_no_more_than_the_memory_bound_and_the_fill_commi
     tx.send(Ok(Bytes::copy_from_slice(&body[..MIB]))).unwrap();
     let first = within(stalled.next()).await.unwrap().unwrap();
     // The reader takes one chunk, then stops reading while the whole body goes through.
-    let bound = fill::RECENT_WINDOW + fill::IN_FLIGHT as u64 + MIB as u64;
+    let bound = fill::MEMORY_BOUND + MIB as u64;
     let mut most = 0;
     for c in body[MIB..].chunks(MIB) {
         tx.send(Ok(Bytes::copy_from_slice(c))).unwrap();
@@ -947,10 +981,13 @@ async fn a_stalled_reader_holds_no_more_than_the_memory_bound_and_the_fill_commi
     .await;
     assert!(most <= bound, "{most} bytes held in memory, bound {bound}");
     assert!(fill.recent_held() <= fill::RECENT_WINDOW + MIB as u64);
-    // The stalled reader resumes (from the file) and gets every byte.
+    // The fill waited for it (its first client) only so long; the stalled reader resumes
+    // (from the file) and gets every byte.
+    assert!(fill.lead.waits() > 0);
     let mut got = first.to_vec();
     got.extend(within(collect(stalled)).await.unwrap());
     assert!(got == body);
+    assert!(cache.inner.metrics.read_back_count() > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
