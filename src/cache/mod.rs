@@ -282,6 +282,8 @@ pub(crate) struct Inner {
     ids: AtomicU64,
     /// `cache.direct_writes`: fills write their temp file with `O_DIRECT` ([`direct`]).
     direct_writes: bool,
+    /// Large page-cache reads of hits alive at once ([`reader::LARGE_CHUNKS`]).
+    large_reads: Arc<tokio::sync::Semaphore>,
     /// Tests: writes fail once the temp file would exceed this many bytes.
     #[cfg(test)]
     fault: Mutex<Option<u64>>,
@@ -544,6 +546,7 @@ impl Cache {
             evict_notify: notify.clone(),
             ids,
             direct_writes: cfg.direct_writes,
+            large_reads: Arc::new(tokio::sync::Semaphore::new(reader::LARGE_CHUNKS)),
             #[cfg(test)]
             fault: Mutex::new(None),
         });

@@ -1093,3 +1093,44 @@ async fn verify_stream_holds_back_its_last_chunk_until_the_verdict() {
     let got = take_len(s, body.len()).await;
     assert!(got.is_err(), "a clean end on bytes that do not match");
 }
+
+/// Hits read the page cache in large chunks while the process-wide budget lasts: readers that
+/// hold their chunk (stalled clients) use it up, the next reader gets small chunks, and a
+/// large chunk returns to the budget when it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_read_large_chunks_only_within_the_budget() {
+    let (_dir, cache) = fresh().await;
+    let body = data(4 * MIB, 32);
+    let d = Digest::sha256_of(&body);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let first = cache
+        .blob(&d, fetch_bytes(body.clone(), calls))
+        .await
+        .unwrap();
+    assert!(within(collect(first.into_stream(None))).await.unwrap() == body);
+    until(|| cache.blob_size(&d).is_some()).await;
+    let unused = || -> FetchFn { Box::new(|| panic!("a hit fetched upstream")) };
+    // One whole read puts the file in the page cache.
+    let warm = cache.blob(&d, unused()).await.unwrap();
+    assert!(within(collect(warm.into_stream(None))).await.unwrap() == body);
+
+    let mut held = Vec::new();
+    for _ in 0..reader::LARGE_CHUNKS {
+        let hit = cache.blob(&d, unused()).await.unwrap();
+        let mut s = hit.into_stream(None);
+        let chunk = within(s.next()).await.unwrap().unwrap();
+        assert_eq!(chunk.len(), reader::LARGE_CHUNK, "within the budget");
+        held.push((s, chunk));
+    }
+    let hit = cache.blob(&d, unused()).await.unwrap();
+    let mut over = hit.into_stream(None);
+    let chunk = within(over.next()).await.unwrap().unwrap();
+    assert_eq!(chunk.len(), reader::CHUNK, "the budget is used up");
+    drop(held.pop());
+    let chunk = within(over.next()).await.unwrap().unwrap();
+    assert_eq!(
+        chunk.len(),
+        reader::LARGE_CHUNK,
+        "a dropped chunk returned to the budget"
+    );
+}
