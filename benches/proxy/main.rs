@@ -6,10 +6,12 @@
 //! 1. warm hit throughput of a 256 MiB blob: oci-proxy vs nginx (sendfile) serving the same
 //!    file from a temp root;
 //! 2. cold fetch throughput of the same blob through a fresh proxy vs the peer (Debian's
-//!    docker-registry, distribution 2.8, in pull-through mode with empty storage) vs a GET
-//!    straight from the upstream (the same registry without proxy mode), alternating, with
-//!    CPU per GiB of each process and the machine's idle and iowait shares; then the same at
-//!    the other sizes (8 MiB, 1 GiB) with warm hits vs nginx, to see cost per byte vs size;
+//!    docker-registry, distribution 2.8, in pull-through mode with empty storage) vs
+//!    an nginx relay of the registry (no cache, no hash) vs a GET straight from the upstream
+//!    (the same registry without proxy mode), alternating, with CPU per GiB of each process,
+//!    the machine's idle and iowait shares, and the ceiling any verifying proxy has here
+//!    ([`cold`]); then the same at the other sizes (8 MiB, 1 GiB) with warm hits vs nginx,
+//!    to see cost per byte vs size;
 //! 3. 50 concurrent cold clients of one blob vs one cold client, with the upstream behind a
 //!    paced relay (a WAN-like link), and the number of upstream GETs (registry log);
 //! 4. peak RSS (`VmHWM`) of the proxy while 50 cold clients stream a 1 GiB blob, then while

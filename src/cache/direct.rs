@@ -33,7 +33,8 @@ use std::sync::{mpsc, Arc};
 /// logical block size of common devices.
 pub(super) const ALIGN: usize = 4096;
 
-/// Bytes gathered before a direct write.
+/// Bytes gathered before a direct write (less for a blob whose size is known to be smaller:
+/// a small blob's fill touches only what it needs).
 pub(super) const BUFFER: usize = 4 << 20;
 
 /// Told the file offset up to which every byte is written, after each write.
@@ -47,8 +48,8 @@ struct Buf {
 }
 
 impl Buf {
-    fn new() -> Buf {
-        let mem = vec![0u8; BUFFER + ALIGN];
+    fn new(cap: usize) -> Buf {
+        let mem = vec![0u8; cap + ALIGN];
         let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
         Buf { mem, start }
     }
@@ -70,8 +71,11 @@ struct Job {
 /// I/O thread writes the other, so the device's latency overlaps the copy.
 pub(super) struct DirectWriter {
     cur: Buf,
-    /// The free buffer; `None` while it is being written.
+    /// The free buffer; `None` while it is being written (`writing`) or not yet needed.
     spare: Option<Buf>,
+    writing: bool,
+    /// Size of each buffer: [`BUFFER`], or the blob's size in whole blocks when smaller.
+    cap: usize,
     filled: usize,
     /// File offset of `cur`'s first byte: every byte before it is written or being written.
     at: u64,
@@ -83,26 +87,43 @@ pub(super) struct DirectWriter {
 impl DirectWriter {
     /// Opens `path` (the temp file `file`, just created and empty) a second time for direct
     /// writes; `None` where the platform or the filesystem has no `O_DIRECT`.
-    pub(super) fn open(path: &Path, file: Arc<File>, progress: Progress) -> Option<DirectWriter> {
+    pub(super) fn open(
+        path: &Path,
+        file: Arc<File>,
+        progress: Progress,
+        size: Option<u64>,
+    ) -> Option<DirectWriter> {
         let direct = open_direct(path).ok()?;
-        DirectWriter::new(Some(direct), file, progress).ok()
+        DirectWriter::new(Some(direct), file, progress, size).ok()
     }
 
     /// Without a direct descriptor: the same buffering, ordinary positioned writes.
     #[cfg(test)]
     pub(super) fn buffered(file: Arc<File>, progress: Progress) -> DirectWriter {
-        DirectWriter::new(None, file, progress).expect("spawn the I/O thread")
+        DirectWriter::new(None, file, progress, None).expect("spawn the I/O thread")
     }
 
-    fn new(direct: Option<File>, file: Arc<File>, progress: Progress) -> io::Result<DirectWriter> {
+    fn new(
+        direct: Option<File>,
+        file: Arc<File>,
+        progress: Progress,
+        size: Option<u64>,
+    ) -> io::Result<DirectWriter> {
+        // The blob's size rounded up to whole blocks, when that is less than a buffer.
+        let cap = size.map_or(BUFFER, |s| {
+            let s = usize::try_from(s).unwrap_or(BUFFER).min(BUFFER);
+            s.div_ceil(ALIGN).max(1) * ALIGN
+        });
         let (jobs, rx) = mpsc::channel::<Job>();
         let (tx, back) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("oci-proxy-write".into())
             .spawn(move || io_loop(direct, &file, &progress, &rx, &tx))?;
         Ok(DirectWriter {
-            cur: Buf::new(),
-            spare: Some(Buf::new()),
+            cur: Buf::new(cap),
+            spare: None,
+            writing: false,
+            cap,
             filled: 0,
             at: 0,
             jobs: Some(jobs),
@@ -114,13 +135,13 @@ impl DirectWriter {
     /// Takes `data`; hands each full buffer to the I/O thread.
     pub(super) fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let k = (BUFFER - self.filled).min(data.len());
+            let k = (self.cap - self.filled).min(data.len());
             let at = self.cur.start + self.filled;
             self.cur.mem[at..at + k].copy_from_slice(&data[..k]);
             self.filled += k;
             data = &data[k..];
-            if self.filled == BUFFER {
-                self.submit(BUFFER)?;
+            if self.filled == self.cap {
+                self.submit(self.cap)?;
             }
         }
         Ok(())
@@ -148,15 +169,19 @@ impl DirectWriter {
         Ok(self.at)
     }
 
-    /// The free buffer, once the write in flight (if any) is over.
+    /// The free buffer: once the write in flight (if any) is over; the second one is
+    /// allocated when first needed.
     fn wait_spare(&mut self) -> io::Result<Buf> {
-        match self.spare.take() {
-            Some(b) => Ok(b),
-            None => self
-                .back
-                .recv()
-                .map_err(|_| io::Error::other("cache writer's I/O thread is gone"))?,
+        if let Some(b) = self.spare.take() {
+            return Ok(b);
         }
+        if !self.writing {
+            return Ok(Buf::new(self.cap));
+        }
+        self.writing = false;
+        self.back
+            .recv()
+            .map_err(|_| io::Error::other("cache writer's I/O thread is gone"))?
     }
 
     /// Sends the first `n` bytes of the buffer (a multiple of [`ALIGN`]) to be written at
@@ -176,6 +201,7 @@ impl DirectWriter {
         if !sent {
             return Err(io::Error::other("cache writer's I/O thread is gone"));
         }
+        self.writing = true;
         self.at += n as u64;
         self.filled = rest;
         Ok(())
@@ -247,27 +273,31 @@ mod tests {
         (0..len).map(|i| (i * 7 + i / 4093) as u8).collect()
     }
 
+    /// An empty temp file, as a fill creates it: its directory, path and descriptor.
+    fn temp_file() -> (tempfile::TempDir, std::path::PathBuf, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.part");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        (dir, path, Arc::new(file))
+    }
+
     #[test]
     fn odd_sized_pieces_land_byte_exact_directly_and_buffered() {
         let body = data(BUFFER * 2 + 3 * ALIGN + 1234);
         let pieces = [100_000, 1, ALIGN, 3 << 20, 777];
         for direct in [true, false] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("blob.part");
-            let file = Arc::new(
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .unwrap(),
-            );
+            let (_dir, path, file) = temp_file();
             let done = Arc::new(AtomicU64::new(0));
             let d2 = done.clone();
             let progress: Progress = Box::new(move |n| d2.store(n, Ordering::SeqCst));
             let mut w = if direct {
                 // Where the test's filesystem has no O_DIRECT this is the buffered path too.
-                DirectWriter::open(&path, file.clone(), progress)
+                DirectWriter::open(&path, file.clone(), progress, None)
                     .unwrap_or_else(|| DirectWriter::buffered(file.clone(), Box::new(|_| {})))
             } else {
                 DirectWriter::buffered(file.clone(), progress)
@@ -290,6 +320,27 @@ mod tests {
             }
             assert_eq!(w.finish(&file).unwrap(), body.len() as u64);
             assert!(std::fs::read(&path).unwrap() == body, "direct: {direct}");
+        }
+    }
+
+    /// A blob of announced size gets buffers of its size in whole blocks (not 4 MiB), and its
+    /// bytes land exact, whether or not they fill the buffer, in one piece or many.
+    #[test]
+    fn a_small_blob_gets_small_buffers_and_lands_byte_exact() {
+        for len in [1, ALIGN - 1, ALIGN, 3 * ALIGN + 17, 300_000] {
+            let body = data(len);
+            let (_dir, path, file) = temp_file();
+            let mut w = DirectWriter::open(&path, file.clone(), Box::new(|_| {}), Some(len as u64))
+                .unwrap_or_else(|| {
+                    DirectWriter::new(None, file.clone(), Box::new(|_| {}), Some(len as u64))
+                        .unwrap()
+                });
+            assert_eq!(w.cap, len.div_ceil(ALIGN) * ALIGN, "buffer of {len} bytes");
+            for piece in body.chunks(5000) {
+                w.append(piece).unwrap();
+            }
+            assert_eq!(w.finish(&file).unwrap(), len as u64);
+            assert!(std::fs::read(&path).unwrap() == body, "{len} bytes");
         }
     }
 }

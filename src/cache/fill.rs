@@ -544,7 +544,7 @@ pub(super) async fn run(
         h
     });
     let mut writer = match (&file, cached) {
-        (Some(f), true) => Some(Writer::spawn(&inner, &fill, f)),
+        (Some(f), true) => Some(Writer::spawn(&inner, &fill, f, size)),
         _ => None,
     };
 
@@ -718,10 +718,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn spawn(inner: &Arc<Inner>, fill: &Arc<Fill>, file: &Arc<File>) -> Writer {
+    /// `size`: the body's, when announced (the direct writer's buffers need no more).
+    fn spawn(inner: &Arc<Inner>, fill: &Arc<Fill>, file: &Arc<File>, size: Option<u64>) -> Writer {
         let (tx, rx) = std::sync::mpsc::channel::<Arc<Batch>>();
         let (inner, fill, file) = (inner.clone(), fill.clone(), file.clone());
-        let task = tokio::task::spawn_blocking(move || write_loop(&inner, &fill, &file, &rx));
+        let task = tokio::task::spawn_blocking(move || write_loop(&inner, &fill, &file, size, &rx));
         Writer { tx, task }
     }
 
@@ -736,6 +737,7 @@ fn write_loop(
     inner: &Inner,
     fill_handle: &Arc<Fill>,
     file: &Arc<File>,
+    size: Option<u64>,
     rx: &std::sync::mpsc::Receiver<Arc<Batch>>,
 ) -> io::Result<u64> {
     let fill: &Fill = fill_handle;
@@ -744,7 +746,7 @@ fn write_loop(
     let mut direct = if inner.direct_writes {
         let f = fill_handle.clone();
         let progress = Box::new(move |n| f.on_disk.store(n, Ordering::Release));
-        super::direct::DirectWriter::open(&fill.temp, file.clone(), progress)
+        super::direct::DirectWriter::open(&fill.temp, file.clone(), progress, size)
     } else {
         None
     };
