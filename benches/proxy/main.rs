@@ -107,7 +107,7 @@ impl Plan {
                 conc_reps: 3,
                 rss_len: 1024 * MIB,
                 small_len: 8 * MIB,
-                scale_reps: 3,
+                scale_reps: 5,
                 open_blobs: 100_000,
                 wan_rate: 64 * MIB,
             }
