@@ -108,7 +108,9 @@ pub async fn cold_vs_peer(
     let direct = format!("{}/v2/{REPO}/blobs/{}", registry.url(), blob.digest);
     let relayed = format!("{relay_url}/v2/{REPO}/blobs/{}", blob.digest);
     client::fetch(http, &direct, blob.len).await; // settle the registry's page cache
-    let (mut proxy, mut peer, mut relay, mut straight, mut base) = Default::default();
+    let (mut proxy, mut peer) = (PathRuns::default(), PathRuns::default());
+    let (mut relay, mut straight) = (PathRuns::default(), PathRuns::default());
+    let mut base = PathRuns::default();
     let base_bin = baseline::binary();
     for _ in 0..reps {
         if let Some(bin) = &base_bin {
@@ -119,22 +121,27 @@ pub async fn cold_vs_peer(
                 registry.host(),
                 blob.digest
             );
-            PathRuns::fetch(&mut base, http, &url, blob, registry_pid, Some(b.pid())).await;
+            base.fetch(http, &url, blob, registry_pid, Some(b.pid()))
+                .await;
         }
         let p = start_proxy(&registry.host()).await;
         let pid = crate::procfs::pid_with_arg(&p.dir().join("config.yaml"));
         let url = proxy_blob_url(&p, &registry.host(), blob);
-        PathRuns::fetch(&mut proxy, http, &url, blob, registry_pid, Some(pid)).await;
+        proxy.fetch(http, &url, blob, registry_pid, Some(pid)).await;
         drop(p);
 
         let q = Registry::start_pull_through(&registry.url()).await;
         let pid = crate::procfs::pid_listening_on(q.port());
         let url = format!("{}/v2/{REPO}/blobs/{}", q.url(), blob.digest);
-        PathRuns::fetch(&mut peer, http, &url, blob, registry_pid, pid).await;
+        peer.fetch(http, &url, blob, registry_pid, pid).await;
         drop(q);
 
-        PathRuns::fetch(&mut relay, http, &relayed, blob, registry_pid, relay_pid).await;
-        PathRuns::fetch(&mut straight, http, &direct, blob, registry_pid, None).await;
+        relay
+            .fetch(http, &relayed, blob, registry_pid, relay_pid)
+            .await;
+        straight
+            .fetch(http, &direct, blob, registry_pid, None)
+            .await;
     }
     runs_line("oci-proxy (miss)", &proxy.mib_s, "MiB/s");
     runs_line("distribution proxy (miss)", &peer.mib_s, "MiB/s");

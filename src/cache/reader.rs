@@ -229,9 +229,10 @@ impl Reader {
             None => {
                 let cached = match self.hasher {
                     None => {
-                        let large = match rest > CHUNK {
-                            true => self.inner.large_reads.clone().try_acquire_owned().ok(),
-                            false => None,
+                        let large = if rest > CHUNK {
+                            self.inner.large_reads.clone().try_acquire_owned().ok()
+                        } else {
+                            None
                         };
                         let want = large.as_ref().map_or(len, |_| LARGE_CHUNK.min(rest));
                         let got = super::store::read_cached_at(&file, self.pos, want, large)?;

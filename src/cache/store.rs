@@ -192,22 +192,10 @@ fn remove_any(path: &Path) -> io::Result<()> {
 
 /// Reads exactly `len` bytes at `offset` into a fresh buffer (one copy out of the kernel).
 pub(super) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "cache file is shorter than expected",
-                ))
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Bytes::from(buf))
+    // An ordinary read never gives up: it returns bytes, end of file or an error.
+    let buf = read_buf_at(len, offset, |buf, at| file.read_at(buf, at).map(Some))?;
+    buf.map(Bytes::from)
+        .ok_or_else(|| io::Error::other("cache file read gave up"))
 }
 
 /// Reads `len` bytes at `offset` only if the page cache has them all: `Ok(None)` when the read
@@ -217,37 +205,32 @@ pub(super) fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<
 /// Why: a hit is a stream of page-cache reads. Handing each one to the blocking pool costs two
 /// thread wake-ups per chunk, more than the read itself; `RWF_NOWAIT` does the read on the
 /// runtime thread when it cannot block, the way a file server's `sendfile` does.
-#[cfg(target_os = "linux")]
 pub(super) fn read_cached_at(
     file: &File,
     offset: u64,
     len: usize,
     hold: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> io::Result<Option<Bytes>> {
-    use rustix::io::{preadv2, Errno, ReadWriteFlags};
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        let mut slices = [io::IoSliceMut::new(&mut buf[done..])];
+    #[cfg(target_os = "linux")]
+    let read = |buf: &mut [u8], at: u64| {
+        use rustix::io::{preadv2, Errno, ReadWriteFlags};
         match preadv2(
             file,
-            &mut slices,
-            offset + done as u64,
+            &mut [io::IoSliceMut::new(buf)],
+            at,
             ReadWriteFlags::NOWAIT,
         ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "cache file is shorter than expected",
-                ))
-            }
-            Ok(n) => done += n,
-            Err(Errno::INTR) => {}
+            Ok(n) => Ok(Some(n)),
             // Not (all) cached, or no RWF_NOWAIT here: the blocking read.
-            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => Ok(None),
+            Err(e) => Err(io::Error::from(e)),
         }
-    }
+    };
+    #[cfg(not(target_os = "linux"))]
+    let read = |_: &mut [u8], _: u64| Ok(None);
+    let Some(buf) = read_buf_at(len, offset, read)? else {
+        return Ok(None);
+    };
     Ok(Some(match hold {
         Some(permit) => Bytes::from_owner(Held {
             buf,
@@ -257,14 +240,30 @@ pub(super) fn read_cached_at(
     }))
 }
 
-#[cfg(not(target_os = "linux"))]
-pub(super) fn read_cached_at(
-    _file: &File,
-    _offset: u64,
-    _len: usize,
-    _hold: Option<tokio::sync::OwnedSemaphorePermit>,
-) -> io::Result<Option<Bytes>> {
-    Ok(None)
+/// Fills a fresh `len`-byte buffer from `offset` with positioned reads (`read` returns the
+/// bytes it read, or `None` to give up, and then so does this); a short file is an error.
+fn read_buf_at(
+    len: usize,
+    offset: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> io::Result<Option<usize>>,
+) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match read(&mut buf[done..], offset + done as u64) {
+            Ok(Some(0)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "cache file is shorter than expected",
+                ))
+            }
+            Ok(Some(n)) => done += n,
+            Ok(None) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(buf))
 }
 
 /// Bytes that keep a budget's permit until they are dropped.
