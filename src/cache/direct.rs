@@ -74,7 +74,8 @@ pub(super) struct DirectWriter {
     /// The free buffer; `None` while it is being written (`writing`) or not yet needed.
     spare: Option<Buf>,
     writing: bool,
-    /// Size of each buffer: [`BUFFER`], or the blob's size in whole blocks when smaller.
+    /// Size of each buffer: [`buffer_for`] the blob, or less when many fills run at once
+    /// ([`super::memory`]).
     cap: usize,
     filled: usize,
     /// File offset of `cur`'s first byte: every byte before it is written or being written.
@@ -84,36 +85,42 @@ pub(super) struct DirectWriter {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The buffer size a blob of `size` bytes needs: [`BUFFER`], or the blob's size in whole
+/// blocks when that is less.
+pub(super) fn buffer_for(size: Option<u64>) -> usize {
+    size.map_or(BUFFER, |s| {
+        let s = usize::try_from(s).unwrap_or(BUFFER).min(BUFFER);
+        s.div_ceil(ALIGN).max(1) * ALIGN
+    })
+}
+
 impl DirectWriter {
     /// Opens `path` (the temp file `file`, just created and empty) a second time for direct
-    /// writes; `None` where the platform or the filesystem has no `O_DIRECT`.
+    /// writes, with two buffers of `cap` bytes (a multiple of [`ALIGN`]; see [`buffer_for`]);
+    /// `None` where the platform or the filesystem has no `O_DIRECT`.
     pub(super) fn open(
         path: &Path,
         file: Arc<File>,
         progress: Progress,
-        size: Option<u64>,
+        cap: usize,
     ) -> Option<DirectWriter> {
         let direct = open_direct(path).ok()?;
-        DirectWriter::new(Some(direct), file, progress, size).ok()
+        DirectWriter::new(Some(direct), file, progress, cap).ok()
     }
 
     /// Without a direct descriptor: the same buffering, ordinary positioned writes.
     #[cfg(test)]
     pub(super) fn buffered(file: Arc<File>, progress: Progress) -> DirectWriter {
-        DirectWriter::new(None, file, progress, None).expect("spawn the I/O thread")
+        DirectWriter::new(None, file, progress, BUFFER).expect("spawn the I/O thread")
     }
 
     fn new(
         direct: Option<File>,
         file: Arc<File>,
         progress: Progress,
-        size: Option<u64>,
+        cap: usize,
     ) -> io::Result<DirectWriter> {
-        // The blob's size rounded up to whole blocks, when that is less than a buffer.
-        let cap = size.map_or(BUFFER, |s| {
-            let s = usize::try_from(s).unwrap_or(BUFFER).min(BUFFER);
-            s.div_ceil(ALIGN).max(1) * ALIGN
-        });
+        let cap = cap.div_ceil(ALIGN).max(1) * ALIGN;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (tx, back) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -297,7 +304,7 @@ mod tests {
             let progress: Progress = Box::new(move |n| d2.store(n, Ordering::SeqCst));
             let mut w = if direct {
                 // Where the test's filesystem has no O_DIRECT this is the buffered path too.
-                DirectWriter::open(&path, file.clone(), progress, None)
+                DirectWriter::open(&path, file.clone(), progress, BUFFER)
                     .unwrap_or_else(|| DirectWriter::buffered(file.clone(), Box::new(|_| {})))
             } else {
                 DirectWriter::buffered(file.clone(), progress)
@@ -330,10 +337,10 @@ mod tests {
         for len in [1, ALIGN - 1, ALIGN, 3 * ALIGN + 17, 300_000] {
             let body = data(len);
             let (_dir, path, file) = temp_file();
-            let mut w = DirectWriter::open(&path, file.clone(), Box::new(|_| {}), Some(len as u64))
+            let cap = buffer_for(Some(len as u64));
+            let mut w = DirectWriter::open(&path, file.clone(), Box::new(|_| {}), cap)
                 .unwrap_or_else(|| {
-                    DirectWriter::new(None, file.clone(), Box::new(|_| {}), Some(len as u64))
-                        .unwrap()
+                    DirectWriter::new(None, file.clone(), Box::new(|_| {}), cap).unwrap()
                 });
             assert_eq!(w.cap, len.div_ceil(ALIGN) * ALIGN, "buffer of {len} bytes");
             for piece in body.chunks(5000) {

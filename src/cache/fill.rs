@@ -27,7 +27,10 @@
 //! [`IN_FLIGHT`] plus the direct writer's two buffers): 24 MiB plus one upstream chunk. A
 //! stalled reader holds only the chunk it was handed. The direct writer adds its two buffers
 //! ([`super::direct::BUFFER`] each); it writes only whole buffers (but the last), so the
-//! device sees few, large writes.
+//! device sees few, large writes. Those are the sizes of a fill that runs alone or with one
+//! other: all fills together are bounded too ([`super::memory`]), so as fills multiply each
+//! one's window and write buffers shrink to its share, and their in-flight bytes share one
+//! budget.
 //!
 //! The fill paces itself to its first client (the [`Lead`]), the one it was started for:
 //! when that client is half a [`RECENT_WINDOW`] behind, the receive loop waits for it, for at
@@ -161,9 +164,9 @@ impl Recent {
         self.chunks.push_back((at, b));
     }
 
-    /// Drops the oldest chunks beyond [`RECENT_WINDOW`] that are on disk.
-    fn trim(&mut self, on_disk: u64) {
-        while self.held() > RECENT_WINDOW {
+    /// Drops the oldest chunks beyond `window` (at most [`RECENT_WINDOW`]) that are on disk.
+    fn trim(&mut self, on_disk: u64, window: u64) {
+        while self.held() > window {
             match self.chunks.front() {
                 Some((at, b)) if at + b.len() as u64 <= on_disk => {
                     self.start = at + b.len() as u64;
@@ -242,15 +245,13 @@ impl std::fmt::Debug for LeadGuard {
     }
 }
 
-/// Waits while the first client is more than half a window behind `end` (the bytes
-/// announced), as long as `spent` (the fill's waiting so far) stays under [`LEAD_PATIENCE`].
-async fn wait_for_lead(lead: &Lead, end: u64, spent: &mut std::time::Duration) {
+/// Waits while the first client is more than half the fill's `window` behind `end` (the
+/// bytes announced), as long as `spent` (the fill's waiting so far) stays under
+/// [`LEAD_PATIENCE`].
+async fn wait_for_lead(lead: &Lead, end: u64, window: u64, spent: &mut std::time::Duration) {
     loop {
         let behind = end.saturating_sub(lead.pos.load(Ordering::Acquire));
-        if lead.gone.load(Ordering::Acquire)
-            || behind <= RECENT_WINDOW / 2
-            || *spent >= LEAD_PATIENCE
-        {
+        if lead.gone.load(Ordering::Acquire) || behind <= window / 2 || *spent >= LEAD_PATIENCE {
             return;
         }
         lead.waits.fetch_add(1, Ordering::Relaxed);
@@ -531,7 +532,12 @@ pub(super) async fn run(
     });
 
     // The three stages: a hasher and a writer on their own threads, readers from memory.
-    let budget = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Memory: this fill's own bounds, and its share of what all fills may hold.
+    let budget = InFlight {
+        fill: Arc::new(Semaphore::new(IN_FLIGHT)),
+        all: inner.fill_memory.in_flight().clone(),
+    };
+    let _active = inner.fill_memory.join();
     let (hash_tx, hash_rx) = std::sync::mpsc::channel::<Arc<Batch>>();
     let alg = digest.algorithm();
     let hashing = tokio::task::spawn_blocking(move || {
@@ -581,14 +587,14 @@ pub(super) async fn run(
             return;
         }
         if n > 0 {
-            // Wait while the slower of hasher and writer is IN_FLIGHT bytes behind.
-            let permits = n.min(IN_FLIGHT as u64) as u32;
-            let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+            // Wait while the slower of hasher and writer is IN_FLIGHT bytes behind, or all
+            // fills together IN_FLIGHT_TOTAL.
+            let Some(permits) = budget.acquire(n).await else {
                 return; // never closed; the guard fails the fill
             };
             let b = Arc::new(Batch {
                 chunks: data,
-                _permit: permit,
+                _permits: permits,
             });
             let _ = hash_tx.send(b.clone()); // a dead hasher is found at the end
             if cached {
@@ -602,14 +608,15 @@ pub(super) async fn run(
                         for c in &b.chunks {
                             r.push(c.clone());
                         }
-                        r.trim(on_disk);
+                        r.trim(on_disk, inner.fill_memory.window());
                     }
                     fill.phase.send_modify(|p| {
                         if let Phase::Streaming { written, .. } = p {
                             *written = received + n;
                         }
                     });
-                    wait_for_lead(&fill.lead, received + n, &mut waited).await;
+                    let window = inner.fill_memory.window();
+                    wait_for_lead(&fill.lead, received + n, window, &mut waited).await;
                 } else {
                     // The writer stopped on an error: counted once; readers keep what was
                     // announced, the first client the rest of the body.
@@ -704,10 +711,30 @@ pub(super) async fn run(
 }
 
 /// Chunks received together, shared by the hasher, the writer and [`Recent`]; holds its
-/// share of [`IN_FLIGHT`] until both threads are done with it.
+/// share of [`IN_FLIGHT`] and of [`super::memory::IN_FLIGHT_TOTAL`] until both threads are
+/// done with it.
 struct Batch {
     chunks: Vec<Bytes>,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// The in-flight bounds a fill's batches take their bytes from: its own, then all fills'.
+/// Always in that order, and each is given back by the fill's own threads, so a fill never
+/// waits on another fill's clients.
+struct InFlight {
+    fill: Arc<Semaphore>,
+    all: Arc<Semaphore>,
+}
+
+impl InFlight {
+    /// Permits for a batch of `n` bytes; `None` only if a semaphore was closed (never).
+    async fn acquire(&self, n: u64) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = n.min(IN_FLIGHT as u64) as u32;
+        let all = n.min(super::memory::IN_FLIGHT_TOTAL as u64) as u32;
+        let a = self.fill.clone().acquire_many_owned(own).await.ok()?;
+        let b = self.all.clone().acquire_many_owned(all).await.ok()?;
+        Some((a, b))
+    }
 }
 
 /// The writer thread of a fill: appends batches to the temp file, gathering what is queued
@@ -742,13 +769,17 @@ fn write_loop(
 ) -> io::Result<u64> {
     let fill: &Fill = fill_handle;
     let mut total: u64 = 0;
-    // Direct writes where the filesystem takes them; the buffered path below otherwise.
-    let mut direct = if inner.direct_writes {
+    // Direct writes where the filesystem takes them; the buffered path below otherwise. The
+    // buffers' share of the fills' memory budget is held until the writer is done.
+    let (mut direct, _buffers) = if inner.direct_writes {
         let f = fill_handle.clone();
         let progress = Box::new(move |n| f.on_disk.store(n, Ordering::Release));
-        super::direct::DirectWriter::open(&fill.temp, file.clone(), progress, size)
+        let (cap, permit) = inner.fill_memory.buffers(super::direct::buffer_for(size));
+        let d = super::direct::DirectWriter::open(&fill.temp, file.clone(), progress, cap);
+        let permit = if d.is_some() { permit } else { None };
+        (d, permit)
     } else {
-        None
+        (None, None)
     };
     let mut behind = WriteBehind::new(file.clone());
     while let Ok(first) = rx.recv() {

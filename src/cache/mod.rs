@@ -26,6 +26,7 @@ mod grant;
 mod journal;
 mod links;
 mod manifests;
+mod memory;
 mod metrics;
 mod reader;
 mod scrub;
@@ -284,6 +285,8 @@ pub(crate) struct Inner {
     direct_writes: bool,
     /// Large page-cache reads of hits alive at once ([`reader::LARGE_CHUNKS`]).
     large_reads: Arc<tokio::sync::Semaphore>,
+    /// What all fills together hold in memory ([`memory`]).
+    fill_memory: Arc<memory::FillMemory>,
     /// Tests: writes fail once the temp file would exceed this many bytes.
     #[cfg(test)]
     fault: Mutex<Option<u64>>,
@@ -547,6 +550,7 @@ impl Cache {
             ids,
             direct_writes: cfg.direct_writes,
             large_reads: Arc::new(tokio::sync::Semaphore::new(reader::LARGE_CHUNKS)),
+            fill_memory: Arc::default(),
             #[cfg(test)]
             fault: Mutex::new(None),
         });

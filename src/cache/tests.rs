@@ -990,6 +990,59 @@ async fn a_stalled_reader_holds_no_more_than_the_memory_bound_and_the_fill_commi
     assert!(cache.inner.metrics.read_back_count() > 0);
 }
 
+/// 24 distinct cold blobs fetched at once (what anonymous clients can ask for): each fill
+/// trims its window to its share of what all fills may keep, and every budget is whole again
+/// once they end. With the full window per fill, 24 fills kept 8 MiB each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_at_once_share_one_memory_budget() {
+    const FILLS: usize = 24;
+    let (_dir, cache) = fresh().await;
+    let mem = cache.inner.fill_memory.clone();
+    let mut fills = Vec::new();
+    for i in 0..FILLS {
+        let body = data(13 * MIB, 40 + i as u8);
+        let d = Digest::sha256_of(&body);
+        let (up, tx) = Upstream::new(Some(body.len() as u64));
+        // Nobody reads: no first client to wait for.
+        drop(cache.blob(&d, up.fetch()).await.unwrap());
+        fills.push((fill_of(&cache, &d), body, tx, up, d));
+    }
+    for (_, body, tx, ..) in &fills {
+        for c in body[..12 * MIB].chunks(MIB) {
+            tx.send(Ok(Bytes::copy_from_slice(c))).unwrap();
+        }
+    }
+    for (f, ..) in &fills {
+        until(|| f.on_disk.load(Ordering::SeqCst) == 12 * MIB as u64).await;
+    }
+    assert_eq!(mem.active(), FILLS);
+    let window = mem.window();
+    assert!(window <= fill::RECENT_WINDOW / 4, "window {window}");
+    // Each fill's next chunk trims it to its share: the 12 MiB on disk leave memory.
+    for (_, body, tx, ..) in &fills {
+        tx.send(Ok(Bytes::copy_from_slice(&body[12 * MIB..])))
+            .unwrap();
+    }
+    for (f, ..) in &fills {
+        let announced = |p: &Phase| matches!(p, Phase::Streaming { written, .. } if *written == 13 * MIB as u64);
+        until(|| announced(&f.phase.borrow())).await;
+        let held = f.recent_held();
+        assert!(
+            held <= window + MIB as u64,
+            "a fill keeps {held} bytes, its share {window}"
+        );
+    }
+    for (f, _, tx, up, d) in fills {
+        drop(tx);
+        until(|| cache.blob_size(&d) == Some(13 * MIB as u64)).await;
+        assert_eq!(up.calls(), 1);
+        drop(f);
+    }
+    until(|| mem.active() == 0).await;
+    assert_eq!(mem.in_flight_free(), super::memory::IN_FLIGHT_TOTAL);
+    assert_eq!(mem.buffers_free(), super::memory::BUFFERS_TOTAL);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_cold_readers_make_one_fetch_and_all_get_the_blob() {
     let (_dir, cache) = fresh().await;

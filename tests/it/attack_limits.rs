@@ -350,6 +350,77 @@ async fn stalled_readers_cost_bounded_memory_and_are_disconnected() {
     assert_eq!(resp.bytes().await.unwrap().len(), SIZE);
 }
 
+/// 24 clients each ask for a different cold 12 MiB blob and never read (tiny receive
+/// buffers): every fill waits for its client at most a second, then goes on alone, within
+/// its share of the memory all fills may hold. The proxy grows by far less than the 24 full
+/// windows and write buffers (about 380 MiB) that each fill used to keep, and every blob
+/// is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_cold_blobs_at_once_share_bounded_memory() {
+    const BLOBS: u8 = 24;
+    const SIZE: usize = 12 << 20;
+    let up = FaultyRegistry::start().await;
+    let digests: Vec<String> = (0..BLOBS)
+        .map(|i| up.add_blob("app", &random_bytes(SIZE, 100 + u64::from(i))))
+        .collect();
+    let proxy = ProxyProcess::start(&config(&up.url(), "  max_connections: 1000\n")).await;
+    let pid = proxy.pid();
+    let baseline = proc_kib(pid, "VmRSS");
+    let peak_resettable = reset_peak(pid);
+    let addr = proxy.host().parse().unwrap();
+    let mut sockets = Vec::new();
+    for d in &digests {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        let get = format!("GET /v2/app/blobs/{d} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+        s.write_all(get.as_bytes()).await.unwrap();
+        sockets.push(s);
+    }
+    let mut sampled_peak = baseline;
+    wait_until(
+        Duration::from_secs(120),
+        "every fill committed without its client",
+        || {
+            sampled_peak = sampled_peak.max(proc_kib(pid, "VmRSS"));
+            let proxy = &proxy;
+            async move {
+                let m = proxy.metrics().await;
+                metric_sum(&m, "oci_proxy_cache_fills_committed_total", &[]) >= f64::from(BLOBS)
+            }
+        },
+    )
+    .await;
+    let peak = if peak_resettable {
+        proc_kib(pid, "VmHWM").max(sampled_peak)
+    } else {
+        sampled_peak
+    };
+    let grown = peak.saturating_sub(baseline);
+    eprintln!(
+        "baseline {} MiB, peak {} MiB over {BLOBS} distinct cold blobs",
+        baseline / MIB,
+        peak / MIB
+    );
+    assert!(
+        grown < 160 * MIB,
+        "{BLOBS} fills at once grew the proxy by {} MiB",
+        grown / MIB
+    );
+    drop(sockets);
+    // Each blob is now a hit, byte for byte.
+    let resp = http_client()
+        .get(format!("{}/v2/app/blobs/{}", proxy.url(), digests[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.unwrap().len(), SIZE);
+    let m = proxy.metrics().await;
+    let hits = metric_sum(&m, "oci_proxy_cache_requests_total", &[("outcome", "hit")]);
+    assert_eq!(hits, 1.0);
+}
+
 /// Sends `GET /v2/` on a raw connection and reads the response head.
 async fn raw_get(stream: &mut TcpStream) -> String {
     stream
