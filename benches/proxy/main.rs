@@ -15,7 +15,8 @@
 //! 3. 50 concurrent cold clients of one blob vs one cold client, with the upstream behind a
 //!    paced relay (a WAN-like link), and the number of upstream GETs (registry log);
 //! 4. peak RSS (`VmHWM`) of the proxy while 50 cold clients stream a 1 GiB blob, then while
-//!    50 clients read it again from the cache;
+//!    50 clients read it again from the cache, and while 20 clients each fetch a different
+//!    cold 64 MiB blob at once ([`distinct`]);
 //! 5. the CPU split of a miss by stage ([`stages`]) next to the measured miss;
 //! 6. the time to open a cache of 100 000 blobs (start to first answer) vs an empty one.
 //!
@@ -38,6 +39,7 @@ mod baseline;
 mod blobs;
 mod client;
 mod cold;
+mod distinct;
 mod nginx;
 mod procfs;
 mod relay;
@@ -76,6 +78,9 @@ struct Plan {
     scale_reps: usize,
     /// Blobs in the cache-open measurement.
     open_blobs: u32,
+    /// Distinct cold blobs fetched at once, and their size (the fills' memory budget).
+    distinct: u64,
+    distinct_len: u64,
     /// Pace of the WAN-like upstream for the second cold fetch row (on `conc_len`).
     wan_rate: u64,
 }
@@ -95,6 +100,8 @@ impl Plan {
                 small_len: MIB,
                 scale_reps: 1,
                 open_blobs: 1_000,
+                distinct: 20,
+                distinct_len: 4 * MIB,
                 wan_rate: 64 * MIB,
             }
         } else {
@@ -109,6 +116,8 @@ impl Plan {
                 small_len: 8 * MIB,
                 scale_reps: 5,
                 open_blobs: 100_000,
+                distinct: 20,
+                distinct_len: 64 * MIB,
                 wan_rate: 64 * MIB,
             }
         }
@@ -170,6 +179,12 @@ async fn run() {
     for b in [&stream_blob, &conc_blob, &rss_blob, &small_blob] {
         blobs::push_streaming(&registry.url(), REPO, b).await;
     }
+    let only_cold = std::env::var("OCI_PROXY_BENCH_ONLY").is_ok_and(|v| v == "cold");
+    let distinct = if only_cold {
+        Vec::new()
+    } else {
+        distinct::push(&root, &registry, plan.distinct, plan.distinct_len).await
+    };
     // The pushes left over a GiB of dirty pages: flush them now, so their writeback does not
     // run during (and skew) the first measurements.
     let synced = std::process::Command::new("sync").status();
@@ -185,7 +200,7 @@ async fn run() {
 
     let http = client::client();
     let mut rows = Vec::new();
-    if std::env::var("OCI_PROXY_BENCH_ONLY").is_ok_and(|v| v == "cold") {
+    if only_cold {
         // `OCI_PROXY_BENCH_MIB=256` (a comma list): only the cold rows of those sizes.
         let sizes = std::env::var("OCI_PROXY_BENCH_MIB").unwrap_or_default();
         let wanted = |b: &BlobFile| {
@@ -231,6 +246,7 @@ async fn run() {
     drop(wan);
     rows.extend(concurrent(&plan, &http, &registry, &conc_blob).await);
     rows.extend(rss(&plan, &http, &registry, &rss_blob).await);
+    rows.push(distinct::rss(&http, &registry, &distinct).await);
     for blob in [&small_blob, &rss_blob] {
         rows.push(
             warm(plan.scale_reps, &http, &registry, &nginx, blob)
