@@ -27,7 +27,6 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::direct::ALIGN;
 use super::fill::RECENT_WINDOW;
 
 /// Recent bytes all fills keep for their readers: two fills get the full window.
@@ -45,7 +44,8 @@ pub(super) const BUFFERS_TOTAL: usize = 4 * super::direct::BUFFER;
 /// Buffer sizes a fill tries, largest first, while [`BUFFERS_TOTAL`] lasts.
 const BUFFER_SIZES: [usize; 2] = [super::direct::BUFFER, 1 << 20];
 
-/// The buffer size a fill gets when the budget is spent: outside the budget.
+/// The buffer size a fill gets when the budget is spent (outside the budget; a multiple of
+/// [`super::direct::ALIGN`]).
 pub(super) const MIN_BUFFER: usize = 256 << 10;
 
 /// The process-wide fill memory budget ([`super::Inner`] holds one).
@@ -116,7 +116,7 @@ impl FillMemory {
                 return (size, Some(p));
             }
         }
-        (MIN_BUFFER.div_ceil(ALIGN) * ALIGN, None)
+        (MIN_BUFFER, None)
     }
 }
 
