@@ -597,15 +597,23 @@ pub(super) async fn run(
                 _permits: permits,
             });
             let _ = hash_tx.send(b.clone()); // a dead hasher is found at the end
+                                             // From here on only the hasher and the writer hold the batch (and its share of
+                                             // the in-flight budgets): the waits below, on the first client or its channel,
+                                             // hold none of it, so no other fill waits on this fill's client.
+            let chunks = b.chunks.clone();
+            let sent = match (&writer, cached) {
+                (Some(w), true) => w.tx.send(b).is_ok(),
+                _ => {
+                    drop(b);
+                    false
+                }
+            };
             if cached {
-                let sent = writer
-                    .as_ref()
-                    .is_some_and(|w| w.tx.send(b.clone()).is_ok());
                 if sent {
                     let on_disk = fill.on_disk.load(Ordering::Acquire);
                     {
                         let mut r = fill.recent();
-                        for c in &b.chunks {
+                        for c in &chunks {
                             r.push(c.clone());
                         }
                         r.trim(on_disk, inner.fill_memory.window());
@@ -638,8 +646,8 @@ pub(super) async fn run(
                 }
             }
             if !cached {
-                for c in &b.chunks {
-                    if leader.send(Direct::Data(c.clone())).await.is_err() {
+                for c in chunks {
+                    if leader.send(Direct::Data(c)).await.is_err() {
                         g.fail(FailReason::WriteError, "first client gone".into(), None);
                         return;
                     }
