@@ -596,10 +596,11 @@ pub(super) async fn run(
                 chunks: data,
                 _permits: permits,
             });
-            let _ = hash_tx.send(b.clone()); // a dead hasher is found at the end
-                                             // From here on only the hasher and the writer hold the batch (and its share of
-                                             // the in-flight budgets): the waits below, on the first client or its channel,
-                                             // hold none of it, so no other fill waits on this fill's client.
+            // A dead hasher is found at the end.
+            let _ = hash_tx.send(b.clone());
+            // From here on only the hasher and the writer hold the batch (and its share of
+            // the in-flight budgets): the waits below, on the first client or its channel,
+            // hold none of it, so no other fill waits on this fill's client.
             let chunks = b.chunks.clone();
             let sent = match (&writer, cached) {
                 (Some(w), true) => w.tx.send(b).is_ok(),

@@ -25,6 +25,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use prometheus::IntGauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::fill::RECENT_WINDOW;
@@ -54,22 +55,25 @@ pub(crate) struct FillMemory {
     active: AtomicUsize,
     in_flight: Arc<Semaphore>,
     buffers: Arc<Semaphore>,
+    /// `oci_proxy_cache_fills_running`.
+    running: IntGauge,
 }
 
-impl Default for FillMemory {
-    fn default() -> FillMemory {
+impl FillMemory {
+    /// The whole budget free; `running` shows the fills in flight.
+    pub(super) fn new(running: IntGauge) -> FillMemory {
         FillMemory {
             active: AtomicUsize::new(0),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_TOTAL)),
             buffers: Arc::new(Semaphore::new(BUFFERS_TOTAL)),
+            running,
         }
     }
-}
 
-impl FillMemory {
     /// Counts a fill in flight until the returned guard drops.
     pub(super) fn join(self: &Arc<FillMemory>) -> Active {
-        self.active.fetch_add(1, Ordering::AcqRel);
+        let n = self.active.fetch_add(1, Ordering::AcqRel) + 1;
+        self.running.set(i64::try_from(n).unwrap_or(i64::MAX));
         Active(self.clone())
     }
 
@@ -126,7 +130,12 @@ pub(super) struct Active(Arc<FillMemory>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        let n = self
+            .0
+            .active
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1);
+        self.0.running.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -134,9 +143,13 @@ impl Drop for Active {
 mod tests {
     use super::*;
 
+    fn unregistered() -> FillMemory {
+        FillMemory::new(IntGauge::new("fills_running", "test").expect("a valid gauge"))
+    }
+
     #[test]
     fn windows_shrink_as_fills_start_and_grow_back_as_they_end() {
-        let mem = Arc::new(FillMemory::default());
+        let mem = Arc::new(unregistered());
         assert_eq!(mem.window(), RECENT_WINDOW);
         let first: Vec<Active> = (0..2).map(|_| mem.join()).collect();
         assert_eq!(
@@ -146,6 +159,7 @@ mod tests {
         );
         let third = mem.join();
         assert_eq!(mem.window(), WINDOWS / 3);
+        assert_eq!(mem.running.get(), 3);
         // 64 fills (the default `max_concurrent_upstream_fetches`) keep 32 MiB in all.
         let more: Vec<Active> = (0..61).map(|_| mem.join()).collect();
         assert_eq!(mem.window(), MIN_WINDOW);
@@ -155,11 +169,12 @@ mod tests {
         assert_eq!(mem.window(), RECENT_WINDOW);
         drop(first);
         assert_eq!(mem.active(), 0);
+        assert_eq!(mem.running.get(), 0);
     }
 
     #[test]
     fn write_buffers_shrink_once_the_budget_is_spent_and_come_back_when_released() {
-        let mem = FillMemory::default();
+        let mem = unregistered();
         let full = super::super::direct::BUFFER;
         let mut held = Vec::new();
         for _ in 0..2 {

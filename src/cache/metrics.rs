@@ -98,6 +98,7 @@ pub(super) struct Metrics {
     fills_started: IntCounter,
     fills_committed: IntCounter,
     fills_failed: IntCounterVec,
+    fills_running: IntGauge,
     evictions: IntCounter,
     evicted_bytes: IntCounter,
     corrupt: IntCounter,
@@ -175,6 +176,12 @@ impl Metrics {
                 "Fills that did not commit, by reason.",
                 "reason",
             )?,
+            fills_running: gauge(
+                registry,
+                "oci_proxy_cache_fills_running",
+                "Fills receiving from upstream now; beyond two, each keeps a share of the memory \
+                 all fills may hold (windows, in-flight bytes, write buffers).",
+            )?,
             evictions: counter(
                 registry,
                 "oci_proxy_cache_evictions_total",
@@ -228,6 +235,11 @@ impl Metrics {
         self.served_bytes
             .with_label_values(&[outcome.as_str()])
             .inc_by(bytes);
+    }
+
+    /// The gauge of fills running, kept by [`super::memory::FillMemory`].
+    pub(super) fn fills_running(&self) -> IntGauge {
+        self.fills_running.clone()
     }
 
     pub(super) fn read_back(&self, bytes: u64) {

@@ -536,6 +536,7 @@ impl Cache {
             "cache opened"
         );
         let notify = Arc::new(Notify::new());
+        let fill_memory = Arc::new(memory::FillMemory::new(metrics.fills_running()));
         let inner = Arc::new(Inner {
             store,
             state: Mutex::new(state),
@@ -550,7 +551,7 @@ impl Cache {
             ids,
             direct_writes: cfg.direct_writes,
             large_reads: Arc::new(tokio::sync::Semaphore::new(reader::LARGE_CHUNKS)),
-            fill_memory: Arc::default(),
+            fill_memory,
             #[cfg(test)]
             fault: Mutex::new(None),
         });

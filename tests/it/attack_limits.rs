@@ -419,6 +419,11 @@ async fn distinct_cold_blobs_at_once_share_bounded_memory() {
     let m = proxy.metrics().await;
     let hits = metric_sum(&m, "oci_proxy_cache_requests_total", &[("outcome", "hit")]);
     assert_eq!(hits, 1.0);
+    wait_until(Duration::from_secs(10), "no fill running", || async {
+        let m = proxy.metrics().await;
+        metric_sum(&m, "oci_proxy_cache_fills_running", &[]) == 0.0
+    })
+    .await;
 }
 
 /// Sends `GET /v2/` on a raw connection and reads the response head.

@@ -149,6 +149,7 @@ async fn cache_metrics_have_their_documented_names() {
     for want in [
         "oci_proxy_cache_fills_started_total",
         "oci_proxy_cache_fills_committed_total",
+        "oci_proxy_cache_fills_running",
         "oci_proxy_cache_evictions_total",
         "oci_proxy_cache_size_bytes",
         "oci_proxy_cache_blobs",
