@@ -560,10 +560,12 @@ async fn readiness(w: &World) {
                 || async { w.readyz().await == StatusCode::OK },
             )
             .await;
-            assert!(
-                api.request_log().iter().any(|r| r.is_watch()),
-                "the proxy watches the API server"
-            );
+            wait_until(
+                CHANGE_DEADLINE,
+                "the proxy watches the API server",
+                || async { api.request_log().iter().any(|r| r.is_watch()) },
+            )
+            .await;
         }
         Source::Files(_) => {
             wait_until(CHANGE_DEADLINE, "/readyz = 200 (files source)", || async {
