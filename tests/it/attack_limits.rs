@@ -43,6 +43,22 @@ fn reset_peak(pid: u32) -> bool {
 
 const MIB: u64 = 1 << 20;
 
+/// How far the proxy's RSS rose above `baseline` (bytes): its `VmHWM` when it could be reset
+/// before the load (`resettable`), never less than the highest `VmRSS` sampled during it.
+fn growth(pid: u32, baseline: u64, resettable: bool, sampled: u64, what: &str) -> u64 {
+    let peak = if resettable {
+        proc_kib(pid, "VmHWM").max(sampled)
+    } else {
+        sampled
+    };
+    eprintln!(
+        "baseline {} MiB, peak {} MiB over {what}",
+        baseline / MIB,
+        peak / MIB
+    );
+    peak.saturating_sub(baseline)
+}
+
 async fn limit_hits(proxy: &ProxyProcess, limit: &str) -> f64 {
     metric_sum(
         &proxy.metrics().await,
@@ -319,17 +335,8 @@ async fn stalled_readers_cost_bounded_memory_and_are_disconnected() {
         },
     )
     .await;
-    let peak = if peak_resettable {
-        proc_kib(pid, "VmHWM").max(sampled_peak)
-    } else {
-        sampled_peak
-    };
-    let grown = peak.saturating_sub(baseline);
-    eprintln!(
-        "baseline {} MiB, peak {} MiB over {READERS} stalled readers",
-        baseline / MIB,
-        peak / MIB
-    );
+    let what = format!("{READERS} stalled readers");
+    let grown = growth(pid, baseline, peak_resettable, sampled_peak, &what);
     assert!(
         grown < 100 * MIB,
         "{READERS} stalled readers grew the proxy by {} MiB",
@@ -391,17 +398,8 @@ async fn distinct_cold_blobs_at_once_share_bounded_memory() {
         },
     )
     .await;
-    let peak = if peak_resettable {
-        proc_kib(pid, "VmHWM").max(sampled_peak)
-    } else {
-        sampled_peak
-    };
-    let grown = peak.saturating_sub(baseline);
-    eprintln!(
-        "baseline {} MiB, peak {} MiB over {BLOBS} distinct cold blobs",
-        baseline / MIB,
-        peak / MIB
-    );
+    let what = format!("{BLOBS} distinct cold blobs");
+    let grown = growth(pid, baseline, peak_resettable, sampled_peak, &what);
     assert!(
         grown < 160 * MIB,
         "{BLOBS} fills at once grew the proxy by {} MiB",
